@@ -1,0 +1,37 @@
+// Byte buffers, views and hex conversion shared by every gridseal module.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace gs {
+
+using Bytes = std::vector<std::uint8_t>;
+using ByteView = std::span<const std::uint8_t>;
+using MutableByteView = std::span<std::uint8_t>;
+using Block = std::array<std::uint8_t, 16>;
+
+inline ByteView as_bytes(std::string_view s) {
+  return {reinterpret_cast<const std::uint8_t*>(s.data()), s.size()};
+}
+
+// Lower-case hex without separators.
+std::string to_hex(ByteView data);
+
+// Parses hex; spaces, tabs, ':' and '-' between digit pairs are ignored. nullopt on an odd
+// number of digits or a non-hex character.
+std::optional<Bytes> from_hex(std::string_view text);
+
+// Overwrites memory in a way the optimiser does not remove.
+void secure_zero(void* p, std::size_t n) noexcept;
+
+// Constant-time equality of two equal-length buffers (false when the lengths differ).
+bool equal_ct(ByteView a, ByteView b) noexcept;
+
+}  // namespace gs

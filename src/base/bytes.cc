@@ -1,0 +1,65 @@
+// Hex conversion, zeroization and constant-time comparison for byte buffers.
+#include "gridseal/bytes.h"
+
+#include <cstring>
+
+namespace gs {
+
+std::string to_hex(ByteView data) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string s(data.size() * 2, '\0');
+  for (std::size_t i = 0; i < data.size(); ++i) {
+    s[2 * i] = kDigits[data[i] >> 4];
+    s[2 * i + 1] = kDigits[data[i] & 0x0F];
+  }
+  return s;
+}
+
+namespace {
+int hex_value(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+}  // namespace
+
+std::optional<Bytes> from_hex(std::string_view text) {
+  Bytes out;
+  out.reserve(text.size() / 2);
+  int high = -1;
+  for (char c : text) {
+    if (c == ' ' || c == '\t' || c == ':' || c == '-' || c == '\r' || c == '\n') {
+      if (high >= 0) return std::nullopt;  // separator inside a digit pair
+      continue;
+    }
+    int v = hex_value(c);
+    if (v < 0) return std::nullopt;
+    if (high < 0) {
+      high = v;
+    } else {
+      out.push_back(static_cast<std::uint8_t>((high << 4) | v));
+      high = -1;
+    }
+  }
+  if (high >= 0) return std::nullopt;
+  return out;
+}
+
+void secure_zero(void* p, std::size_t n) noexcept {
+  if (p == nullptr || n == 0) return;
+  std::memset(p, 0, n);
+  // Keeps the stores: the compiler must assume the asm reads the memory.
+  __asm__ __volatile__("" : : "r"(p) : "memory");
+}
+
+bool equal_ct(ByteView a, ByteView b) noexcept {
+  if (a.size() != b.size()) return false;
+  volatile std::uint8_t diff = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    diff = static_cast<std::uint8_t>(diff | (a[i] ^ b[i]));
+  }
+  return diff == 0;
+}
+
+}  // namespace gs

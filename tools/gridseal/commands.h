@@ -1,0 +1,17 @@
+// Sub-command registration for the `gridseal` CLI: one register_* function per command group.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace gs::cli {
+
+// Exit codes shared by every command: 0 all well, 1 a checked thing failed, 2 usage error.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailed = 1;
+inline constexpr int kExitUsage = 2;
+
+// Each group adds its sub-commands to `app`. A sub-command's callback stores its exit code in
+// `exit_code` (CLI11 callbacks cannot return one).
+void register_c1222(CLI::App& app, int& exit_code);
+
+}  // namespace gs::cli
