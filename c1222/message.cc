@@ -244,7 +244,7 @@ void put_integer(Writer& w, std::uint8_t tag, ByteView content) {
 }
 }  // namespace
 
-Result<Bytes> encode(const Message& m) {
+Result<Bytes> encode(const Message& m, EncodedLayout* layout) {
   if (!m.calling_ap_invocation_id || m.calling_ap_invocation_id->empty()) {
     return {Errc::missing_element, "calling-AP-invocation-id (A8) is required"};
   }
@@ -280,13 +280,35 @@ Result<Bytes> encode(const Message& m) {
     w.close(single);
     w.close(ext);
     w.close(ac);
+    if (layout != nullptr) {
+      // AC's content is short (< 128 bytes): its length is one byte, so nothing moves later
+      // except through the outer message length, accounted for below.
+      layout->auth_value_offset = ac;
+      layout->auth_value_size = w.size() - ac;
+    }
   }
-  std::size_t be = w.open(kTagUserInformation);
-  std::size_t ext = w.open(0x28);
-  w.tlv(0x81, m.epsem);
-  w.close(ext);
-  w.close(be);
+  // user-information: lengths are known up front, so it is written without patching.
+  const std::size_t l3 = m.epsem.size();
+  const std::size_t l2 = 1 + length_size(l3) + l3;
+  const std::size_t l1 = 1 + length_size(l2) + l2;
+  const std::size_t be = w.size();
+  w.u8(kTagUserInformation);
+  w.length(l1);
+  w.u8(0x28);
+  w.length(l2);
+  w.u8(0x81);
+  w.length(l3);
+  const std::size_t epsem_at = w.size();
+  w.bytes(m.epsem);
+  const std::size_t before = w.size();
   w.close(msg);
+  if (layout != nullptr) {
+    // close() may have widened the outer length, shifting everything after the 60 header.
+    const std::size_t shift = w.size() - before;
+    if (m.auth) layout->auth_value_offset += shift;
+    layout->user_info_offset = be + shift;
+    layout->epsem_offset = epsem_at + shift;
+  }
   return out;
 }
 

@@ -75,9 +75,17 @@ struct DecodeLimits {
 // user-information, a missing A8 or user-information are errors naming the byte offset.
 Result<Message> decode(ByteView wire, const DecodeLimits& limits = {});
 
+// Where encode() put the parts the canonified cleartext re-uses.
+struct EncodedLayout {
+  std::size_t auth_value_offset = 0;  // content of AC
+  std::size_t auth_value_size = 0;
+  std::size_t user_info_offset = 0;   // the BE tag
+  std::size_t epsem_offset = 0;       // the EPSEM control byte
+};
+
 // Encodes a message with minimal lengths in the canonical element order. The EPSEM is written
 // as given. AC is written as A2{A0{A1{80 key-id, 81 iv}}} with the fields present.
-Result<Bytes> encode(const Message& m);
+Result<Bytes> encode(const Message& m, EncodedLayout* layout = nullptr);
 
 // The EPSEM fields after the control byte (PROTOCOL.md §3.2).
 struct Epsem {

@@ -91,14 +91,20 @@ Result<Bytes> seal(const Message& clear, SecurityMode mode, EaxPrime& key,
 
   Message m = clear;
   m.epsem = epsem;
-  GS_ASSIGN(Bytes wire, encode(m));
-  GS_ASSIGN(Message parsed, decode(wire, {.max_message = kMaxBerLength}));
-  GS_ASSIGN(Bytes cleartext, canonify(parsed, base_or_default(opt)));
+  EncodedLayout at;
+  GS_ASSIGN(Bytes wire, encode(m, &at));
+  // Point the raw views at what encode() wrote, as decode() would have.
+  m.raw_auth_value = ByteView(wire).subspan(at.auth_value_offset, at.auth_value_size);
+  m.raw_user_info_header =
+      ByteView(wire).subspan(at.user_info_offset, at.epsem_offset - at.user_info_offset);
+  m.epsem = ByteView(wire).subspan(at.epsem_offset, epsem.size());
+  m.epsem_offset = at.epsem_offset;
+  GS_ASSIGN(Bytes cleartext, canonify(m, base_or_default(opt)));
   if (cleartext.size() < kMinCleartext) {
     return {Errc::short_cleartext, "canonified cleartext of 16 bytes or less"};
   }
-  const std::size_t body_at = parsed.epsem_offset + 1;
-  const std::size_t body_len = parsed.epsem.size() - 1 - kMacSize;
+  const std::size_t body_at = m.epsem_offset + 1;
+  const std::size_t body_len = m.epsem.size() - 1 - kMacSize;
   MutableByteView body(wire.data() + body_at, body_len);
   Mac mac{};
   if (mode == SecurityMode::encrypted) {

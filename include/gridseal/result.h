@@ -30,6 +30,10 @@ enum class Errc : std::uint8_t {
   crypto_failure,     // the crypto provider failed
   invalid_argument,   // a caller passed something unusable
   not_found,
+  storage_failure,    // the database failed (I/O, corruption, schema)
+  busy,               // a resource is busy (database lock, HSM session)
+  conflict,           // input contradicts stored state
+  hsm_failure,        // the PKCS#11 module reported an error
 };
 
 const std::error_category& gridseal_category() noexcept;

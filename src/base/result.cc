@@ -26,6 +26,10 @@ const char* errc_name(Errc e) noexcept {
     case Errc::crypto_failure: return "crypto failure";
     case Errc::invalid_argument: return "invalid argument";
     case Errc::not_found: return "not found";
+    case Errc::storage_failure: return "storage failure";
+    case Errc::busy: return "busy";
+    case Errc::conflict: return "conflict";
+    case Errc::hsm_failure: return "HSM failure";
   }
   return "unknown error";
 }

@@ -1,0 +1,311 @@
+// SQLite schema, migrations and queries of the meter registry and key slots.
+#include "src/key_store.h"
+
+#include <ctime>
+
+namespace gs::store {
+
+namespace {
+
+std::int64_t now_seconds() { return static_cast<std::int64_t>(std::time(nullptr)); }
+
+// Each entry upgrades the schema by one version; never edit a released entry, append.
+constexpr const char* kMigrations[] = {
+    // v1: registry, key slots, invocation counters, replay marks.
+    R"sql(
+CREATE TABLE meters (
+  row            INTEGER PRIMARY KEY,
+  meter_id       TEXT NOT NULL UNIQUE,
+  ap_title       BLOB NOT NULL UNIQUE,
+  ap_title_text  TEXT NOT NULL,
+  public_key     BLOB,
+  state          TEXT NOT NULL DEFAULT 'active'
+                 CHECK (state IN ('active','compromised','quarantined')),
+  state_reason   TEXT NOT NULL DEFAULT '',
+  created_at     INTEGER NOT NULL
+);
+CREATE TABLE key_slots (
+  meter        INTEGER NOT NULL REFERENCES meters(row),
+  slot         INTEGER NOT NULL CHECK (slot BETWEEN 0 AND 3),
+  wrapped      BLOB,
+  key_version  INTEGER NOT NULL,
+  state        TEXT NOT NULL CHECK (state IN
+                 ('pending','active','standby','deactivated','compromised','destroyed')),
+  origin       TEXT NOT NULL,
+  created_at   INTEGER NOT NULL,
+  changed_at   INTEGER NOT NULL,
+  PRIMARY KEY (meter, slot)
+) WITHOUT ROWID;
+CREATE TABLE invocation_counters (
+  calling_title  BLOB PRIMARY KEY,
+  next_value     INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE replay_state (
+  meter              INTEGER PRIMARY KEY REFERENCES meters(row),
+  last_invocation_id INTEGER NOT NULL,
+  last_iv_time       INTEGER NOT NULL
+);
+)sql",
+};
+
+constexpr int kMigrationCount = static_cast<int>(sizeof kMigrations / sizeof kMigrations[0]);
+static_assert(kMigrationCount == kSchemaVersion);
+
+constexpr const char* kMeterColumns =
+    "SELECT m.row, m.meter_id, m.ap_title, m.ap_title_text, m.public_key, m.state, "
+    "m.state_reason, m.created_at, s.slot, s.wrapped, s.key_version, s.state, s.origin, "
+    "s.created_at, s.changed_at FROM meters m LEFT JOIN key_slots s ON s.meter = m.row ";
+
+}  // namespace
+
+const char* to_string(MeterState s) noexcept {
+  switch (s) {
+    case MeterState::active: return "active";
+    case MeterState::compromised: return "compromised";
+    case MeterState::quarantined: return "quarantined";
+  }
+  return "?";
+}
+
+const char* to_string(KeyState s) noexcept {
+  switch (s) {
+    case KeyState::pending: return "pending";
+    case KeyState::active: return "active";
+    case KeyState::standby: return "standby";
+    case KeyState::deactivated: return "deactivated";
+    case KeyState::compromised: return "compromised";
+    case KeyState::destroyed: return "destroyed";
+  }
+  return "?";
+}
+
+std::optional<MeterState> meter_state_from(std::string_view s) noexcept {
+  for (auto v : {MeterState::active, MeterState::compromised, MeterState::quarantined}) {
+    if (s == to_string(v)) return v;
+  }
+  return std::nullopt;
+}
+
+std::optional<KeyState> key_state_from(std::string_view s) noexcept {
+  for (auto v : {KeyState::pending, KeyState::active, KeyState::standby, KeyState::deactivated,
+                 KeyState::compromised, KeyState::destroyed}) {
+    if (s == to_string(v)) return v;
+  }
+  return std::nullopt;
+}
+
+const KeySlot* Meter::active_slot() const noexcept {
+  for (const auto& s : slots) {
+    if (s.state == KeyState::active) return &s;
+  }
+  return nullptr;
+}
+
+const KeySlot* Meter::slot_for_key_id(std::uint8_t key_id) const noexcept {
+  for (const auto& s : slots) {
+    if (s.slot == key_id) return &s;
+  }
+  return nullptr;
+}
+
+Result<KeyStore> KeyStore::open(const std::string& path, const db::OpenOptions& opt) {
+  GS_ASSIGN(db::Db db, db::Db::open(path, opt));
+  KeyStore ks(std::move(db));
+  if (!opt.read_only) GS_TRY(ks.migrate());
+  GS_TRY(ks.prepare_statements());
+  return ks;
+}
+
+Status KeyStore::migrate() {
+  GS_TRY(db_.exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"));
+  GS_ASSIGN(auto tx, db::Transaction::begin(db_));
+  GS_ASSIGN(auto st, db_.prepare("SELECT version FROM schema_version"));
+  GS_ASSIGN(db::Step step, st.step());
+  int version = step == db::Step::row ? static_cast<int>(st.int64(0)) : 0;
+  st.reset();
+  if (version > kSchemaVersion) {
+    return {Errc::storage_failure, "database schema version " + std::to_string(version) +
+                                       " is newer than this gridseal (" +
+                                       std::to_string(kSchemaVersion) + ")"};
+  }
+  for (int v = version; v < kSchemaVersion; ++v) GS_TRY(db_.exec(kMigrations[v]));
+  if (version != kSchemaVersion) {
+    GS_TRY(db_.exec("DELETE FROM schema_version"));
+    GS_TRY(db_.exec("INSERT INTO schema_version VALUES (" + std::to_string(kSchemaVersion) + ")"));
+  }
+  return tx.commit();
+}
+
+Status KeyStore::prepare_statements() {
+  GS_ASSIGN(auto t, db_.prepare(std::string(kMeterColumns) + "WHERE m.ap_title = ?1 ORDER BY s.slot"));
+  by_title_.emplace(std::move(t));
+  GS_ASSIGN(auto i, db_.prepare(std::string(kMeterColumns) + "WHERE m.meter_id = ?1 ORDER BY s.slot"));
+  by_id_.emplace(std::move(i));
+  return {};
+}
+
+Result<std::optional<Meter>> KeyStore::load(db::Stmt& st) {
+  std::optional<Meter> out;
+  while (true) {
+    auto step = st.step();
+    if (!step.ok()) {
+      st.reset();
+      return std::move(step).error();
+    }
+    if (*step == db::Step::done) break;
+    if (!out) {
+      Meter m;
+      m.row = st.int64(0);
+      m.meter_id = st.text(1);
+      m.ap_title = st.blob(2);
+      m.ap_title_text = st.text(3);
+      m.public_key = st.blob(4);
+      m.state = meter_state_from(st.text(5)).value_or(MeterState::quarantined);
+      m.state_reason = st.text(6);
+      m.created_at = st.int64(7);
+      out = std::move(m);
+    }
+    if (st.is_null(8)) continue;
+    KeySlot k;
+    k.slot = static_cast<int>(st.int64(8));
+    k.wrapped = st.blob(9);
+    k.key_version = static_cast<std::uint32_t>(st.int64(10));
+    k.state = key_state_from(st.text(11)).value_or(KeyState::compromised);
+    k.origin = st.text(12);
+    k.created_at = st.int64(13);
+    k.changed_at = st.int64(14);
+    out->slots.push_back(std::move(k));
+  }
+  st.reset();
+  return out;
+}
+
+Result<std::optional<Meter>> KeyStore::meter_by_title(ByteView absolute_title) {
+  by_title_->bind(1, absolute_title);
+  return load(*by_title_);
+}
+
+Result<std::optional<Meter>> KeyStore::meter_by_id(std::string_view meter_id) {
+  by_id_->bind(1, meter_id);
+  return load(*by_id_);
+}
+
+Result<std::vector<Meter>> KeyStore::list_meters(std::string_view after, std::size_t limit) {
+  GS_ASSIGN(auto ids, db_.prepare("SELECT meter_id FROM meters WHERE meter_id > ?1 "
+                                  "ORDER BY meter_id LIMIT ?2"));
+  ids.bind(1, after).bind(2, static_cast<std::int64_t>(limit));
+  std::vector<std::string> names;
+  while (true) {
+    GS_ASSIGN(db::Step s, ids.step());
+    if (s == db::Step::done) break;
+    names.push_back(ids.text(0));
+  }
+  std::vector<Meter> out;
+  out.reserve(names.size());
+  for (const auto& n : names) {
+    GS_ASSIGN(auto m, meter_by_id(n));
+    if (m) out.push_back(std::move(*m));
+  }
+  return out;
+}
+
+Result<std::int64_t> KeyStore::count_meters() {
+  GS_ASSIGN(auto st, db_.prepare("SELECT count(*) FROM meters"));
+  GS_ASSIGN(db::Step s, st.step());
+  (void)s;
+  return st.int64(0);
+}
+
+Result<ImportOutcome> KeyStore::import_meters(std::span<const NewMeter> batch) {
+  ImportOutcome outcome;
+  GS_ASSIGN(auto tx, db::Transaction::begin(db_));
+  GS_ASSIGN(auto ins_meter,
+            db_.prepare("INSERT INTO meters (meter_id, ap_title, ap_title_text, public_key, "
+                        "created_at) VALUES (?1, ?2, ?3, ?4, ?5)"));
+  GS_ASSIGN(auto ins_slot,
+            db_.prepare("INSERT INTO key_slots (meter, slot, wrapped, key_version, state, "
+                        "origin, created_at, changed_at) VALUES (?1, ?2, ?3, ?4, 'active', ?5, "
+                        "?6, ?6)"));
+  const std::int64_t now = now_seconds();
+  for (const NewMeter& n : batch) {
+    if (n.meter_id.empty() || n.meter_id.size() > kMaxMeterIdLength) {
+      return {Errc::invalid_argument, "meter id must be 1..64 characters"};
+    }
+    if (n.slot < 0 || n.slot >= kSlotsPerMeter) {
+      return {Errc::invalid_argument, "meter " + n.meter_id + ": key slot must be 0..3"};
+    }
+    if (!n.public_key.empty() && n.public_key.size() != kPublicKeySize) {
+      return {Errc::invalid_argument, "meter " + n.meter_id + ": public key must be 65 bytes"};
+    }
+    GS_ASSIGN(auto existing, meter_by_id(n.meter_id));
+    if (existing) {
+      const KeySlot* s = existing->slot_for_key_id(static_cast<std::uint8_t>(n.slot));
+      bool same = existing->ap_title == n.ap_title && existing->public_key == n.public_key &&
+                  s != nullptr && s->wrapped == n.wrapped_key && s->key_version == n.key_version;
+      if (!same) {
+        return {Errc::conflict,
+                "meter " + n.meter_id + " is already registered with other values"};
+      }
+      ++outcome.unchanged;
+      continue;
+    }
+    GS_ASSIGN(auto other, meter_by_title(n.ap_title));
+    if (other) {
+      return {Errc::conflict, "meter " + n.meter_id + ": AP title " + n.ap_title_text +
+                                  " already belongs to meter " + other->meter_id};
+    }
+    ins_meter.bind(1, n.meter_id).bind(2, ByteView(n.ap_title)).bind(3, n.ap_title_text);
+    if (n.public_key.empty()) {
+      ins_meter.bind_null(4);
+    } else {
+      ins_meter.bind(4, ByteView(n.public_key));
+    }
+    ins_meter.bind(5, now);
+    GS_TRY(ins_meter.run());
+    std::int64_t row = db_.last_insert_rowid();
+    ins_slot.bind(1, row).bind(2, std::int64_t{n.slot}).bind(3, ByteView(n.wrapped_key));
+    ins_slot.bind(4, std::int64_t{n.key_version}).bind(5, n.origin).bind(6, now);
+    GS_TRY(ins_slot.run());
+    ++outcome.inserted;
+  }
+  GS_TRY(tx.commit());
+  return outcome;
+}
+
+Status KeyStore::revoke(std::string_view meter_id, std::string_view reason) {
+  GS_ASSIGN(auto tx, db::Transaction::begin(db_));
+  GS_ASSIGN(auto m, meter_by_id(meter_id));
+  if (!m) return {Errc::not_found, "no meter " + std::string(meter_id)};
+  GS_ASSIGN(auto up, db_.prepare("UPDATE meters SET state = 'compromised', state_reason = ?2 "
+                                 "WHERE row = ?1"));
+  up.bind(1, m->row).bind(2, reason);
+  GS_TRY(up.run());
+  GS_ASSIGN(auto slots, db_.prepare("UPDATE key_slots SET state = 'compromised', changed_at = ?2 "
+                                    "WHERE meter = ?1 AND state IN "
+                                    "('pending','active','standby')"));
+  slots.bind(1, m->row).bind(2, now_seconds());
+  GS_TRY(slots.run());
+  return tx.commit();
+}
+
+Result<std::uint64_t> KeyStore::reserve_counter_block(ByteView calling_title, std::uint64_t count) {
+  if (count == 0 || count > (std::uint64_t{1} << 32)) {
+    return {Errc::invalid_argument, "block size must be 1..2^32"};
+  }
+  GS_ASSIGN(auto tx, db::Transaction::begin(db_));
+  GS_ASSIGN(auto sel, db_.prepare("SELECT next_value FROM invocation_counters "
+                                  "WHERE calling_title = ?1"));
+  sel.bind(1, calling_title);
+  GS_ASSIGN(db::Step s, sel.step());
+  std::uint64_t first = s == db::Step::row ? static_cast<std::uint64_t>(sel.int64(0)) : 0;
+  sel.reset();
+  GS_ASSIGN(auto up, db_.prepare("INSERT INTO invocation_counters (calling_title, next_value) "
+                                 "VALUES (?1, ?2) ON CONFLICT(calling_title) DO UPDATE SET "
+                                 "next_value = excluded.next_value"));
+  up.bind(1, calling_title).bind(2, static_cast<std::int64_t>(first + count));
+  GS_TRY(up.run());
+  GS_TRY(tx.commit());
+  return first;
+}
+
+}  // namespace gs::store

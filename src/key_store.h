@@ -1,0 +1,109 @@
+// The meter registry and key-slot store in SQLite (DESIGN §5): what both daemons and the CLI
+// use instead of SQL in handlers. Keys are stored only wrapped under the HSM's gs-kek.
+#pragma once
+
+#include <array>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "src/sqlite.h"
+
+namespace gs::store {
+
+inline constexpr int kSlotsPerMeter = 4;
+inline constexpr int kSchemaVersion = 1;
+inline constexpr std::size_t kMaxMeterIdLength = 64;
+inline constexpr std::size_t kPublicKeySize = 65;  // uncompressed P-256 point
+
+// A meter's registry state.
+enum class MeterState : std::uint8_t { active, compromised, quarantined };
+// Key states of NIST SP 800-57 (pending = pre-activation).
+enum class KeyState : std::uint8_t { pending, active, standby, deactivated, compromised, destroyed };
+
+const char* to_string(MeterState s) noexcept;
+const char* to_string(KeyState s) noexcept;
+std::optional<MeterState> meter_state_from(std::string_view s) noexcept;
+std::optional<KeyState> key_state_from(std::string_view s) noexcept;
+
+struct KeySlot {
+  int slot = 0;  // also the C12.22 key id
+  Bytes wrapped;  // AES-KWP under gs-kek
+  std::uint32_t key_version = 0;
+  KeyState state = KeyState::pending;
+  std::string origin;  // plain | wrapped | ecdh | rollover
+  std::int64_t created_at = 0;
+  std::int64_t changed_at = 0;
+};
+
+struct Meter {
+  std::int64_t row = 0;
+  std::string meter_id;
+  Bytes ap_title;          // absolute OID content (relative titles converted on import)
+  std::string ap_title_text;  // dotted, as given at import
+  Bytes public_key;        // 65 bytes or empty
+  MeterState state = MeterState::active;
+  std::string state_reason;
+  std::int64_t created_at = 0;
+  std::vector<KeySlot> slots;  // ordered by slot
+
+  const KeySlot* active_slot() const noexcept;
+  const KeySlot* slot_for_key_id(std::uint8_t key_id) const noexcept;
+};
+
+// One meter to bring in: its identity and its initial key, already wrapped.
+struct NewMeter {
+  std::string meter_id;
+  Bytes ap_title;
+  std::string ap_title_text;
+  Bytes public_key;
+  int slot = 0;
+  Bytes wrapped_key;
+  std::uint32_t key_version = 1;
+  std::string origin;
+};
+
+struct ImportOutcome {
+  std::size_t inserted = 0;
+  std::size_t unchanged = 0;
+};
+
+// One connection to the store. Not thread-safe: one per thread or worker process.
+class KeyStore {
+ public:
+  // Opens (creating when allowed) and migrates the schema to kSchemaVersion.
+  static Result<KeyStore> open(const std::string& path, const db::OpenOptions& opt = {});
+
+  // The meter with its slots, or nullopt.
+  Result<std::optional<Meter>> meter_by_title(ByteView absolute_title);
+  Result<std::optional<Meter>> meter_by_id(std::string_view meter_id);
+  // Up to `limit` meters ordered by meter id, starting after `after`.
+  Result<std::vector<Meter>> list_meters(std::string_view after, std::size_t limit);
+  Result<std::int64_t> count_meters();
+
+  // Adds meters in one transaction: all or nothing. A row equal to what is stored is a no-op;
+  // one that differs (title, public key, slot, key) is Errc::conflict naming the meter.
+  Result<ImportOutcome> import_meters(std::span<const NewMeter> batch);
+
+  // Marks the meter compromised and every live key slot compromised (never used again).
+  Status revoke(std::string_view meter_id, std::string_view reason);
+
+  // Reserves `count` consecutive values of the invocation counter of `calling_title`, durably,
+  // and returns the first. A crash after this loses the block; it is never handed out again.
+  Result<std::uint64_t> reserve_counter_block(ByteView calling_title, std::uint64_t count);
+
+  db::Db& db() noexcept { return db_; }
+
+ private:
+  explicit KeyStore(db::Db db) : db_(std::move(db)) {}
+  Status migrate();
+  Status prepare_statements();
+  Result<std::optional<Meter>> load(db::Stmt& st);
+
+  db::Db db_;
+  std::optional<db::Stmt> by_title_;
+  std::optional<db::Stmt> by_id_;
+};
+
+}  // namespace gs::store

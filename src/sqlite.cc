@@ -1,0 +1,163 @@
+// SQLite wrapper implementation.
+#include "src/sqlite.h"
+
+#include <sqlite3.h>
+
+namespace gs::db {
+
+namespace {
+Error sql_error(sqlite3* db, const char* what) {
+  std::string d = what;
+  d += ": ";
+  d += db != nullptr ? sqlite3_errmsg(db) : "out of memory";
+  return Error(Errc::storage_failure, std::move(d));
+}
+}  // namespace
+
+Result<Db> Db::open(const std::string& path, const OpenOptions& opt) {
+  int flags = SQLITE_OPEN_NOMUTEX;
+  flags |= opt.read_only ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE;
+  if (opt.create && !opt.read_only) flags |= SQLITE_OPEN_CREATE;
+  sqlite3* raw = nullptr;
+  int rc = sqlite3_open_v2(path.c_str(), &raw, flags, nullptr);
+  Db db(raw);
+  if (rc != SQLITE_OK) {
+    return Error(Errc::not_found, "cannot open database " + path + ": " +
+                                      (raw ? sqlite3_errmsg(raw) : "out of memory"));
+  }
+  sqlite3_busy_timeout(raw, opt.busy_timeout_ms);
+  sqlite3_extended_result_codes(raw, 1);
+  if (!opt.read_only) {
+    GS_TRY(db.exec("PRAGMA journal_mode=WAL"));
+  }
+  GS_TRY(db.exec(opt.synchronous_full ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL"));
+  GS_TRY(db.exec("PRAGMA foreign_keys=ON"));
+  return db;
+}
+
+Db& Db::operator=(Db&& o) noexcept {
+  if (this != &o) {
+    if (db_ != nullptr) sqlite3_close_v2(db_);
+    db_ = o.db_;
+    o.db_ = nullptr;
+  }
+  return *this;
+}
+
+Db::~Db() {
+  if (db_ != nullptr) sqlite3_close_v2(db_);
+}
+
+Status Db::exec(std::string_view sql) {
+  std::string s(sql);
+  char* err = nullptr;
+  int rc = sqlite3_exec(db_, s.c_str(), nullptr, nullptr, &err);
+  if (rc != SQLITE_OK) {
+    std::string d = err != nullptr ? err : sqlite3_errstr(rc);
+    sqlite3_free(err);
+    return Error((rc & 0xFF) == SQLITE_BUSY ? Errc::busy : Errc::storage_failure, "SQL: " + d);
+  }
+  return {};
+}
+
+Result<Stmt> Db::prepare(std::string_view sql) {
+  sqlite3_stmt* st = nullptr;
+  int rc = sqlite3_prepare_v3(db_, sql.data(), static_cast<int>(sql.size()),
+                              SQLITE_PREPARE_PERSISTENT, &st, nullptr);
+  if (rc != SQLITE_OK) return sql_error(db_, "prepare");
+  return Stmt(db_, st);
+}
+
+std::int64_t Db::last_insert_rowid() const { return sqlite3_last_insert_rowid(db_); }
+int Db::changes() const { return sqlite3_changes(db_); }
+std::string Db::last_error() const { return sqlite3_errmsg(db_); }
+
+Stmt& Stmt::operator=(Stmt&& o) noexcept {
+  if (this != &o) {
+    sqlite3_finalize(st_);
+    db_ = o.db_;
+    st_ = o.st_;
+    o.st_ = nullptr;
+  }
+  return *this;
+}
+
+Stmt::~Stmt() { sqlite3_finalize(st_); }
+
+Stmt& Stmt::bind(int i, std::int64_t v) {
+  sqlite3_bind_int64(st_, i, v);
+  return *this;
+}
+Stmt& Stmt::bind(int i, std::string_view v) {
+  sqlite3_bind_text(st_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+  return *this;
+}
+Stmt& Stmt::bind(int i, ByteView v) {
+  sqlite3_bind_blob(st_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+  return *this;
+}
+Stmt& Stmt::bind_null(int i) {
+  sqlite3_bind_null(st_, i);
+  return *this;
+}
+
+Result<Step> Stmt::step() {
+  int rc = sqlite3_step(st_);
+  if (rc == SQLITE_ROW) return Step::row;
+  if (rc == SQLITE_DONE) return Step::done;
+  Error e((rc & 0xFF) == SQLITE_CONSTRAINT ? Errc::conflict
+          : (rc & 0xFF) == SQLITE_BUSY     ? Errc::busy
+                                           : Errc::storage_failure,
+          std::string("SQL step: ") + sqlite3_errmsg(db_));
+  sqlite3_reset(st_);
+  return e;
+}
+
+Status Stmt::run() {
+  GS_ASSIGN(Step s, step());
+  (void)s;
+  reset();
+  return {};
+}
+
+void Stmt::reset() noexcept {
+  sqlite3_reset(st_);
+  sqlite3_clear_bindings(st_);
+}
+
+bool Stmt::is_null(int col) const { return sqlite3_column_type(st_, col) == SQLITE_NULL; }
+std::int64_t Stmt::int64(int col) const { return sqlite3_column_int64(st_, col); }
+std::string Stmt::text(int col) const {
+  const auto* p = sqlite3_column_text(st_, col);
+  int n = sqlite3_column_bytes(st_, col);
+  return p != nullptr ? std::string(reinterpret_cast<const char*>(p), static_cast<std::size_t>(n))
+                      : std::string();
+}
+Bytes Stmt::blob(int col) const {
+  ByteView v = blob_view(col);
+  return Bytes(v.begin(), v.end());
+}
+ByteView Stmt::blob_view(int col) const {
+  const void* p = sqlite3_column_blob(st_, col);
+  int n = sqlite3_column_bytes(st_, col);
+  if (p == nullptr || n <= 0) return {};
+  return {static_cast<const std::uint8_t*>(p), static_cast<std::size_t>(n)};
+}
+
+Result<Transaction> Transaction::begin(Db& db) {
+  GS_TRY(db.exec("BEGIN IMMEDIATE"));
+  return Transaction(&db);
+}
+
+Transaction::~Transaction() {
+  if (db_ != nullptr) (void)db_->exec("ROLLBACK");
+}
+
+Status Transaction::commit() {
+  if (db_ == nullptr) return {Errc::invalid_argument, "transaction already finished"};
+  Status s = db_->exec("COMMIT");
+  if (s.ok()) db_ = nullptr;
+  return s;
+}
+
+}  // namespace gs::db
