@@ -1,0 +1,45 @@
+// Configuration shared by the CLI and both daemons: TOML files validated at start, with errors
+// that name the key. Secrets (PINs) are never in the file: only where to read them.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "gridseal/result.h"
+
+namespace gs::config {
+
+struct HsmConfig {
+  std::string module = "/usr/lib/softhsm/libsofthsm2.so";  // PKCS#11 library
+  std::string token_label = "gridseal";
+  std::string pin_file;        // user PIN: a file readable only by the service user...
+  std::string pin_env;         // ...or an environment variable name
+  std::string so_pin_file;     // security officer PIN (hsm init only)
+  // When set, gridseal manages an embedded SoftHSM2 token in this directory: it writes its own
+  // softhsm2.conf there and points SOFTHSM2_CONF at it before loading the module.
+  std::string softhsm_dir;
+  std::uint32_t sessions = 4;  // PKCS#11 sessions per process
+  std::uint32_t key_cache = 4096;  // unwrapped meter keys kept per session (LRU)
+};
+
+struct StoreConfig {
+  std::string path = "gridseal.db";
+};
+
+struct Config {
+  std::string source;  // file it came from
+  std::string base_oid = "2.16.124.113620.1.22.0";
+  HsmConfig hsm;
+  StoreConfig store;
+};
+
+// Reads a TOML file. Unknown keys in known tables are errors (typos must not pass silently).
+// Relative paths are resolved against the file's directory.
+Result<Config> load(const std::string& path);
+
+// Sets SOFTHSM2_CONF for an embedded token (no-op when hsm.softhsm_dir is empty), creating the
+// directory (0700) and its softhsm2.conf when missing.
+Status prepare_softhsm(const HsmConfig& hsm);
+
+}  // namespace gs::config
