@@ -1,10 +1,7 @@
 // TOML configuration loading and validation.
 #include "src/config.h"
 
-#include <sys/stat.h>
-
 #include <filesystem>
-#include <fstream>
 #include <set>
 #include <toml++/toml.h>
 
@@ -109,28 +106,6 @@ Result<Config> load(const std::string& path) {
   c.hsm.softhsm_dir = resolve(dir, c.hsm.softhsm_dir);
   c.store.path = resolve(dir, c.store.path);
   return c;
-}
-
-Status prepare_softhsm(const HsmConfig& hsm) {
-  if (hsm.softhsm_dir.empty()) return {};
-  std::error_code ec;
-  fs::path dir(hsm.softhsm_dir);
-  fs::create_directories(dir / "tokens", ec);
-  if (ec) return {Errc::storage_failure, "cannot create " + dir.string() + ": " + ec.message()};
-  ::chmod(dir.c_str(), 0700);
-  ::chmod((dir / "tokens").c_str(), 0700);
-  fs::path conf = dir / "softhsm2.conf";
-  if (!fs::exists(conf)) {
-    std::ofstream f(conf);
-    f << "# Written by gridseal for its embedded SoftHSM2 token.\n"
-      << "directories.tokendir = " << (dir / "tokens").string() << "\n"
-      << "objectstore.backend = file\n"
-      << "log.level = ERROR\n"
-      << "slots.removable = false\n";
-    if (!f) return {Errc::storage_failure, "cannot write " + conf.string()};
-  }
-  ::setenv("SOFTHSM2_CONF", conf.c_str(), 1);
-  return {};
 }
 
 }  // namespace gs::config

@@ -38,8 +38,4 @@ struct Config {
 // Relative paths are resolved against the file's directory.
 Result<Config> load(const std::string& path);
 
-// Sets SOFTHSM2_CONF for an embedded token (no-op when hsm.softhsm_dir is empty), creating the
-// directory (0700) and its softhsm2.conf when missing.
-Status prepare_softhsm(const HsmConfig& hsm);
-
 }  // namespace gs::config

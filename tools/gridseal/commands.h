@@ -13,5 +13,7 @@ inline constexpr int kExitUsage = 2;
 // Each group adds its sub-commands to `app`. A sub-command's callback stores its exit code in
 // `exit_code` (CLI11 callbacks cannot return one).
 void register_c1222(CLI::App& app, int& exit_code);
+void register_hsm(CLI::App& app, int& exit_code);
+void register_meters(CLI::App& app, int& exit_code);
 
 }  // namespace gs::cli

@@ -10,6 +10,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "gridseal 0.1.0");
   int exit_code = gs::cli::kExitOk;
   gs::cli::register_c1222(app, exit_code);
+  gs::cli::register_hsm(app, exit_code);
+  gs::cli::register_meters(app, exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,0 +1,32 @@
+// Opening the configured HSM.
+#include "src/hsm_context.h"
+
+#include <cstdlib>
+
+#include "hsm/softhsm.h"
+
+namespace gs {
+
+Status prepare_embedded_softhsm(const config::HsmConfig& cfg) {
+  if (cfg.softhsm_dir.empty()) return {};
+  GS_ASSIGN(std::string conf, hsm::softhsm::write_config(cfg.softhsm_dir));
+  return hsm::softhsm::use_config(conf);
+}
+
+Result<hsm::Secret> read_user_pin(const config::HsmConfig& cfg) {
+  if (!cfg.pin_file.empty()) return hsm::read_pin_file(cfg.pin_file);
+  if (!cfg.pin_env.empty()) return hsm::read_pin_env(cfg.pin_env.c_str());
+  return {Errc::invalid_argument, "no user PIN source: set hsm.pin_file or hsm.pin_env"};
+}
+
+Result<HsmContext> open_hsm(const config::HsmConfig& cfg) {
+  GS_TRY(prepare_embedded_softhsm(cfg));
+  HsmContext ctx;
+  GS_ASSIGN(ctx.module, hsm::Module::open(cfg.module));
+  GS_ASSIGN(ctx.slot, ctx.module->find_slot(cfg.token_label));
+  GS_ASSIGN(hsm::Secret pin, read_user_pin(cfg));
+  GS_ASSIGN(ctx.pool, hsm::SessionPool::make(*ctx.module, ctx.slot, std::move(pin), cfg.sessions));
+  return ctx;
+}
+
+}  // namespace gs

@@ -1,0 +1,232 @@
+// Fleet file import.
+#include "src/meter_import.h"
+
+#include <charconv>
+
+#include "hsm/ops.h"
+#include "src/hsm_context.h"
+
+namespace gs {
+
+namespace {
+
+std::vector<std::string_view> split_csv(std::string_view line) {
+  std::vector<std::string_view> out;
+  std::size_t pos = 0;
+  while (true) {
+    std::size_t c = line.find(',', pos);
+    out.push_back(line.substr(pos, c == std::string_view::npos ? line.npos : c - pos));
+    if (c == std::string_view::npos) break;
+    pos = c + 1;
+    if (out.size() > 16) break;
+  }
+  return out;
+}
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.remove_suffix(1);
+  return s;
+}
+
+Error row_error(std::size_t line, const std::string& what) {
+  return Error(Errc::invalid_argument, "line " + std::to_string(line) + ": " + what);
+}
+
+}  // namespace
+
+Status check_fleet_header(std::string_view line) {
+  auto f = split_csv(trim(line));
+  const char* want[] = {"meter_id", "ap_title", "ecc_public_key", "key_slot", "key"};
+  if (f.size() != 5) return row_error(1, "header must be meter_id,ap_title,ecc_public_key,key_slot,key");
+  for (std::size_t i = 0; i < 5; ++i) {
+    if (trim(f[i]) != want[i]) {
+      return row_error(1, "header column " + std::to_string(i + 1) + " must be " + want[i]);
+    }
+  }
+  return {};
+}
+
+Result<FleetRow> parse_fleet_row(std::string_view line, std::size_t line_no, ByteView base_oid) {
+  if (line.size() > kMaxCsvLine) return row_error(line_no, "line longer than 1024 bytes");
+  if (line.find('"') != std::string_view::npos) {
+    return row_error(line_no, "quoted fields are not supported");
+  }
+  auto f = split_csv(trim(line));
+  if (f.size() != 5) {
+    return row_error(line_no, "expected 5 fields, found " + std::to_string(f.size()));
+  }
+  FleetRow r;
+  r.line = line_no;
+  r.meter_id = std::string(trim(f[0]));
+  if (r.meter_id.empty() || r.meter_id.size() > store::kMaxMeterIdLength) {
+    return row_error(line_no, "meter_id must be 1..64 characters");
+  }
+  for (char c : r.meter_id) {
+    if (c < 0x21 || c > 0x7E) return row_error(line_no, "meter_id must be printable ASCII");
+  }
+  r.ap_title_text = std::string(trim(f[1]));
+  auto title = c1222::OwnedApTitle::parse(r.ap_title_text);
+  if (!title.ok()) return row_error(line_no, "ap_title: " + title.error().detail);
+  r.ap_title = title->view().absolute(base_oid);
+  if (r.ap_title.size() > c1222::kMaxOidLength) return row_error(line_no, "ap_title too long");
+  std::string_view pk = trim(f[2]);
+  if (!pk.empty()) {
+    auto b = from_hex(pk);
+    if (!b || b->size() != store::kPublicKeySize || (*b)[0] != 0x04) {
+      return row_error(line_no, "ecc_public_key must be a 65-byte uncompressed point (04...) in hex");
+    }
+    r.public_key = std::move(*b);
+  }
+  std::string_view slot = trim(f[3]);
+  auto [p, ec] = std::from_chars(slot.data(), slot.data() + slot.size(), r.slot);
+  if (ec != std::errc() || p != slot.data() + slot.size() || r.slot < 0 ||
+      r.slot >= store::kSlotsPerMeter) {
+    return row_error(line_no, "key_slot must be 0..3");
+  }
+  std::string_view key = trim(f[4]);
+  if (key.starts_with("plain:")) {
+    auto b = from_hex(key.substr(6));
+    if (!b || b->size() != 16) return row_error(line_no, "key plain:<32 hex digits> expected");
+    r.source = KeySource::plain;
+    r.key_material = std::move(*b);
+  } else if (key.starts_with("wrapped:")) {
+    auto b = from_hex(key.substr(8));
+    if (!b || b->size() < 16 || b->size() > 64) return row_error(line_no, "key wrapped:<hex> expected");
+    r.source = KeySource::wrapped;
+    r.key_material = std::move(*b);
+  } else if (key == "ecdh") {
+    if (r.public_key.empty()) return row_error(line_no, "key ecdh needs ecc_public_key");
+    if (r.slot != 0) return row_error(line_no, "key ecdh provisions slot 0 (DESIGN §3.2)");
+    r.source = KeySource::ecdh;
+  } else {
+    return row_error(line_no, "key must be plain:<hex>, wrapped:<hex> or ecdh");
+  }
+  return r;
+}
+
+namespace {
+
+struct HsmKeys {
+  hsm::ObjectHandle kek = hsm::kNoObject;
+  hsm::ObjectHandle provision = hsm::kNoObject;
+};
+
+// The wrapped (under gs-kek) form of the row's key, made inside the HSM.
+Result<Bytes> prepare_key(hsm::Session& s, const HsmKeys& k, FleetRow& r) {
+  switch (r.source) {
+    case KeySource::plain: {
+      auto w = hsm::import_and_wrap_meter_key(s, k.kek, r.key_material);
+      secure_zero(r.key_material.data(), r.key_material.size());
+      return w;
+    }
+    case KeySource::wrapped:
+      return Error(Errc::unsupported,
+                   "line " + std::to_string(r.line) +
+                       ": wrapped keys need a manufacturer transport key, which this version "
+                       "cannot load yet (use plain: or ecdh)");
+    case KeySource::ecdh: {
+      if (k.provision == hsm::kNoObject) {
+        return Error(Errc::not_found, "gs-provision key missing: run `gridseal hsm init`");
+      }
+      GS_ASSIGN(Block ctx, hsm::key_update_context(s, r.ap_title, 0, 1));
+      GS_ASSIGN(hsm::ObjectHandle h, hsm::derive_meter_key(s, k.provision, r.public_key, ctx));
+      auto w = hsm::wrap_key(s, k.kek, h);
+      (void)hsm::destroy_object(s, h);
+      return w;
+    }
+  }
+  return Error(Errc::invalid_argument, "unknown key source");
+}
+
+}  // namespace
+
+Result<ImportProgress> import_fleet(std::istream& in, hsm::Session& session,
+                                    store::KeyStore& store, const ImportOptions& opt) {
+  HsmKeys keys;
+  GS_ASSIGN(keys.kek, hsm::find_object(session, hsm::ObjectClass::secret_key, kLabelKek));
+  auto prov = hsm::find_object(session, hsm::ObjectClass::private_key, kLabelProvision);
+  if (prov.ok()) keys.provision = *prov;
+
+  ImportProgress prog;
+  std::string line;
+  std::size_t line_no = 0;
+  if (!std::getline(in, line)) return Error(Errc::invalid_argument, "empty fleet file");
+  ++line_no;
+  GS_TRY(check_fleet_header(line));
+  const std::size_t batch_size = opt.batch == 0 ? 1000 : opt.batch;
+  std::vector<store::NewMeter> batch;
+  std::vector<std::size_t> batch_lines;
+  bool batch_bad = false;
+  auto report = [&](std::size_t l, const std::string& why) {
+    if (opt.on_error) opt.on_error(l, why);
+  };
+  auto flush = [&]() -> Status {
+    if (batch.empty() && !batch_bad) return {};
+    if (batch_bad) {
+      prog.failed += batch.size();
+      if (!batch.empty()) {
+        report(0, std::to_string(batch.size()) + " valid rows of lines " +
+                      std::to_string(batch_lines.front()) + "-" +
+                      std::to_string(batch_lines.back()) +
+                      " not written because their batch has invalid rows");
+      }
+    } else {
+      auto r = store.import_meters(batch);
+      if (!r.ok()) {
+        if (r.error().code != Errc::conflict && r.error().code != Errc::invalid_argument) {
+          return std::move(r).error();
+        }
+        report(0, r.error().detail + " (lines " + std::to_string(batch_lines.front()) + "-" +
+                      std::to_string(batch_lines.back()) + " not written)");
+        prog.failed += batch.size();
+      } else {
+        prog.inserted += r->inserted;
+        prog.unchanged += r->unchanged;
+      }
+    }
+    batch.clear();
+    batch_lines.clear();
+    batch_bad = false;
+    if (opt.on_progress) opt.on_progress(prog);
+    return {};
+  };
+  while (std::getline(in, line)) {
+    ++line_no;
+    if (trim(line).empty() || line[0] == '#') continue;
+    ++prog.rows;
+    auto row = parse_fleet_row(line, line_no, opt.base_oid);
+    if (!row.ok()) {
+      report(line_no, row.error().detail);
+      ++prog.failed;
+      batch_bad = true;
+    } else {
+      auto wrapped = prepare_key(session, keys, *row);
+      if (!wrapped.ok()) {
+        if (session.lost() || wrapped.error().code == Errc::not_found) {
+          return std::move(wrapped).error();
+        }
+        report(line_no, wrapped.error().detail);
+        ++prog.failed;
+        batch_bad = true;
+      } else {
+        store::NewMeter m;
+        m.meter_id = row->meter_id;
+        m.ap_title = row->ap_title;
+        m.ap_title_text = row->ap_title_text;
+        m.public_key = row->public_key;
+        m.slot = row->slot;
+        m.wrapped_key = std::move(*wrapped);
+        m.key_version = 1;
+        m.origin = row->source == KeySource::plain ? "plain" : row->source == KeySource::ecdh ? "ecdh" : "wrapped";
+        batch.push_back(std::move(m));
+        batch_lines.push_back(line_no);
+      }
+    }
+    if (batch.size() + (batch_bad ? 1 : 0) >= batch_size) GS_TRY(flush());
+  }
+  GS_TRY(flush());
+  return prog;
+}
+
+}  // namespace gs

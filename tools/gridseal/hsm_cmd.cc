@@ -1,0 +1,308 @@
+// `gridseal hsm init|status|export-pubkey`: create and inspect gridseal's HSM objects.
+#include <fcntl.h>
+#include <openssl/rand.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+
+#include "hsm/ops.h"
+#include "src/hsm_context.h"
+#include "tools/gridseal/commands.h"
+#include "tools/gridseal/json.h"
+
+namespace gs::cli {
+
+namespace {
+
+struct EcObject {
+  const char* label;
+  hsm::EcKeyUse use;
+};
+constexpr EcObject kEcObjects[] = {
+    {kLabelCommandKey1, hsm::EcKeyUse::sign}, {kLabelCommandKey2, hsm::EcKeyUse::sign},
+    {kLabelRevocation, hsm::EcKeyUse::sign},  {kLabelProvision, hsm::EcKeyUse::derive},
+    {kLabelAudit, hsm::EcKeyUse::sign},
+};
+
+int fail(const std::string& what) {
+  std::fprintf(stderr, "gridseal: %s\n", what.c_str());
+  return kExitFailed;
+}
+
+// A random PIN (32 hex digits) written to a new 0600 file; the PIN is never printed.
+Status create_pin_file(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+  std::uint8_t raw[16];
+  if (RAND_bytes(raw, sizeof raw) != 1) return {Errc::crypto_failure, "no randomness for a PIN"};
+  std::string pin = to_hex(raw) + "\n";
+  secure_zero(raw, sizeof raw);
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return {Errc::storage_failure, "cannot create PIN file " + path};
+  bool ok = ::write(fd, pin.data(), pin.size()) == static_cast<ssize_t>(pin.size()) &&
+            ::fsync(fd) == 0;
+  ::close(fd);
+  secure_zero(pin.data(), pin.size());
+  if (!ok) return {Errc::storage_failure, "cannot write PIN file " + path};
+  return {};
+}
+
+bool exists(const std::string& p) { return !p.empty() && std::filesystem::exists(p); }
+
+int run_init(const std::string& config_path) {
+  auto cfg = config::load(config_path);
+  if (!cfg.ok()) return fail(cfg.error().message());
+  const auto& h = cfg->hsm;
+  auto prep = prepare_embedded_softhsm(h);
+  if (!prep.ok()) return fail(prep.error().message());
+  auto module = hsm::Module::open(h.module);
+  if (!module.ok()) return fail(module.error().message());
+  int changes = 0;
+
+  auto slot = (*module)->find_slot(h.token_label);
+  if (!slot.ok()) {
+    if (slot.error().code != Errc::not_found || h.softhsm_dir.empty()) {
+      return fail(slot.error().message() +
+                  (h.softhsm_dir.empty() ? " (create the token with the HSM's own tools, or set "
+                                           "hsm.softhsm_dir for an embedded SoftHSM2 token)"
+                                         : ""));
+    }
+    if (h.so_pin_file.empty() || h.pin_file.empty()) {
+      return fail(config_path + ": hsm.so_pin_file and hsm.pin_file are required to create "
+                                "the embedded token");
+    }
+    for (const auto& f : {h.so_pin_file, h.pin_file}) {
+      if (!exists(f)) {
+        auto st = create_pin_file(f);
+        if (!st.ok()) return fail(st.error().message());
+        std::printf("created PIN file %s (mode 0600)\n", f.c_str());
+      }
+    }
+    auto so = hsm::read_pin_file(h.so_pin_file);
+    if (!so.ok()) return fail(so.error().message());
+    auto user = hsm::read_pin_file(h.pin_file);
+    if (!user.ok()) return fail(user.error().message());
+    slot = (*module)->init_token(h.token_label, *so, *user);
+    if (!slot.ok()) return fail(slot.error().message());
+    std::printf("created token '%s' in %s\n", h.token_label.c_str(), h.softhsm_dir.c_str());
+    ++changes;
+  }
+  auto user_pin = read_user_pin(h);
+  if (!user_pin.ok()) return fail(user_pin.error().message());
+
+  // The KEK first: its creation needs the SO and must run with no other session logged in.
+  bool kek_exists = false;
+  {
+    auto s = hsm::Session::open(**module, *slot, true);
+    if (!s.ok()) return fail(s.error().message());
+    auto login = s->login(hsm::UserType::user, *user_pin);
+    if (!login.ok()) return fail(login.error().message());
+    auto found = hsm::find_object(*s, hsm::ObjectClass::secret_key, kLabelKek);
+    kek_exists = found.ok();
+    if (!found.ok() && found.error().code != Errc::not_found) {
+      return fail(found.error().message());
+    }
+    (void)s->logout();
+  }
+  if (kek_exists) {
+    std::printf("exists  %s\n", kLabelKek);
+  } else {
+    if (h.so_pin_file.empty()) {
+      return fail(config_path + ": hsm.so_pin_file is required to create " + kLabelKek +
+                  " (only the security officer may mark a key trusted)");
+    }
+    auto so = hsm::read_pin_file(h.so_pin_file);
+    if (!so.ok()) return fail(so.error().message());
+    auto kek = hsm::create_trusted_kek(**module, *slot, kLabelKek, *so, *user_pin);
+    if (!kek.ok()) return fail(std::string("creating ") + kLabelKek + ": " + kek.error().message());
+    std::printf("created %s (AES-256, trusted, wrap/unwrap only, non-extractable)\n", kLabelKek);
+    ++changes;
+  }
+
+  auto s = hsm::Session::open(**module, *slot, true);
+  if (!s.ok()) return fail(s.error().message());
+  auto login = s->login(hsm::UserType::user, *user_pin);
+  if (!login.ok()) return fail(login.error().message());
+  for (const auto& obj : kEcObjects) {
+    auto found = hsm::find_object(*s, hsm::ObjectClass::private_key, obj.label);
+    if (found.ok()) {
+      std::printf("exists  %s\n", obj.label);
+      continue;
+    }
+    if (found.error().code != Errc::not_found) return fail(found.error().message());
+    auto kp = hsm::generate_ec_p256(*s, obj.label, obj.use);
+    if (!kp.ok()) return fail(std::string("creating ") + obj.label + ": " + kp.error().message());
+    std::printf("created %s (EC P-256, %s only, non-extractable)\n", obj.label,
+                obj.use == hsm::EcKeyUse::sign ? "sign" : "derive");
+    ++changes;
+  }
+  if (changes == 0) {
+    std::printf("nothing to do: token '%s' already holds every gridseal object\n",
+                h.token_label.c_str());
+  }
+  return kExitOk;
+}
+
+const char* class_name(hsm::ObjectClass c) {
+  switch (c) {
+    case hsm::ObjectClass::public_key: return "public";
+    case hsm::ObjectClass::private_key: return "private";
+    case hsm::ObjectClass::secret_key: return "secret";
+  }
+  return "?";
+}
+
+struct Listed {
+  std::string label;
+  hsm::ObjectClass cls;
+  hsm::ObjectAttributes attrs;
+};
+
+Result<std::vector<Listed>> list_objects(hsm::Session& s) {
+  std::vector<Listed> out;
+  for (const char* label : {kLabelKek, kLabelCommandKey1, kLabelCommandKey2, kLabelRevocation,
+                            kLabelProvision, kLabelAudit}) {
+    for (auto cls : {hsm::ObjectClass::secret_key, hsm::ObjectClass::private_key,
+                     hsm::ObjectClass::public_key}) {
+      GS_ASSIGN(auto handles, hsm::find_objects(s, cls, label));
+      for (auto hnd : handles) {
+        GS_ASSIGN(auto a, hsm::object_attributes(s, hnd));
+        out.push_back({label, cls, a});
+      }
+    }
+  }
+  return out;
+}
+
+int run_status(const std::string& config_path, bool json) {
+  auto cfg = config::load(config_path);
+  if (!cfg.ok()) return fail(cfg.error().message());
+  auto ctx = open_hsm(cfg->hsm);
+  if (!ctx.ok()) return fail(ctx.error().message());
+  auto tokens = ctx->module->tokens();
+  if (!tokens.ok()) return fail(tokens.error().message());
+  hsm::TokenInfo info;
+  for (const auto& t : *tokens) {
+    if (t.slot == ctx->slot) info = t;
+  }
+  auto lease = ctx->pool->acquire();
+  if (!lease.ok()) return fail(lease.error().message());
+  auto objs = list_objects(lease->session());
+  if (!objs.ok()) return fail(objs.error().message());
+  if (json) {
+    JsonWriter w;
+    w.begin_object().key("module").value(cfg->hsm.module).key("token").begin_object();
+    w.key("label").value(info.label).key("manufacturer").value(info.manufacturer);
+    w.key("model").value(info.model).key("serial").value(info.serial).end_object();
+    w.key("objects").begin_array();
+    for (const auto& o : *objs) {
+      const auto& a = o.attrs;
+      w.begin_object().key("label").value(o.label).key("class").value(class_name(o.cls));
+      w.key("token").value(a.token).key("private").value(a.private_object);
+      w.key("modifiable").value(a.modifiable).key("sensitive").value(a.sensitive);
+      w.key("extractable").value(a.extractable).key("trusted").value(a.trusted);
+      w.key("encrypt").value(a.encrypt).key("decrypt").value(a.decrypt);
+      w.key("sign").value(a.sign).key("verify").value(a.verify).key("wrap").value(a.wrap);
+      w.key("unwrap").value(a.unwrap).key("derive").value(a.derive).end_object();
+    }
+    w.end_array().end_object();
+    std::printf("%s\n", w.str().c_str());
+    return kExitOk;
+  }
+  std::printf("module   %s\ntoken    %s (%s %s, serial %s)\n", cfg->hsm.module.c_str(),
+              info.label.c_str(), info.manufacturer.c_str(), info.model.c_str(),
+              info.serial.c_str());
+  std::printf("%-14s %-8s %s\n", "label", "class", "attributes");
+  for (const auto& o : *objs) {
+    const auto& a = o.attrs;
+    std::string f;
+    auto add = [&](bool on, const char* n) {
+      if (on) f += std::string(f.empty() ? "" : ",") + n;
+    };
+    add(a.token, "token");
+    add(a.private_object, "private");
+    add(a.sensitive, "sensitive");
+    add(!a.extractable && o.cls != hsm::ObjectClass::public_key, "non-extractable");
+    add(a.extractable, "EXTRACTABLE");
+    add(a.trusted, "trusted");
+    add(!a.modifiable, "read-only");
+    add(a.encrypt, "encrypt");
+    add(a.decrypt, "decrypt");
+    add(a.sign, "sign");
+    add(a.verify, "verify");
+    add(a.wrap, "wrap");
+    add(a.unwrap, "unwrap");
+    add(a.derive, "derive");
+    std::printf("%-14s %-8s %s\n", o.label.c_str(), class_name(o.cls), f.c_str());
+  }
+  return kExitOk;
+}
+
+int run_export(const std::string& config_path, const std::string& label, bool pem) {
+  auto cfg = config::load(config_path);
+  if (!cfg.ok()) return fail(cfg.error().message());
+  auto ctx = open_hsm(cfg->hsm);
+  if (!ctx.ok()) return fail(ctx.error().message());
+  auto lease = ctx->pool->acquire();
+  if (!lease.ok()) return fail(lease.error().message());
+  auto h = hsm::find_object(lease->session(), hsm::ObjectClass::public_key, label);
+  if (!h.ok()) return fail("public key '" + label + "': " + h.error().message());
+  auto point = hsm::export_ec_point(lease->session(), *h);
+  if (!point.ok()) return fail(point.error().message());
+  if (!pem) {
+    std::printf("%s\n", to_hex(*point).c_str());
+    return kExitOk;
+  }
+  // SubjectPublicKeyInfo for a P-256 point: fixed 26-byte prefix + the 65-byte point.
+  static constexpr std::uint8_t kSpkiPrefix[] = {
+      0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+      0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00};
+  Bytes der(std::begin(kSpkiPrefix), std::end(kSpkiPrefix));
+  der.insert(der.end(), point->begin(), point->end());
+  std::string b64(4 * ((der.size() + 2) / 3) + 1, '\0');
+  int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(b64.data()), der.data(),
+                          static_cast<int>(der.size()));
+  b64.resize(static_cast<std::size_t>(n));
+  std::printf("-----BEGIN PUBLIC KEY-----\n");
+  for (std::size_t i = 0; i < b64.size(); i += 64) std::printf("%s\n", b64.substr(i, 64).c_str());
+  std::printf("-----END PUBLIC KEY-----\n");
+  return kExitOk;
+}
+
+}  // namespace
+
+void register_hsm(CLI::App& app, int& exit_code) {
+  auto* hsm_cmd = app.add_subcommand("hsm", "create and inspect gridseal's HSM objects");
+  hsm_cmd->require_subcommand(1);
+  auto config = std::make_shared<std::string>("conf/gridseal.toml");
+
+  auto* init = hsm_cmd->add_subcommand(
+      "init", "create the token (embedded SoftHSM2) and the objects of DESIGN §4; idempotent");
+  init->add_option("--config", *config, "configuration file")->capture_default_str();
+  init->callback([config, &exit_code] { exit_code = run_init(*config); });
+
+  auto* status = hsm_cmd->add_subcommand("status", "token and objects with security attributes");
+  auto json = std::make_shared<bool>(false);
+  status->add_option("--config", *config, "configuration file")->capture_default_str();
+  status->add_flag("--json", *json, "machine-readable output");
+  status->callback([config, json, &exit_code] { exit_code = run_status(*config, *json); });
+
+  auto* exp = hsm_cmd->add_subcommand("export-pubkey", "print a public key (hex point or PEM)");
+  auto label = std::make_shared<std::string>();
+  auto pem = std::make_shared<bool>(false);
+  exp->add_option("LABEL", *label, "object label, e.g. gs-cmd-1")->required();
+  exp->add_option("--config", *config, "configuration file")->capture_default_str();
+  auto* pem_flag = exp->add_flag("--pem", *pem, "SubjectPublicKeyInfo PEM");
+  auto hex = std::make_shared<bool>(false);
+  exp->add_flag("--hex", *hex, "65-byte uncompressed point in hex (default)")->excludes(pem_flag);
+  exp->callback([config, label, pem, &exit_code] {
+    exit_code = run_export(*config, *label, *pem);
+  });
+}
+
+}  // namespace gs::cli
