@@ -147,6 +147,24 @@ Result<ImportProgress> import_fleet(std::istream& in, hsm::Session& session,
   GS_ASSIGN(keys.kek, hsm::find_object(session, hsm::ObjectClass::secret_key, kLabelKek));
   auto prov = hsm::find_object(session, hsm::ObjectClass::private_key, kLabelProvision);
   if (prov.ok()) keys.provision = *prov;
+  // Session copies (still sensitive, non-extractable, trusted) spare SoftHSM2 a re-read of its
+  // token files on every use; a token that refuses the copy is used as it is.
+  std::vector<hsm::ObjectHandle> copies;
+  for (hsm::ObjectHandle* h : {&keys.kek, &keys.provision}) {
+    if (*h == hsm::kNoObject) continue;
+    auto c = hsm::copy_to_session(session, *h);
+    if (c.ok()) {
+      *h = *c;
+      copies.push_back(*c);
+    }
+  }
+  struct Cleanup {
+    hsm::Session& s;
+    std::vector<hsm::ObjectHandle>& v;
+    ~Cleanup() {
+      for (auto h : v) (void)hsm::destroy_object(s, h);
+    }
+  } cleanup{session, copies};
 
   ImportProgress prog;
   std::string line;
