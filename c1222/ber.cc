@@ -42,40 +42,77 @@ Result<ByteView> Reader::bytes(std::size_t n) {
   return v;
 }
 
-Result<std::size_t> Reader::length() {
-  std::size_t at = offset();
-  if (remaining() < 1) return {Errc::truncated, "expected a length", at};
-  std::uint8_t first = data_[pos_++];
-  if (first < 0x80) return std::size_t{first};
-  if (first == 0x80) return {Errc::bad_length, "indefinite length", at};
+namespace {
+
+// Error paths stay out of line so the happy path of length()/tlv() is a few instructions.
+[[gnu::cold, gnu::noinline]] Error length_error(std::size_t at, std::uint8_t first,
+                                                std::size_t available) {
+  if (first == 0x80) return Error(Errc::bad_length, "indefinite length", at);
   std::size_t n = first & 0x7F;
   if (n > kMaxLengthOctets) {
-    return {Errc::bad_length, "length of " + std::to_string(n) + " octets", at};
+    return Error(Errc::bad_length, "length of " + std::to_string(n) + " octets", at);
   }
-  if (remaining() < n) return {Errc::truncated, "length octets cut short", at};
+  if (available < n) return Error(Errc::truncated, "length octets cut short", at);
+  return Error(Errc::too_large, "length above " + std::to_string(kMaxBerLength), at);
+}
+
+[[gnu::cold, gnu::noinline]] Error value_error(std::size_t at, std::size_t len,
+                                               std::size_t left) {
+  return Error(Errc::truncated,
+               "element needs " + std::to_string(len) + " bytes, " + std::to_string(left) +
+                   " left",
+               at);
+}
+
+}  // namespace
+
+// Reads a length at data[pos]; on success advances pos. Returns false on any error.
+static inline bool read_length(ByteView data, std::size_t& pos, std::size_t& len) noexcept {
+  if (pos >= data.size()) return false;
+  std::uint8_t first = data[pos];
+  if (first < 0x80) {
+    len = first;
+    ++pos;
+    return true;
+  }
+  std::size_t n = first & 0x7F;
+  if (n == 0 || n > kMaxLengthOctets || data.size() - pos - 1 < n) return false;
+  std::size_t v = 0;
+  for (std::size_t i = 1; i <= n; ++i) v = (v << 8) | data[pos + i];
+  if (v > kMaxBerLength) return false;
+  len = v;
+  pos += 1 + n;
+  return true;
+}
+
+Result<std::size_t> Reader::length() {
+  std::size_t at = pos_;
   std::size_t len = 0;
-  for (std::size_t i = 0; i < n; ++i) len = (len << 8) | data_[pos_++];
-  if (len > kMaxBerLength) return {Errc::too_large, "length " + std::to_string(len), at};
+  if (!read_length(data_, pos_, len)) {
+    if (at >= data_.size()) return {Errc::truncated, "expected a length", origin_ + at};
+    return length_error(origin_ + at, data_[at], data_.size() - at - 1);
+  }
   return len;
 }
 
 Result<Tlv> Reader::tlv() {
   Tlv t;
-  t.offset = offset();
-  std::size_t start = pos_;
-  GS_ASSIGN(t.tag, u8());
+  const std::size_t start = pos_;
+  t.offset = origin_ + start;
+  if (start >= data_.size()) return {Errc::truncated, "expected 1 more byte", t.offset};
+  t.tag = data_[start];
   if ((t.tag & 0x1F) == 0x1F) return {Errc::bad_tag, "multi-byte tags are not used", t.offset};
-  GS_ASSIGN(std::size_t len, length());
-  t.header_size = pos_ - start;
-  if (remaining() < len) {
-    return {Errc::truncated,
-            "element needs " + std::to_string(len) + " bytes, " + std::to_string(remaining()) +
-                " left",
-            t.offset};
+  std::size_t p = start + 1;
+  std::size_t len = 0;
+  if (!read_length(data_, p, len)) {
+    if (p >= data_.size()) return {Errc::truncated, "expected a length", origin_ + p};
+    return length_error(origin_ + p, data_[p], data_.size() - p - 1);
   }
-  t.value = data_.subspan(pos_, len);
-  pos_ += len;
-  t.raw = data_.subspan(start, pos_ - start);
+  if (data_.size() - p < len) return value_error(t.offset, len, data_.size() - p);
+  t.header_size = p - start;
+  t.value = data_.subspan(p, len);
+  t.raw = data_.subspan(start, p + len - start);
+  pos_ = p + len;
   return t;
 }
 
