@@ -4,6 +4,7 @@ ASAN_BUILD ?= build-asan
 FUZZ_BUILD ?= build-fuzz
 JOBS       ?= $(shell nproc)
 FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := framer_fuzz acse_decode_fuzz epsem_decode_fuzz open_fuzz
 CMAKE_GEN  := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 
 .PHONY: all deps build test test-asan fuzz fuzz-build bench clean
@@ -33,8 +34,8 @@ test-asan: deps
 
 fuzz-build: deps
 	CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) $(CMAKE_GEN) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-	  -DGS_FUZZ=ON -DGS_BENCH=OFF
-	cmake --build $(FUZZ_BUILD) -j $(JOBS)
+	  -DGS_FUZZ=ON -DGS_BENCH=OFF -DGS_TESTS=ON
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target $(FUZZ_TARGETS)
 
 # Runs every libFuzzer target for FUZZ_SECONDS each, starting from the checked-in corpus.
 fuzz: fuzz-build

@@ -266,7 +266,16 @@ Result<Bytes> encode(const Message& m, EncodedLayout* layout) {
   if (m.calling_ae_qualifier) put_integer(w, kTagCallingAeQualifier, *m.calling_ae_qualifier);
   put_integer(w, kTagCallingApInvocationId, *m.calling_ap_invocation_id);
   if (m.mechanism_name) w.tlv(kTagMechanismName, *m.mechanism_name);
-  if (m.auth) {
+  if (m.auth && !m.raw_auth_value.empty()) {
+    // Decoded from the wire: written back byte for byte (it is part of the MAC input).
+    std::size_t ac = w.open(kTagCallingAuthValue);
+    w.bytes(m.raw_auth_value);
+    w.close(ac);
+    if (layout != nullptr) {
+      layout->auth_value_offset = ac;
+      layout->auth_value_size = m.raw_auth_value.size();
+    }
+  } else if (m.auth) {
     std::size_t ac = w.open(kTagCallingAuthValue);
     std::size_t ext = w.open(0xA2);
     std::size_t single = w.open(0xA0);
@@ -349,6 +358,7 @@ Result<std::vector<ServiceSpan>> split_services(ByteView body, std::size_t origi
       return {Errc::bad_length, "zero service length (padding is not allowed)", at};
     }
     GS_ASSIGN(std::size_t len, r.length());
+    if (len == 0) return {Errc::bad_length, "zero service length", at};
     std::size_t code_at = r.offset();
     GS_ASSIGN(ByteView svc, r.bytes(len));
     if (out.size() == kMaxServices) {

@@ -60,7 +60,8 @@ struct Message {
   std::optional<AuthValue> auth;                 // AC
   ByteView epsem;  // the octet string of user-information: control byte .. [MAC]
 
-  // Filled by decode() only: raw bytes the canonified cleartext re-uses.
+  // Filled by decode() only: raw bytes the canonified cleartext re-uses. encode() writes
+  // raw_auth_value back as it is when set (clear it after changing `auth`).
   ByteView raw_auth_value;   // content of AC as received (empty when absent)
   ByteView raw_user_info_header;  // "BE L1 28 L2 81 L3" as received
   std::size_t epsem_offset = 0;   // offset of the EPSEM control byte in the message

@@ -1,0 +1,70 @@
+// MeterKeyCache: LRU of unwrapped meter-key session objects, destroyed on eviction.
+#include "hsm/key_cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "hsm/ops.h"
+
+namespace gs::hsm {
+
+MeterKeyCache::MeterKeyCache(Session& session, ObjectHandle kek, std::size_t capacity)
+    : session_(&session), kek_(kek), capacity_(std::max<std::size_t>(capacity, 1)) {}
+
+MeterKeyCache::~MeterKeyCache() { clear(); }
+
+void MeterKeyCache::drop(std::list<Entry>::iterator it) {
+  if (session_->is_open()) {
+    destroy_object(*session_, it->handle).ok();  // a stale handle is gone anyway
+  }
+  map_.erase(it->id);
+  lru_.erase(it);
+}
+
+Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ByteView wrapped) {
+  if (wrapped.empty() || wrapped.size() > kMaxWrappedKeySize) {
+    return Error(Errc::bad_length, "wrapped meter key size");
+  }
+  auto found = map_.find(id);
+  if (found != map_.end()) {
+    auto it = found->second;
+    if (it->wrapped_len == wrapped.size() &&
+        std::memcmp(it->wrapped.data(), wrapped.data(), wrapped.size()) == 0) {
+      lru_.splice(lru_.begin(), lru_, it);
+      ++hits_;
+      return it->handle;
+    }
+    drop(it);  // a new key for this id
+  }
+  ++misses_;
+  GS_ASSIGN(ObjectHandle h, unwrap_meter_key(*session_, kek_, wrapped));
+  while (lru_.size() >= capacity_) {
+    drop(std::prev(lru_.end()));
+  }
+  Entry e{id, h, {}, wrapped.size()};
+  std::memcpy(e.wrapped.data(), wrapped.data(), wrapped.size());
+  lru_.push_front(e);
+  map_[id] = lru_.begin();
+  return h;
+}
+
+void MeterKeyCache::erase(std::uint64_t id) {
+  auto found = map_.find(id);
+  if (found != map_.end()) {
+    drop(found->second);
+  }
+}
+
+void MeterKeyCache::clear() {
+  while (!lru_.empty()) {
+    drop(lru_.begin());
+  }
+}
+
+void MeterKeyCache::reset(ObjectHandle kek) {
+  lru_.clear();
+  map_.clear();
+  kek_ = kek;
+}
+
+}  // namespace gs::hsm

@@ -1,0 +1,60 @@
+// A bounded LRU of unwrapped meter keys (session objects) for one Session.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <list>
+#include <unordered_map>
+
+#include "gridseal/bytes.h"
+#include "gridseal/result.h"
+#include "hsm/session.h"
+#include "hsm/types.h"
+
+namespace gs::hsm {
+
+// Maps a caller's key id (e.g. meter row id * 4 + slot) to a meter-key session object unwrapped
+// from its stored form under the KEK. An entry whose stored (wrapped) form differs from the one
+// asked for is replaced, so a new key version is never served from the old handle. Evicted and
+// replaced objects are destroyed. Lives with its Session, used by one thread at a time.
+class MeterKeyCache {
+ public:
+  MeterKeyCache(Session& session, ObjectHandle kek, std::size_t capacity);
+  MeterKeyCache(const MeterKeyCache&) = delete;
+  MeterKeyCache& operator=(const MeterKeyCache&) = delete;
+  ~MeterKeyCache();
+
+  Result<ObjectHandle> get(std::uint64_t id, ByteView wrapped);
+  // Destroys the entry (key state changed: compromised, destroyed, ...).
+  void erase(std::uint64_t id);
+  // Destroys every entry.
+  void clear();
+  // Forgets every entry without calling the token (after the session was lost: the objects are
+  // gone already), and takes the KEK handle to use from now on.
+  void reset(ObjectHandle kek);
+
+  std::size_t size() const noexcept { return map_.size(); }
+  std::uint64_t hits() const noexcept { return hits_; }
+  std::uint64_t misses() const noexcept { return misses_; }
+
+ private:
+  static constexpr std::size_t kMaxWrappedKeySize = 64;
+  struct Entry {
+    std::uint64_t id;
+    ObjectHandle handle;
+    std::array<std::uint8_t, kMaxWrappedKeySize> wrapped;
+    std::size_t wrapped_len;
+  };
+  void drop(std::list<Entry>::iterator it);
+
+  Session* session_;
+  ObjectHandle kek_;
+  std::size_t capacity_;
+  std::list<Entry> lru_;  // front = most recent
+  std::unordered_map<std::uint64_t, std::list<Entry>::iterator> map_;
+  std::uint64_t hits_ = 0;
+  std::uint64_t misses_ = 0;
+};
+
+}  // namespace gs::hsm
