@@ -300,7 +300,7 @@ void register_hsm(CLI::App& app, int& exit_code) {
   auto* pem_flag = exp->add_flag("--pem", *pem, "SubjectPublicKeyInfo PEM");
   auto hex = std::make_shared<bool>(false);
   exp->add_flag("--hex", *hex, "65-byte uncompressed point in hex (default)")->excludes(pem_flag);
-  exp->callback([config, label, pem, &exit_code] {
+  exp->callback([config, label, pem, hex, &exit_code] {
     exit_code = run_export(*config, *label, *pem);
   });
 }
