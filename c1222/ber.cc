@@ -159,35 +159,14 @@ void Writer::u32be(std::uint32_t v) {
   u24be(v & 0xFFFFFF);
 }
 
-void Writer::length(std::size_t n) {
-  if (n < 0x80) {
-    out_.push_back(static_cast<std::uint8_t>(n));
-    return;
-  }
+void Writer::long_length(std::size_t n) {
   std::size_t octets = length_size(n) - 1;
   out_.push_back(static_cast<std::uint8_t>(0x80 | octets));
   for (std::size_t i = octets; i-- > 0;) out_.push_back(static_cast<std::uint8_t>(n >> (8 * i)));
 }
 
-void Writer::tlv(std::uint8_t tag, ByteView value) {
-  out_.push_back(tag);
-  length(value.size());
-  bytes(value);
-}
-
-std::size_t Writer::open(std::uint8_t tag) {
-  out_.push_back(tag);
-  out_.push_back(0);  // one-byte placeholder, widened by close() when needed
-  return out_.size();
-}
-
-void Writer::close(std::size_t mark) {
-  std::size_t len = out_.size() - mark;
+void Writer::widen(std::size_t mark, std::size_t len) {
   std::size_t extra = length_size(len) - 1;
-  if (extra == 0) {
-    out_[mark - 1] = static_cast<std::uint8_t>(len);
-    return;
-  }
   out_.insert(out_.begin() + static_cast<std::ptrdiff_t>(mark), extra, 0);
   out_[mark - 1] = static_cast<std::uint8_t>(0x80 | extra);
   for (std::size_t i = 0; i < extra; ++i) {

@@ -72,15 +72,38 @@ class Writer {
   void u24be(std::uint32_t v);
   void u32be(std::uint32_t v);
   void bytes(ByteView b) { out_.insert(out_.end(), b.begin(), b.end()); }
-  void length(std::size_t n);
-  void tlv(std::uint8_t tag, ByteView value);
+  void length(std::size_t n) {
+    if (n < 0x80) {
+      out_.push_back(static_cast<std::uint8_t>(n));
+    } else {
+      long_length(n);
+    }
+  }
+  void tlv(std::uint8_t tag, ByteView value) {
+    out_.push_back(tag);
+    length(value.size());
+    bytes(value);
+  }
   // Opens a constructed element whose length is patched by close(); nest freely.
-  std::size_t open(std::uint8_t tag);
-  void close(std::size_t mark);
+  std::size_t open(std::uint8_t tag) {
+    out_.push_back(tag);
+    out_.push_back(0);  // one-byte placeholder, widened by close() when needed
+    return out_.size();
+  }
+  void close(std::size_t mark) {
+    std::size_t len = out_.size() - mark;
+    if (len < 0x80) {
+      out_[mark - 1] = static_cast<std::uint8_t>(len);
+    } else {
+      widen(mark, len);
+    }
+  }
   std::size_t size() const noexcept { return out_.size(); }
   Bytes& buffer() noexcept { return out_; }
 
  private:
+  void long_length(std::size_t n);
+  void widen(std::size_t mark, std::size_t len);
   Bytes& out_;
 };
 

@@ -250,7 +250,7 @@ Result<Bytes> encode(const Message& m, EncodedLayout* layout) {
   }
   if (m.epsem.empty()) return {Errc::missing_element, "EPSEM is required"};
   Bytes out;
-  out.reserve(64 + m.epsem.size());
+  out.reserve(160 + m.epsem.size());
   Writer w(out);
   std::size_t msg = w.open(kTagMessage);
   if (m.aso_context) {

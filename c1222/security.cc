@@ -44,7 +44,7 @@ Result<Bytes> canonify(const Message& m, ByteView base) {
     return {Errc::missing_element, "calling-authentication-value bytes not available"};
   }
   Bytes out;
-  out.reserve(96);
+  out.reserve(192);
   Writer w(out);
   if (m.aso_context) {
     std::size_t a1 = w.open(kTagAsoContext);
