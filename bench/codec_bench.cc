@@ -13,6 +13,7 @@
 #include "c1222/message.h"
 #include "c1222/oid.h"
 #include "c1222/security.h"
+#include "c1222/services.h"
 #include "src/host_aes.h"
 
 namespace {
@@ -71,6 +72,25 @@ void BM_Decode(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * w.size()));
 }
 BENCHMARK(BM_Decode);
+
+// A cleartext (mode 0) message decoded all the way: ACSE, EPSEM envelope, service list and the
+// typed decode of each service (checksums checked).
+void BM_DecodeFullMode0(benchmark::State& state) {
+  const Bytes& w = fx().clear_wire;
+  for (auto _ : state) {
+    auto m = decode(w);
+    if (!m.ok()) state.SkipWithError("decode");
+    auto e = split_epsem(m->epsem, m->epsem_offset);
+    auto sv = split_services(e->body);
+    for (const auto& s : *sv) {
+      auto r = decode_request(s.bytes, s.offset);
+      if (!r.ok()) state.SkipWithError("service");
+      benchmark::DoNotOptimize(r);
+    }
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()));
+}
+BENCHMARK(BM_DecodeFullMode0);
 
 void BM_SealMode2(benchmark::State& state) {
   Fixture& f = fx();
