@@ -31,16 +31,21 @@ std::string hex2(std::uint8_t b) {
   return s;
 }
 
-// Fails with `truncated` at the reader position unless n bytes remain.
-Status need(const Reader& r, std::size_t n, const std::string& what) {
-  if (r.remaining() < n) {
-    return {Errc::truncated,
-            what + ": needs " + std::to_string(n) + " more byte(s), " +
-                std::to_string(r.remaining()) + " left",
-            r.offset()};
-  }
-  return {};
+// Fails with `truncated` at the reader position unless n bytes remain. A macro so that the
+// description (often a concatenation) is only built when the check fails.
+[[gnu::cold, gnu::noinline]] Error need_error(const Reader& r, std::size_t n,
+                                              const std::string& what) {
+  return Error(Errc::truncated,
+               what + ": needs " + std::to_string(n) + " more byte(s), " +
+                   std::to_string(r.remaining()) + " left",
+               r.offset());
 }
+#define GS_NEED(r, n, what)                       \
+  do {                                            \
+    if ((r).remaining() < (n)) {                  \
+      return need_error((r), (n), (what));        \
+    }                                             \
+  } while (0)
 
 // Nothing may follow the last field.
 Status finish(const Reader& r, const std::string& what) {
@@ -58,7 +63,7 @@ std::uint32_t get_u24(Reader& r) { return *r.u24be(); }   // after need()
 
 // An id element: `06 len oid` (absolute) or `80 len rel-oid` (relative).
 Result<ApTitle> read_id(Reader& r, const std::string& what) {
-  GS_TRY(need(r, 2, what));
+  GS_NEED(r, 2, what);
   std::size_t at = r.offset();
   std::uint8_t tag = r.peek();
   if (tag != 0x06 && tag != 0x80) {
@@ -89,10 +94,10 @@ struct TableData {
 
 // `count(2) data checksum(1)`.
 Result<TableData> read_table_data(Reader& r, const std::string& what, const ServiceOptions& opt) {
-  GS_TRY(need(r, 2, what + " count"));
+  GS_NEED(r, 2, what + " count");
   std::uint16_t count = get_u16(r);
-  GS_TRY(need(r, std::size_t{count} + 1, what + " data of " + std::to_string(count) +
-                                             " byte(s) + checksum"));
+  GS_NEED(r, std::size_t{count} + 1, what + " data of " + std::to_string(count) +
+                                             " byte(s) + checksum");
   TableData d;
   d.data = *r.bytes(count);
   std::size_t at = r.offset();
@@ -118,7 +123,7 @@ Status write_table_data(Writer& w, ByteView data, const char* what) {
 }
 
 Result<IndexList> read_indices(Reader& r, std::size_t n, const std::string& what) {
-  GS_TRY(need(r, 2 * n, what + " " + std::to_string(n) + " index(es)"));
+  GS_NEED(r, 2 * n, what + " " + std::to_string(n) + " index(es)");
   IndexList l;
   for (std::size_t i = 0; i < n; ++i) l.values[i] = get_u16(r);
   l.count = static_cast<std::uint8_t>(n);
@@ -179,7 +184,7 @@ Result<Request> decode_request_body(std::uint8_t code, Reader& r, const ServiceO
     }
     case kSvcRegister: {
       RegisterRequest q;
-      GS_TRY(need(r, 2, name + " node-type and connection-type"));
+      GS_NEED(r, 2, name + " node-type and connection-type");
       q.node_type = get_u8(r);
       q.connection_type = get_u8(r);
       ByteView rest = r.rest();
@@ -188,7 +193,7 @@ Result<Request> decode_request_body(std::uint8_t code, Reader& r, const ServiceO
         if (g == kMaxDeviceClassGroups) {
           return {Errc::too_large, name + ": device class longer than 4 groups", r.offset()};
         }
-        GS_TRY(need(r, 4, name + " device-class"));
+        GS_NEED(r, 4, name + " device-class");
         ByteView group = *r.bytes(4);
         used += 4;
         bool more = false;
@@ -198,29 +203,29 @@ Result<Request> decode_request_body(std::uint8_t code, Reader& r, const ServiceO
       q.device_class = rest.first(used);
       GS_ASSIGN(q.ap_title, read_id(r, name + " ap-title"));
       GS_ASSIGN(q.esn, read_id(r, name + " electronic-serial-number"));
-      GS_TRY(need(r, 1, name + " native-address length"));
+      GS_NEED(r, 1, name + " native-address length");
       std::uint8_t alen = get_u8(r);
-      GS_TRY(need(r, alen, name + " native-address"));
+      GS_NEED(r, alen, name + " native-address");
       q.native_address = *r.bytes(alen);
-      GS_TRY(need(r, 3, name + " registration-period"));
+      GS_NEED(r, 3, name + " registration-period");
       q.registration_period = get_u24(r);
       if (q.node_type & 0x80) {
-        GS_TRY(need(r, 1, name + " domain-pattern length"));
+        GS_NEED(r, 1, name + " domain-pattern length");
         std::uint8_t plen = get_u8(r);
-        GS_TRY(need(r, plen, name + " domain-pattern"));
+        GS_NEED(r, plen, name + " domain-pattern");
         q.domain_pattern = *r.bytes(plen);
       }
       GS_TRY(finish(r, name));
       return Request{q};
     }
     case kSvcFullRead: {
-      GS_TRY(need(r, 2, name + " table-id"));
+      GS_NEED(r, 2, name + " table-id");
       FullReadRequest q{TableId{get_u16(r)}};
       GS_TRY(finish(r, name));
       return Request{q};
     }
     case kSvcPartialReadOffset: {
-      GS_TRY(need(r, 7, name + " table-id, offset and count"));
+      GS_NEED(r, 7, name + " table-id, offset and count");
       PartialReadOffsetRequest q;
       q.table.raw = get_u16(r);
       q.offset = get_u24(r);
@@ -229,7 +234,7 @@ Result<Request> decode_request_body(std::uint8_t code, Reader& r, const ServiceO
       return Request{q};
     }
     case kSvcFullWrite: {
-      GS_TRY(need(r, 2, name + " table-id"));
+      GS_NEED(r, 2, name + " table-id");
       TableId table{get_u16(r)};
       GS_ASSIGN(TableData d, read_table_data(r, name, opt));
       GS_TRY(finish(r, name));
@@ -245,7 +250,7 @@ Result<Request> decode_request_body(std::uint8_t code, Reader& r, const ServiceO
       return Request{FullWriteRequest{table, d.data, d.checksum, d.ok}};
     }
     case kSvcPartialWriteOffset: {
-      GS_TRY(need(r, 5, name + " table-id and offset"));
+      GS_NEED(r, 5, name + " table-id and offset");
       PartialWriteOffsetRequest q;
       q.table.raw = get_u16(r);
       q.offset = get_u24(r);
@@ -257,7 +262,7 @@ Result<Request> decode_request_body(std::uint8_t code, Reader& r, const ServiceO
       return Request{q};
     }
     case kSvcLogon: {
-      GS_TRY(need(r, 2 + kLogonUserSize + 2, name + " user-id, user and idle-timeout"));
+      GS_NEED(r, 2 + kLogonUserSize + 2, name + " user-id, user and idle-timeout");
       LogonRequest q;
       q.user_id = get_u16(r);
       q.user = *r.bytes(kLogonUserSize);
@@ -266,26 +271,26 @@ Result<Request> decode_request_body(std::uint8_t code, Reader& r, const ServiceO
       return Request{q};
     }
     case kSvcSecurity: {
-      GS_TRY(need(r, kPasswordSize, name + " password"));
+      GS_NEED(r, kPasswordSize, name + " password");
       SecurityRequest q;
       q.password = *r.bytes(kPasswordSize);
       if (!r.empty()) {
-        GS_TRY(need(r, 2, name + " user-id"));
+        GS_NEED(r, 2, name + " user-id");
         q.user_id = get_u16(r);
       }
       GS_TRY(finish(r, name));
       return Request{q};
     }
     case kSvcAuthenticate: {
-      GS_TRY(need(r, 1, name + " length"));
+      GS_NEED(r, 1, name + " length");
       std::uint8_t len = get_u8(r);
-      GS_TRY(need(r, len, name + " data"));
+      GS_NEED(r, len, name + " data");
       AuthenticateRequest q{*r.bytes(len)};
       GS_TRY(finish(r, name));
       return Request{q};
     }
     case kSvcWait: {
-      GS_TRY(need(r, 1, name + " seconds"));
+      GS_NEED(r, 1, name + " seconds");
       WaitRequest q{get_u8(r)};
       GS_TRY(finish(r, name));
       return Request{q};
@@ -295,18 +300,18 @@ Result<Request> decode_request_body(std::uint8_t code, Reader& r, const ServiceO
   }
   if (code > kSvcFullRead && code < kSvcFullRead + 10) {
     std::size_t n = code - kSvcFullRead;
-    GS_TRY(need(r, 2, name + " table-id"));
+    GS_NEED(r, 2, name + " table-id");
     PartialReadIndexRequest q;
     q.table.raw = get_u16(r);
     GS_ASSIGN(q.index, read_indices(r, n, name));
-    GS_TRY(need(r, 2, name + " element-count"));
+    GS_NEED(r, 2, name + " element-count");
     q.element_count = get_u16(r);
     GS_TRY(finish(r, name));
     return Request{q};
   }
   if (code > kSvcFullWrite && code < kSvcFullWrite + 10) {
     std::size_t n = code - kSvcFullWrite;
-    GS_TRY(need(r, 2, name + " table-id"));
+    GS_NEED(r, 2, name + " table-id");
     PartialWriteIndexRequest q;
     q.table.raw = get_u16(r);
     GS_ASSIGN(q.index, read_indices(r, n, name));
@@ -346,19 +351,19 @@ Result<Response> decode_ok(Reader& r, std::optional<std::uint8_t> request,
   }
   switch (q) {
     case kSvcLogon: {
-      GS_TRY(need(r, 2, name + " idle-timeout"));
+      GS_NEED(r, 2, name + " idle-timeout");
       LogonResponse p{get_u16(r)};
       GS_TRY(finish(r, name));
       return Response{p};
     }
     case kSvcIdentify: {
-      GS_TRY(need(r, 3, name + " std, ver, rev"));
+      GS_NEED(r, 3, name + " std, ver, rev");
       IdentifyResponse p;
       p.standard = get_u8(r);
       p.version = get_u8(r);
       p.revision = get_u8(r);
       for (std::size_t n = 0;; ++n) {
-        GS_TRY(need(r, 1, name + " feature list end (00)"));
+        GS_NEED(r, 1, name + " feature list end (00)");
         std::size_t at = r.offset();
         std::uint8_t tag = get_u8(r);
         if (tag == 0x00) break;
@@ -372,7 +377,7 @@ Result<Response> decode_ok(Reader& r, std::optional<std::uint8_t> request,
             break;
           }
           case 0x05:
-            GS_TRY(need(r, 1, name + " session-ctrl"));
+            GS_NEED(r, 1, name + " session-ctrl");
             p.session_ctrl = get_u8(r);
             break;
           case 0x06: {
@@ -381,14 +386,14 @@ Result<Response> decode_ok(Reader& r, std::optional<std::uint8_t> request,
             break;
           }
           case 0x07: {
-            GS_TRY(need(r, 1, name + " device-identity length"));
+            GS_NEED(r, 1, name + " device-identity length");
             std::size_t len_at = r.offset();
             std::uint8_t len = get_u8(r);
             if (len == 0) {
               return {Errc::bad_length, name + ": device-identity length 0 (no format byte)",
                       len_at};
             }
-            GS_TRY(need(r, len, name + " device-identity"));
+            GS_NEED(r, len, name + " device-identity");
             p.identity_format = get_u8(r);
             p.identity = *r.bytes(len - 1u);
             break;
@@ -401,9 +406,9 @@ Result<Response> decode_ok(Reader& r, std::optional<std::uint8_t> request,
       return Response{p};
     }
     case kSvcResolve: {
-      GS_TRY(need(r, 1, name + " address length"));
+      GS_NEED(r, 1, name + " address length");
       std::uint8_t len = get_u8(r);
-      GS_TRY(need(r, len, name + " native address"));
+      GS_NEED(r, len, name + " native address");
       ResolveResponse p{*r.bytes(len)};
       GS_TRY(finish(r, name));
       return Response{p};
@@ -422,7 +427,7 @@ Result<Response> decode_ok(Reader& r, std::optional<std::uint8_t> request,
     case kSvcRegister: {
       RegisterResponse p;
       GS_ASSIGN(p.ap_title, read_id(r, name + " ap-title"));
-      GS_TRY(need(r, 6, name + " reg-delay, reg-period, reg-info"));
+      GS_NEED(r, 6, name + " reg-delay, reg-period, reg-info");
       p.reg_delay = get_u16(r);
       p.reg_period = get_u24(r);
       p.reg_info = get_u8(r);
@@ -562,7 +567,7 @@ Result<Response> decode_response(ByteView service, std::optional<std::uint8_t> r
   ErrorResponse e;
   e.code = code;
   if (code == kRespRqtl || code == kRespRstl) {
-    GS_TRY(need(r, 4, std::string(response_code_name(code)) + " maximum size"));
+    GS_NEED(r, 4, std::string(response_code_name(code)) + " maximum size");
     e.max_size = *r.u32be();
   }
   e.data = *r.bytes(r.remaining());
