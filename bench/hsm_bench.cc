@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,8 @@
 #include "hsm/softhsm.h"
 #include "src/host_aes.h"
 #include "src/host_ecdsa.h"
+#include "src/key_store.h"
+#include "src/meter_import.h"
 
 namespace gs::hsm {
 namespace {
@@ -308,6 +311,68 @@ void BM_EcdhDeriveWrap(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_EcdhDeriveWrap);
+
+// ---- meter import (issue 3): rows/s next to the per-row HSM calls alone -------------------------
+
+// The HSM part of a plain row: C_CreateObject (meter key) + C_WrapKey (gs-kek) + C_DestroyObject.
+void BM_ImportRow_HsmOnly(benchmark::State& state) {
+  NEED_ENV();
+  Bytes key(16, 0x17);
+  for (auto _ : state) {
+    auto w = import_and_wrap_meter_key(*E.session, E.kek, key);
+    benchmark::DoNotOptimize(w);
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_ImportRow_HsmOnly);
+
+// The same without the wrap under the token KEK: the cost of the session object alone.
+void BM_ImportRow_CreateDestroy(benchmark::State& state) {
+  NEED_ENV();
+  Bytes key(16, 0x17);
+  for (auto _ : state) {
+    auto h = import_meter_key(*E.session, key);
+    destroy_object(*E.session, *h).ok();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_ImportRow_CreateDestroy);
+
+// In-process `meters import`: parse + HSM + SQLite (batches of 1000, synchronous=FULL) of
+// state.range(0) new plain rows per iteration into a store in the bench's temp dir.
+void BM_ImportPlainRows(benchmark::State& state) {
+  NEED_ENV();
+  auto ks = store::KeyStore::open(E.dir + "/import-bench.db");
+  if (!ks.ok()) {
+    state.SkipWithError("store");
+    return;
+  }
+  const auto rows = static_cast<std::size_t>(state.range(0));
+  static std::size_t next = 0;
+  ImportOptions opt;
+  opt.base_oid = *c1222::oid_from_dotted("2.16.124.113620.1.22.0");
+  std::size_t imported = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    std::string csv = "meter_id,ap_title,ecc_public_key,key_slot,key\n";
+    for (std::size_t i = 0; i < rows; ++i, ++next) {
+      char key[33];
+      std::snprintf(key, sizeof key, "%032zx", next * 2654435761u);
+      csv += "B" + std::to_string(next) + ",.7." + std::to_string(next + 1) + ",,0,plain:" + key +
+             "\n";
+    }
+    std::istringstream in(csv);
+    state.ResumeTiming();
+    auto r = import_fleet(in, *E.session, *ks, opt);
+    if (!r.ok() || r->inserted != rows) {
+      state.SkipWithError("import failed");
+      return;
+    }
+    imported += r->inserted;
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(imported));
+}
+BENCHMARK(BM_ImportPlainRows)->Arg(10000)->Iterations(3)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
 }  // namespace gs::hsm

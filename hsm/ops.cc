@@ -651,6 +651,121 @@ Result<Block> key_update_context(Session& s, ByteView ap_title_content, std::uin
   return out;
 }
 
+// ---- manufacturer transport keys ---------------------------------------------------------------
+
+Result<TransportContext> transport_context(Session& s, std::string_view label) {
+  GS_TRY(need_open(s));
+  GS_TRY(check_label(label));
+  Bytes in = {'G', 'S', 'T', '1', static_cast<std::uint8_t>(label.size())};
+  in.insert(in.end(), label.begin(), label.end());
+  CK_MECHANISM mech{CKM_SHA256, nullptr, 0};
+  GS_TRY(s.check("C_DigestInit", F(s)->C_DigestInit(s.handle(), &mech)));
+  TransportContext out{};
+  CK_ULONG len = out.size();
+  GS_TRY(s.check("C_Digest", F(s)->C_Digest(s.handle(), in.data(), in.size(), out.data(), &len)));
+  if (len != out.size()) {
+    return Error(Errc::crypto_failure, "C_Digest: unexpected SHA-256 length");
+  }
+  return out;
+}
+
+Result<ObjectHandle> import_transport_key(Session& s, ObjectHandle provision_private,
+                                          ByteView ephemeral_point, ByteView wrapped,
+                                          std::string_view label) {
+  GS_TRY(need_open(s));
+  GS_TRY(check_label(label));
+  if (ephemeral_point.size() != kEcPointSize || ephemeral_point[0] != 0x04) {
+    return Error(Errc::invalid_argument, "ephemeral public key must be 65 bytes, uncompressed");
+  }
+  if (wrapped.size() != 24 && wrapped.size() != 40) {
+    return Error(Errc::bad_length,
+                 "a wrapped transport key is 24 (AES-128) or 40 (AES-256) bytes (AES-KWP)");
+  }
+  GS_ASSIGN(auto existing, find_objects(s, ObjectClass::secret_key, label));
+  if (!existing.empty()) {
+    return Error(Errc::conflict, "a key labelled '" + std::string(label) + "' already exists");
+  }
+  GS_ASSIGN(TransportContext ctx, transport_context(s, label));
+
+  // Z: ECDH(gs-provision, E) as a session AES-256 key that can only derive.
+  CK_ECDH1_DERIVE_PARAMS ecdh{};
+  ecdh.kdf = CKD_NULL;
+  ecdh.ulPublicDataLen = ephemeral_point.size();
+  ecdh.pPublicData = const_cast<CK_BYTE*>(ephemeral_point.data());
+  CK_MECHANISM mech_z{CKM_ECDH1_DERIVE, &ecdh, sizeof ecdh};
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_KEY_TYPE type = CKK_AES;
+  CK_ULONG len32 = 32;
+  auto session_key = [&](bool derive, bool unwrap) {
+    return std::vector<CK_ATTRIBUTE>{
+        attr_of(CKA_CLASS, &cls),          attr_of(CKA_KEY_TYPE, &type),
+        attr_of(CKA_VALUE_LEN, &len32),    attr_bool(CKA_TOKEN, false),
+        attr_bool(CKA_PRIVATE, true),      attr_bool(CKA_SENSITIVE, true),
+        attr_bool(CKA_EXTRACTABLE, false), attr_bool(CKA_DERIVE, derive),
+        attr_bool(CKA_UNWRAP, unwrap),     attr_bool(CKA_ENCRYPT, false),
+        attr_bool(CKA_DECRYPT, false),     attr_bool(CKA_SIGN, false),
+        attr_bool(CKA_VERIFY, false),      attr_bool(CKA_WRAP, false),
+        attr_bool(CKA_MODIFIABLE, false)};
+  };
+  auto zt = session_key(true, false);
+  CK_OBJECT_HANDLE zkey = 0;
+  GS_TRY(s.check("C_DeriveKey(ECDH1)",
+                 F(s)->C_DeriveKey(s.handle(), &mech_z, provision_private, zt.data(),
+                                   static_cast<CK_ULONG>(zt.size()), &zkey)));
+  // U = AES-256-ECB_Z(C): a session key that can only unwrap.
+  CK_KEY_DERIVATION_STRING_DATA data{ctx.data(), static_cast<CK_ULONG>(ctx.size())};
+  CK_MECHANISM mech_u{CKM_AES_ECB_ENCRYPT_DATA, &data, sizeof data};
+  auto ut = session_key(false, true);
+  CK_OBJECT_HANDLE ukey = 0;
+  Status st = s.check("C_DeriveKey(AES_ECB_ENCRYPT_DATA)",
+                      F(s)->C_DeriveKey(s.handle(), &mech_u, zkey, ut.data(),
+                                        static_cast<CK_ULONG>(ut.size()), &ukey));
+  destroy_object(s, zkey).ok();
+  GS_TRY(st);
+
+  // T under U, as a token object: unwrap only, and what it unwraps gets the meter-key policy.
+  std::vector<CK_ATTRIBUTE> forced = kek_unwrap_template();
+  forced.insert(forced.begin(), {attr_of(CKA_CLASS, &cls), attr_of(CKA_KEY_TYPE, &type),
+                                 attr_bool(CKA_TOKEN, false)});
+  CK_ATTRIBUTE tt[] = {
+      attr_of(CKA_CLASS, &cls),
+      attr_of(CKA_KEY_TYPE, &type),
+      attr_bool(CKA_TOKEN, true),
+      attr_bool(CKA_PRIVATE, true),
+      attr_bytes(CKA_LABEL, label.data(), label.size()),
+      attr_bool(CKA_SENSITIVE, true),
+      attr_bool(CKA_EXTRACTABLE, false),
+      attr_bool(CKA_UNWRAP, true),
+      attr_bool(CKA_WRAP, false),
+      attr_bool(CKA_ENCRYPT, false),
+      attr_bool(CKA_DECRYPT, false),
+      attr_bool(CKA_SIGN, false),
+      attr_bool(CKA_VERIFY, false),
+      attr_bool(CKA_DERIVE, false),
+      attr_bytes(CKA_UNWRAP_TEMPLATE, forced.data(), forced.size() * sizeof(CK_ATTRIBUTE)),
+      attr_bool(CKA_MODIFIABLE, false),  // last
+  };
+  CK_MECHANISM mech_w{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+  CK_OBJECT_HANDLE tkey = 0;
+  st = s.check("C_UnwrapKey(transport key)",
+               F(s)->C_UnwrapKey(s.handle(), &mech_w, ukey, const_cast<CK_BYTE*>(wrapped.data()),
+                                 static_cast<CK_ULONG>(wrapped.size()), tt, std::size(tt), &tkey));
+  destroy_object(s, ukey).ok();
+  GS_TRY(st);
+  CK_ULONG got = 0;
+  CK_ATTRIBUTE q = attr_of(CKA_VALUE_LEN, &got);
+  CK_RV rv = F(s)->C_GetAttributeValue(s.handle(), tkey, &q, 1);
+  // SoftHSM2 2.6.1 reports CKA_VALUE_LEN 0 for unwrapped keys and refuses it in an unwrap
+  // template (CKR_ATTRIBUTE_READ_ONLY), so the length is checked where the token reports it; on
+  // SoftHSM2 a T of 9..15 or 25..31 bytes is only refused at its first use.
+  const CK_ULONG want = wrapped.size() == 24 ? 16 : 32;
+  if (rv != CKR_OK || (got != 0 && got != want)) {
+    destroy_object(s, tkey).ok();
+    return Error(Errc::bad_length, "the unwrapped transport key is not an AES-128 or AES-256 key");
+  }
+  return tkey;
+}
+
 Status generate_random(Session& s, MutableByteView out) {
   GS_TRY(need_open(s));
   if (out.size() > kMaxRandom) {

@@ -139,6 +139,31 @@ Result<ObjectHandle> derive_meter_key(Session& s, ObjectHandle ec_private, ByteV
 Result<Block> key_update_context(Session& s, ByteView ap_title_content, std::uint8_t slot,
                                  std::uint32_t key_version);
 
+// ---- manufacturer transport keys ---------------------------------------------------------------
+//
+// A manufacturer sends meter keys wrapped (CKM_AES_KEY_WRAP_PAD, RFC 5649) under its own AES-128
+// or AES-256 transport key T; T reaches the HSM wrapped to gs-provision, never in clear:
+//   manufacturer: ephemeral P-256 pair (e, E); Z = x(e * P) with P = gs-provision's public point
+//                 (`gridseal hsm export-pubkey gs-provision`); C = SHA-256("GST1" | len | label);
+//                 U = AES-256-ECB_Z(C) (two blocks, 32 bytes); sends E and KWP_U(T).
+//   gridseal:     the same Z, C and U inside the HSM (CKM_ECDH1_DERIVE with CKD_NULL into a
+//                 session AES-256 key, CKM_SHA256, CKM_AES_ECB_ENCRYPT_DATA), then C_UnwrapKey of
+//                 T under U as a token object. Z and U are session objects destroyed at once.
+// `len` is one byte (the label's length, 1..128); the label binds U to the name T is stored under.
+// T: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, CKA_EXTRACTABLE=false, CKA_UNWRAP only, with a
+// CKA_UNWRAP_TEMPLATE forcing the meter-key policy (session objects, no CKA_DECRYPT...) on what it
+// unwraps, CKA_MODIFIABLE=false last.
+inline constexpr std::size_t kTransportContextSize = 32;
+using TransportContext = std::array<std::uint8_t, kTransportContextSize>;
+// C = SHA-256("GST1" | len(label) | label), computed by the HSM.
+Result<TransportContext> transport_context(Session& s, std::string_view label);
+// Imports T (24 bytes wrapped: AES-128; 40 bytes: AES-256) labelled `label` and returns its token
+// handle. Errc::conflict when a secret key with this label exists; the HSM's error when the
+// ephemeral point is not on the curve or the wrapped key does not authenticate.
+Result<ObjectHandle> import_transport_key(Session& s, ObjectHandle provision_private,
+                                          ByteView ephemeral_point, ByteView wrapped,
+                                          std::string_view label);
+
 // ---- random -----------------------------------------------------------------------------------
 
 // C_GenerateRandom; at most 1 MiB per call.

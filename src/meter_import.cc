@@ -110,6 +110,7 @@ namespace {
 struct HsmKeys {
   hsm::ObjectHandle kek = hsm::kNoObject;
   hsm::ObjectHandle provision = hsm::kNoObject;
+  hsm::ObjectHandle transport = hsm::kNoObject;
 };
 
 // The wrapped (under gs-kek) form of the row's key, made inside the HSM.
@@ -120,11 +121,24 @@ Result<Bytes> prepare_key(hsm::Session& s, const HsmKeys& k, FleetRow& r) {
       secure_zero(r.key_material.data(), r.key_material.size());
       return w;
     }
-    case KeySource::wrapped:
-      return Error(Errc::unsupported,
-                   "line " + std::to_string(r.line) +
-                       ": wrapped keys need a manufacturer transport key, which this version "
-                       "cannot load yet (use plain: or ecdh)");
+    case KeySource::wrapped: {
+      if (k.transport == hsm::kNoObject) {
+        return Error(Errc::not_found,
+                     "line " + std::to_string(r.line) +
+                         ": wrapped keys need the manufacturer transport key: --transport-key "
+                         "LABEL (loaded with `gridseal hsm import-transport-key`)");
+      }
+      // Unwrapped as a meter-key session object (the transport key's unwrap template forces
+      // that policy too), wrapped under gs-kek, destroyed.
+      auto h = hsm::unwrap_meter_key(s, k.transport, r.key_material);
+      if (!h.ok()) {
+        return Error(Errc::crypto_failure, "key does not unwrap under the transport key (" +
+                                         h.error().detail + ")");
+      }
+      auto w = hsm::wrap_key(s, k.kek, *h);
+      (void)hsm::destroy_object(s, *h);
+      return w;
+    }
     case KeySource::ecdh: {
       if (k.provision == hsm::kNoObject) {
         return Error(Errc::not_found, "gs-provision key missing: run `gridseal hsm init`");
@@ -147,6 +161,11 @@ Result<ImportProgress> import_fleet(std::istream& in, hsm::Session& session,
   GS_ASSIGN(keys.kek, hsm::find_object(session, hsm::ObjectClass::secret_key, kLabelKek));
   auto prov = hsm::find_object(session, hsm::ObjectClass::private_key, kLabelProvision);
   if (prov.ok()) keys.provision = *prov;
+  if (!opt.transport_key.empty()) {
+    auto t = hsm::find_object(session, hsm::ObjectClass::secret_key, opt.transport_key);
+    if (!t.ok()) return Error(t.error().code, "transport key: " + t.error().detail);
+    keys.transport = *t;
+  }
   // Session copies (still sensitive, non-extractable, trusted) spare SoftHSM2 a re-read of its
   // token files on every use; a token that refuses the copy is used as it is.
   std::vector<hsm::ObjectHandle> copies;

@@ -43,6 +43,9 @@ struct ImportProgress {
 struct ImportOptions {
   std::size_t batch = 1000;
   Bytes base_oid;
+  // Label of the manufacturer transport key (`gridseal hsm import-transport-key`) that
+  // `wrapped:<hex>` rows are wrapped under; empty: such rows stop the import.
+  std::string transport_key;
   // Called after every batch; also the place to print a progress bar.
   std::function<void(const ImportProgress&)> on_progress;
   // Called for every refused row or batch: line number (0 = whole batch) and reason.

@@ -1,4 +1,5 @@
-// `gridseal hsm init|status|export-pubkey`: create and inspect gridseal's HSM objects.
+// `gridseal hsm init|status|export-pubkey|import-transport-key`: create and inspect gridseal's HSM
+// objects.
 #include <fcntl.h>
 #include <openssl/rand.h>
 #include <sys/stat.h>
@@ -274,6 +275,45 @@ int run_export(const std::string& config_path, const std::string& label, bool pe
   return kExitOk;
 }
 
+// A manufacturer transport key wrapped to gs-provision (design in hsm/ops.h and the README).
+int run_import_transport(const std::string& config_path, const std::string& label,
+                         const std::string& ephemeral_hex, const std::string& wrapped_hex) {
+  auto point = from_hex(ephemeral_hex);
+  if (!point || point->size() != hsm::kEcPointSize || (*point)[0] != 0x04) {
+    return fail("--ephemeral-pubkey must be a 65-byte uncompressed P-256 point (04...) in hex");
+  }
+  auto wrapped = from_hex(wrapped_hex);
+  if (!wrapped || (wrapped->size() != 24 && wrapped->size() != 40)) {
+    return fail("--wrapped must be 24 (AES-128) or 40 (AES-256) bytes of AES-KWP in hex");
+  }
+  if (label.empty() || label.size() > 128 || label.starts_with("gs-")) {
+    return fail("--label must be 1..128 characters and not start with gs- (gridseal's own)");
+  }
+  auto cfg = config::load(config_path);
+  if (!cfg.ok()) return fail(cfg.error().message());
+  auto ctx = open_hsm(cfg->hsm);
+  if (!ctx.ok()) return fail(ctx.error().message());
+  auto lease = ctx->pool->acquire();
+  if (!lease.ok()) return fail(lease.error().message());
+  auto& s = lease->session();
+  for (auto cls : {hsm::ObjectClass::secret_key, hsm::ObjectClass::private_key,
+                   hsm::ObjectClass::public_key}) {
+    auto found = hsm::find_objects(s, cls, label);
+    if (!found.ok()) return fail(found.error().message());
+    if (!found->empty()) return fail("an HSM object labelled '" + label + "' already exists");
+  }
+  auto prov = hsm::find_object(s, hsm::ObjectClass::private_key, kLabelProvision);
+  if (!prov.ok()) {
+    return fail(std::string(kLabelProvision) + ": " + prov.error().message() +
+                " (run `gridseal hsm init`)");
+  }
+  auto t = hsm::import_transport_key(s, *prov, *point, *wrapped, label);
+  if (!t.ok()) return fail("importing transport key '" + label + "': " + t.error().message());
+  std::printf("imported %s (AES-%d transport key, unwrap only, non-extractable)\n",
+              label.c_str(), wrapped->size() == 24 ? 128 : 256);
+  return kExitOk;
+}
+
 }  // namespace
 
 void register_hsm(CLI::App& app, int& exit_code) {
@@ -302,6 +342,21 @@ void register_hsm(CLI::App& app, int& exit_code) {
   exp->add_flag("--hex", *hex, "65-byte uncompressed point in hex (default)")->excludes(pem_flag);
   exp->callback([config, label, pem, hex, &exit_code] {
     exit_code = run_export(*config, *label, *pem);
+  });
+
+  auto* imp = hsm_cmd->add_subcommand(
+      "import-transport-key",
+      "load a manufacturer's AES transport key, wrapped to gs-provision, for wrapped fleet files");
+  auto tlabel = std::make_shared<std::string>();
+  auto eph = std::make_shared<std::string>();
+  auto wrapped = std::make_shared<std::string>();
+  imp->add_option("--label", *tlabel, "label to store the key under")->required();
+  imp->add_option("--ephemeral-pubkey", *eph, "manufacturer's ephemeral P-256 point (hex)")
+      ->required();
+  imp->add_option("--wrapped", *wrapped, "AES-KWP of the transport key (hex)")->required();
+  imp->add_option("--config", *config, "configuration file")->capture_default_str();
+  imp->callback([config, tlabel, eph, wrapped, &exit_code] {
+    exit_code = run_import_transport(*config, *tlabel, *eph, *wrapped);
   });
 }
 

@@ -42,7 +42,8 @@ std::size_t count_lines(const std::string& path) {
   return n;
 }
 
-int run_import(const std::string& config_path, const std::string& file, std::size_t batch) {
+int run_import(const std::string& config_path, const std::string& file, std::size_t batch,
+               const std::string& transport_key) {
   auto o = load(config_path);
   if (!o.ok()) return fail(o.error().message());
   std::ifstream in(file);
@@ -64,6 +65,7 @@ int run_import(const std::string& config_path, const std::string& file, std::siz
   ImportOptions opt;
   opt.batch = batch;
   opt.base_oid = o->base;
+  opt.transport_key = transport_key;
   opt.on_error = [&](std::size_t line, const std::string& why) {
     if (tty) std::fprintf(stderr, "\r\033[K");
     if (line != 0) {
@@ -190,7 +192,12 @@ void register_meters(CLI::App& app, int& exit_code) {
   imp->add_option("FILE", *file, "meter_id,ap_title,ecc_public_key,key_slot,key")->required();
   imp->add_option("--config", *config, "configuration file")->capture_default_str();
   imp->add_option("--batch", *batch, "rows per transaction")->check(CLI::Range(1, 100000));
-  imp->callback([=, &exit_code] { exit_code = run_import(*config, *file, *batch); });
+  auto transport = std::make_shared<std::string>();
+  imp->add_option("--transport-key", *transport,
+                  "label of the transport key that wrapped:<hex> keys are wrapped under");
+  imp->callback([=, &exit_code] {
+    exit_code = run_import(*config, *file, *batch, *transport);
+  });
 
   auto* list = meters->add_subcommand("list", "list meters");
   auto limit = std::make_shared<std::size_t>(100);
