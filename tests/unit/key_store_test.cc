@@ -127,3 +127,41 @@ TEST_F(KeyStoreTest, ReopenKeepsDataAndSchemaVersion) {
 
 }  // namespace
 }  // namespace gs::store
+
+#include "src/meter_cache.h"
+
+namespace gs::store {
+namespace {
+
+TEST_F(KeyStoreTest, MeterCacheServesHitsExpiresAndEvicts) {
+  auto ks = KeyStore::open(path_);
+  ASSERT_TRUE(ks.ok());
+  std::vector<NewMeter> b = {meter(1), meter(2), meter(3)};
+  ASSERT_TRUE(ks->import_meters(b).ok());
+  MeterCache cache(2, std::chrono::milliseconds(1000));
+  auto t0 = MeterCache::Clock::now();
+  auto a = cache.by_title(*ks, b[0].ap_title, t0);
+  ASSERT_TRUE(a.ok() && *a != nullptr);
+  EXPECT_EQ((*a)->meter_id, "M1");
+  EXPECT_EQ(cache.misses(), 1u);
+  // A change made by another connection is not seen until the entry expires.
+  ASSERT_TRUE(ks->revoke("M1", "test").ok());
+  auto hit = cache.by_title(*ks, b[0].ap_title, t0 + std::chrono::milliseconds(500));
+  EXPECT_EQ(cache.hits(), 1u);
+  EXPECT_EQ((*hit)->state, MeterState::active);
+  auto fresh = cache.by_title(*ks, b[0].ap_title, t0 + std::chrono::milliseconds(1001));
+  EXPECT_EQ((*fresh)->state, MeterState::compromised);
+  // Unknown meters are cached as unknown too.
+  Bytes unknown = c1222::oid_from_dotted("2.16.124.113620.1.22.0.99").value();
+  auto u = cache.by_title(*ks, unknown, t0);
+  ASSERT_TRUE(u.ok());
+  EXPECT_EQ(*u, nullptr);
+  EXPECT_LE(cache.size(), 2u);  // capacity bound: the least recently used entry left
+  cache.invalidate(unknown);
+  EXPECT_LE(cache.size(), 1u);
+  cache.clear();
+  EXPECT_EQ(cache.size(), 0u);
+}
+
+}  // namespace
+}  // namespace gs::store
