@@ -23,28 +23,15 @@
 #include "src/host_ecdsa.h"
 #include "src/hsm_context.h"
 #include "src/key_store.h"
+#include "tests/unit/run_command.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
-struct CmdResult {
-  int code = -1;
-  std::string out;  // stdout and stderr
-};
+using gs::test::CmdResult;
 
-CmdResult run(const std::string& args) {
-  std::string cmd = std::string(GS_BIN_DIR) + "/gridseal " + args + " 2>&1";
-  CmdResult r;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  std::size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
-  int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+CmdResult run(const std::string& args) { return gs::test::run_gridseal(args); }
 
 // ---- the manufacturer's side, with OpenSSL only (the reference of the README's formula) --------
 
