@@ -1,0 +1,371 @@
+// The SES request path: see ses_service.h.
+#include "ses/ses_service.h"
+
+#include <chrono>
+#include <cstdio>
+
+#include "c1222/services.h"
+#include "hsm/ops.h"
+
+namespace gs::ses {
+
+namespace {
+
+std::uint32_t utc_now() {
+  return static_cast<std::uint32_t>(std::chrono::duration_cast<std::chrono::seconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
+}
+
+std::int64_t mono_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// One line per refused request: who, which meter, why. Never key material.
+void log_refusal(const server::RequestContext& ctx, const std::string& meter,
+                 const char* code_name, const std::string& reason) {
+  std::fprintf(stderr, "gridseal-sesd: refused client=\"%s\" peer=%s meter=%s code=%s: %s\n",
+               ctx.client_identity.c_str(), ctx.peer.c_str(), meter.c_str(), code_name,
+               reason.c_str());
+}
+
+}  // namespace
+
+Result<Bytes> error_response(const c1222::Message* request, const c1222::ApTitle& ses_title,
+                             const c1222::ApTitle& head_end, std::uint8_t code,
+                             std::uint32_t invocation_id) {
+  c1222::Message m;
+  m.called_ap_title = (request != nullptr && request->calling_ap_title) ? *request->calling_ap_title
+                                                                       : head_end;
+  if (request != nullptr && request->calling_ap_invocation_id) {
+    m.called_ap_invocation_id = *request->calling_ap_invocation_id;
+  }
+  m.calling_ap_title = ses_title;
+  const Bytes id = ids::encode_id(invocation_id);
+  m.calling_ap_invocation_id = ByteView(id);
+  Bytes epsem{c1222::kEpsemReserved};  // mode 0, response control bits 0
+  const std::uint8_t service[1] = {code};
+  c1222::append_service(epsem, ByteView(service, 1));
+  m.epsem = epsem;
+  return c1222::encode(m);
+}
+
+SesService::SesService(const SesConfig& cfg, HsmContext& hsm, policy::Policy policy,
+                       metrics::Registry& registry, policy::RateLimiter limiter,
+                       std::unique_ptr<store::KeyStore> id_store, ids::InvocationIdAllocator ids)
+    : cfg_(cfg),
+      hsm_(hsm),
+      policy_(std::move(policy)),
+      registry_(registry),
+      limiter_(std::move(limiter)),
+      id_store_(std::move(id_store)),
+      ids_(std::move(ids)),
+      latency_(registry.histogram("gridseal_ses_request_seconds",
+                                  "Time from request decoded to response built",
+                                  metrics::latency_buckets())),
+      hsm_errors_(registry.counter("gridseal_ses_hsm_errors_total",
+                                   "HSM operations that failed")) {}
+
+SesService::~SesService() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& w : free_) drop_hsm(*w);
+  free_.clear();
+}
+
+Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, HsmContext& hsm,
+                                                       policy::Policy policy,
+                                                       metrics::Registry& registry,
+                                                       std::size_t threads) {
+  GS_ASSIGN(auto limiter, policy::RateLimiter::create(policy.meter_rate_slots, false));
+  db::OpenOptions opt;
+  opt.create = false;
+  auto ks = store::KeyStore::open(cfg.base.store.path, opt);
+  if (!ks.ok()) {
+    return Error(ks.error().code, cfg.base.store.path + ": " + ks.error().message());
+  }
+  auto id_store = std::make_unique<store::KeyStore>(std::move(ks).value());
+  ids::AllocatorOptions aopt;
+  aopt.block_size = cfg.id_block_size;
+  aopt.max_block_age_s = policy.max_block_age_s;
+  GS_ASSIGN(auto alloc, ids::InvocationIdAllocator::over(*id_store, aopt));
+  std::unique_ptr<SesService> s(new SesService(cfg, hsm, std::move(policy), registry,
+                                               std::move(limiter), std::move(id_store),
+                                               std::move(alloc)));
+  for (std::size_t i = 0; i < threads; ++i) {
+    s->free_.push_back(std::make_unique<WorkerState>(
+        cfg.meter_cache, std::chrono::milliseconds(cfg.meter_cache_ttl_ms)));
+  }
+  SesService* raw = s.get();
+  registry.gauge_fn("gridseal_ses_invocation_ids_issued", "Invocation ids issued", {},
+                    [raw] { return static_cast<double>(raw->ids_.stats().ids_issued); });
+  return s;
+}
+
+Status SesService::ensure_store(WorkerState& w) {
+  if (w.store) return {};
+  db::OpenOptions opt;
+  opt.create = false;
+  auto ks = store::KeyStore::open(cfg_.base.store.path, opt);
+  if (!ks.ok()) return ks.error();
+  w.store.emplace(std::move(ks).value());
+  return {};
+}
+
+void SesService::drop_hsm(WorkerState& w) {
+  const bool lost = w.lease && (*w.lease)->lost();
+  if (w.keys) {
+    if (lost) w.keys->reset(0);  // the objects are gone with the session
+    w.keys.reset();
+  }
+  w.signer.reset();
+  w.aes.reset();
+  w.lease.reset();
+}
+
+Status SesService::ensure_hsm(WorkerState& w) {
+  if (w.lease && !(*w.lease)->lost()) return {};
+  drop_hsm(w);
+  auto lease = hsm_.pool->acquire();
+  if (!lease.ok()) return lease.error();
+  w.lease.emplace(std::move(lease).value());
+  hsm::Session& s = w.lease->session();
+  const std::string cmd_label = "gs-cmd-" + std::to_string(cfg_.command_key_id);
+  auto cmd = hsm::find_object(s, hsm::ObjectClass::private_key, cmd_label);
+  if (!cmd.ok()) return Error(cmd.error().code, cmd_label + ": " + cmd.error().message());
+  auto kek = hsm::find_object(s, hsm::ObjectClass::secret_key, kLabelKek);
+  if (!kek.ok()) return Error(kek.error().code, std::string(kLabelKek) + ": " + kek.error().message());
+  w.command_key = *cmd;
+  w.kek = *kek;
+  auto aes = hsm::HsmAes::make(s, w.kek);
+  if (!aes.ok()) return aes.error();
+  w.aes = std::move(aes).value();
+  w.keys = std::make_unique<hsm::MeterKeyCache>(s, w.kek, cfg_.base.hsm.key_cache);
+  w.signer = std::make_unique<HsmSigner>(s, w.command_key, cfg_.command_key_id);
+  return {};
+}
+
+std::unique_ptr<WorkerState> SesService::take_state() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return !free_.empty(); });
+  auto w = std::move(free_.back());
+  free_.pop_back();
+  return w;
+}
+
+void SesService::give_state(std::unique_ptr<WorkerState> w) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(std::move(w));
+  }
+  cv_.notify_one();
+}
+
+Status SesService::warm_up() {
+  auto w = take_state();
+  Status st = ensure_store(*w);
+  if (st.ok()) st = ensure_hsm(*w);
+  give_state(std::move(w));
+  return st;
+}
+
+metrics::Health SesService::health() const {
+  if (!hsm_ok_.load()) return {false, "HSM operations failing"};
+  if (!store_ok_.load()) return {false, "database failing"};
+  return {true, "ok"};
+}
+
+SesService::Outcome SesService::refuse(const server::RequestContext& ctx,
+                                       const c1222::Message* request, std::uint8_t code,
+                                       const char* result, const std::string& reason) {
+  std::string meter = "-";
+  if (request != nullptr && request->called_ap_title) meter = request->called_ap_title->dotted();
+  log_refusal(ctx, meter, c1222::response_code_name(code), reason);
+  Outcome o;
+  o.result = result;
+  const Bytes ses_abs = cfg_.ses_title.view().absolute(cfg_.base_oid);
+  auto id = ids_.next(ses_abs, static_cast<std::int64_t>(utc_now()));
+  if (!id.ok()) {
+    store_ok_ = false;
+    return o;  // empty: the connection closes
+  }
+  auto pdu = error_response(request, cfg_.ses_title.view(), cfg_.head_end_title.view(), code, *id);
+  if (pdu.ok()) o.response = std::move(pdu).value();
+  return o;
+}
+
+SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteView request,
+                                        WorkerState& w) {
+  c1222::DecodeLimits limits;
+  limits.max_message = cfg_.server.max_frame;
+  auto decoded = c1222::decode(request, limits);
+  if (!decoded.ok()) {
+    return refuse(ctx, nullptr, c1222::kRespErr, "malformed",
+                  "cannot decode: " + decoded.error().message());
+  }
+  const c1222::Message& m = *decoded;
+  if (!m.called_ap_title) return refuse(ctx, &m, c1222::kRespErr, "malformed", "no called AP title");
+  const Bytes called = m.called_ap_title->absolute(cfg_.base_oid);
+
+  const policy::ClientRules* client = policy_.client(ctx.client_identity);
+  if (client == nullptr) {
+    return refuse(ctx, &m, c1222::kRespIsc, "client_refused", "client not in the policy");
+  }
+
+  // A configured DR group: signed once, mode 0.
+  if (const policy::GroupRules* group = policy_.group(called)) {
+    auto cls = policy::classify_message(m, policy_);
+    if (!cls.ok() || cls->command_class != c1222::CommandClass::demand_response) {
+      return refuse(ctx, &m, c1222::kRespIsc, "class_refused",
+                    "only demand-response commands may go to group " + group->name);
+    }
+    Outcome o;
+    o.cls = c1222::CommandClass::demand_response;
+    if (!client->allowed[policy::class_index(*o.cls)]) {
+      return refuse(ctx, &m, c1222::kRespIsc, "class_refused", "demand_response not allowed for client");
+    }
+    const auto adm = limiter_.admit(policy_, *o.cls, called, mono_ns());
+    if (adm != policy::Admission::allowed) {
+      return refuse(ctx, &m, c1222::kRespIsc, "rate_limited", policy::admission_name(adm));
+    }
+    const std::uint32_t now = utc_now();
+    const policy::Validity v = policy_.broadcast_validity(*group, now);
+    CommandParams params;
+    params.command_class = *o.cls;
+    params.not_before = v.not_before;
+    params.not_after = v.not_after;
+    params.now = now;
+    params.head_end_title = cfg_.head_end_title.view();
+    params.base_oid = cfg_.base_oid;
+    auto id = ids_.next(calling_title_for(m, params).absolute(cfg_.base_oid), now);
+    if (!id.ok()) {
+      store_ok_ = false;
+      return refuse(ctx, &m, c1222::kRespBsy, "store_error", id.error().message());
+    }
+    params.invocation_id = *id;
+    if (auto st = ensure_hsm(w); !st.ok()) {
+      hsm_errors_.inc();
+      hsm_ok_ = false;
+      return refuse(ctx, &m, c1222::kRespBsy, "hsm_error", st.error().message());
+    }
+    auto out = sign_broadcast(m, params, *w.signer);
+    if (!out.ok()) {
+      return refuse(ctx, &m, c1222::kRespErr, "error", out.error().message());
+    }
+    hsm_ok_ = true;
+    o.response = std::move(out).value();
+    return o;
+  }
+
+  if (auto st = ensure_store(w); !st.ok()) {
+    store_ok_ = false;
+    return refuse(ctx, &m, c1222::kRespBsy, "store_error", st.error().message());
+  }
+  auto cached = w.meters.by_title(*w.store, called);
+  if (!cached.ok()) {
+    store_ok_ = false;
+    return refuse(ctx, &m, c1222::kRespBsy, "store_error", cached.error().message());
+  }
+  store_ok_ = true;
+  std::optional<store::Meter> meter;
+  if (*cached) meter = **cached;
+  const MeterKeyChoice choice = choose_meter_key(meter);
+  if (choice.refusal != MeterRefusal::none) {
+    return refuse(ctx, &m, response_code_for(choice.refusal),
+                  choice.refusal == MeterRefusal::unknown_meter ? "unknown_meter" : "meter_refused",
+                  meter_refusal_name(choice.refusal));
+  }
+
+  auto cls = policy::classify_message(m, policy_);
+  if (!cls.ok()) {
+    const Errc e = cls.error().code;
+    const std::uint8_t code = e == Errc::unsupported ? c1222::kRespSns
+                              : e == Errc::bad_value ? c1222::kRespIsc
+                                                     : c1222::kRespErr;
+    return refuse(ctx, &m, code, "class_refused", cls.error().message());
+  }
+  Outcome o;
+  o.cls = cls->command_class;
+  if (!client->allowed[policy::class_index(*o.cls)]) {
+    return refuse(ctx, &m, c1222::kRespIsc, "class_refused",
+                  std::string(c1222::command_class_name(*o.cls)) + " not allowed for client " +
+                      client->name);
+  }
+  const auto adm = limiter_.admit(policy_, *o.cls, called, mono_ns());
+  if (adm != policy::Admission::allowed) {
+    return refuse(ctx, &m, c1222::kRespIsc, "rate_limited",
+                  std::string(c1222::command_class_name(*o.cls)) + ": " +
+                      policy::admission_name(adm));
+  }
+
+  const std::uint32_t now = utc_now();
+  const policy::Validity v = policy_.validity(*o.cls, now);
+  CommandParams params;
+  params.command_class = *o.cls;
+  params.not_before = v.not_before;
+  params.not_after = v.not_after;
+  params.now = now;
+  params.head_end_title = cfg_.head_end_title.view();
+  params.base_oid = cfg_.base_oid;
+  auto id = ids_.next(calling_title_for(m, params).absolute(cfg_.base_oid), now);
+  if (!id.ok()) {
+    store_ok_ = false;
+    return refuse(ctx, &m, c1222::kRespBsy, "store_error", id.error().message());
+  }
+  params.invocation_id = *id;
+
+  if (auto st = ensure_hsm(w); !st.ok()) {
+    hsm_errors_.inc();
+    hsm_ok_ = false;
+    return refuse(ctx, &m, c1222::kRespBsy, "hsm_error", st.error().message());
+  }
+  const std::uint64_t key_ref =
+      static_cast<std::uint64_t>(meter->row) * store::kSlotsPerMeter +
+      static_cast<std::uint64_t>(choice.slot->slot);
+  auto handle = w.keys->get(key_ref, choice.slot->wrapped);
+  Result<Bytes> out = Errc::hsm_failure;
+  if (handle.ok()) {
+    w.aes->set_key(*handle);
+    auto eax = c1222::EaxPrime::make(*w.aes);
+    if (eax.ok()) {
+      out = secure_command(m, *meter, params, *w.signer, *eax,
+                           static_cast<std::uint8_t>(choice.slot->slot));
+    } else {
+      out = std::move(eax).error();
+    }
+  } else {
+    out = std::move(handle).error();
+  }
+  if (!out.ok()) {
+    const Errc e = out.error().code;
+    if (e == Errc::hsm_failure || e == Errc::crypto_failure || e == Errc::busy ||
+        (w.lease && (*w.lease)->lost())) {
+      hsm_errors_.inc();
+      hsm_ok_ = false;
+      std::string why = out.error().message();
+      drop_hsm(w);  // rebuilt (session, handles, key cache) on the next request
+      return refuse(ctx, &m, c1222::kRespBsy, "hsm_error", why);
+    }
+    return refuse(ctx, &m, c1222::kRespErr, "error", out.error().message());
+  }
+  hsm_ok_ = true;
+  o.response = std::move(out).value();
+  return o;
+}
+
+Bytes SesService::handle(const server::RequestContext& ctx, ByteView request) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto w = take_state();
+  Outcome o = process(ctx, request, *w);
+  give_state(std::move(w));
+  latency_.observe(std::chrono::steady_clock::now() - t0);
+  registry_
+      .counter("gridseal_ses_requests_total", "Requests by command class and result",
+               {{"class", o.cls ? c1222::command_class_name(*o.cls) : "none"},
+                {"result", o.result}})
+      .inc();
+  return std::move(o.response);
+}
+
+}  // namespace gs::ses

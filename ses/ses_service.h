@@ -1,0 +1,108 @@
+// The SES request path (DESIGN §1.1): decode, meter lookup, policy, invocation id, MT-2040
+// signature and EAX' mode 2 through the HSM; C12.22 error responses for every refusal.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "c1222/message.h"
+#include "gridseal/bytes.h"
+#include "gridseal/result.h"
+#include "hsm/hsm_aes.h"
+#include "hsm/key_cache.h"
+#include "hsm/session.h"
+#include "ses/ses_config.h"
+#include "src/command_signer.h"
+#include "src/hsm_context.h"
+#include "src/invocation_ids.h"
+#include "src/key_store.h"
+#include "src/meter_cache.h"
+#include "src/metrics.h"
+#include "src/policy.h"
+#include "src/server.h"
+
+namespace gs::ses {
+
+// What one handler thread uses exclusively while it serves a request.
+struct WorkerState {
+  WorkerState(std::size_t meter_cache, std::chrono::milliseconds ttl) : meters(meter_cache, ttl) {}
+  // HSM part, (re)built on demand; dropped when the session was lost.
+  std::optional<hsm::SessionPool::Lease> lease;
+  hsm::ObjectHandle command_key = 0;
+  hsm::ObjectHandle kek = 0;
+  std::unique_ptr<hsm::MeterKeyCache> keys;
+  std::unique_ptr<hsm::HsmAes> aes;
+  std::unique_ptr<HsmSigner> signer;
+  // Store part.
+  std::optional<store::KeyStore> store;
+  store::MeterCache meters;
+};
+
+class SesService {
+ public:
+  // Opens the invocation-id allocator's own store connection; HSM and per-thread stores are
+  // opened lazily by the handler threads (at most `threads` of them).
+  static Result<std::unique_ptr<SesService>> create(const SesConfig& cfg, HsmContext& hsm,
+                                                    policy::Policy policy,
+                                                    metrics::Registry& registry,
+                                                    std::size_t threads);
+  ~SesService();
+
+  // Opens one worker state now (HSM session, keys, store) so that start-up fails loudly.
+  Status warm_up();
+
+  // One framed request in, one framed response out (secured command or C12.22 error).
+  Bytes handle(const server::RequestContext& ctx, ByteView request);
+
+  metrics::Health health() const;
+
+ private:
+  SesService(const SesConfig& cfg, HsmContext& hsm, policy::Policy policy,
+             metrics::Registry& registry, policy::RateLimiter limiter,
+             std::unique_ptr<store::KeyStore> id_store, ids::InvocationIdAllocator ids);
+
+  struct Outcome {
+    Bytes response;
+    const char* result = "ok";  // metrics label
+    std::optional<c1222::CommandClass> cls;
+  };
+  Outcome process(const server::RequestContext& ctx, ByteView request, WorkerState& w);
+  Outcome refuse(const server::RequestContext& ctx, const c1222::Message* request,
+                 std::uint8_t code, const char* result, const std::string& reason);
+  Status ensure_hsm(WorkerState& w);
+  void drop_hsm(WorkerState& w);
+  Status ensure_store(WorkerState& w);
+  std::unique_ptr<WorkerState> take_state();
+  void give_state(std::unique_ptr<WorkerState> w);
+
+  const SesConfig& cfg_;
+  HsmContext& hsm_;
+  policy::Policy policy_;
+  metrics::Registry& registry_;
+  policy::RateLimiter limiter_;
+  std::unique_ptr<store::KeyStore> id_store_;  // used only under the allocator's mutex
+  ids::InvocationIdAllocator ids_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::unique_ptr<WorkerState>> free_;
+
+  metrics::Histogram& latency_;
+  metrics::Counter& hsm_errors_;
+  std::atomic<bool> hsm_ok_{true};
+  std::atomic<bool> store_ok_{true};
+};
+
+// The error PDU: from `ses_title` to the request's calling title (or `head_end`), A4 = the
+// request's A8 when there is one, one response-code service in a mode-0 EPSEM.
+Result<Bytes> error_response(const c1222::Message* request, const c1222::ApTitle& ses_title,
+                             const c1222::ApTitle& head_end, std::uint8_t code,
+                             std::uint32_t invocation_id);
+
+}  // namespace gs::ses
