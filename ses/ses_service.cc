@@ -268,9 +268,9 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
     return refuse(ctx, &m, c1222::kRespBsy, "store_error", cached.error().message());
   }
   store_ok_ = true;
-  std::optional<store::Meter> meter;
-  if (*cached) meter = **cached;
-  const MeterKeyChoice choice = choose_meter_key(meter);
+  // Kept alive by this shared_ptr for the whole request; choice.slot points into it.
+  const std::shared_ptr<const store::Meter> meter = *cached;
+  const MeterKeyChoice choice = choose_meter_key(meter.get());
   if (choice.refusal != MeterRefusal::none) {
     return refuse(ctx, &m, response_code_for(choice.refusal),
                   choice.refusal == MeterRefusal::unknown_meter ? "unknown_meter" : "meter_refused",

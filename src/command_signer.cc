@@ -119,8 +119,8 @@ std::uint8_t response_code_for(MeterRefusal r) noexcept {
   }
 }
 
-MeterKeyChoice choose_meter_key(const std::optional<store::Meter>& meter) noexcept {
-  if (!meter) return {MeterRefusal::unknown_meter, nullptr};
+MeterKeyChoice choose_meter_key(const store::Meter* meter) noexcept {
+  if (meter == nullptr) return {MeterRefusal::unknown_meter, nullptr};
   switch (meter->state) {
     case store::MeterState::compromised: return {MeterRefusal::meter_revoked, nullptr};
     case store::MeterState::quarantined: return {MeterRefusal::meter_quarantined, nullptr};

@@ -71,7 +71,8 @@ struct MeterKeyChoice {
   MeterRefusal refusal = MeterRefusal::none;
   const store::KeySlot* slot = nullptr;  // points into the Meter; set when refusal == none
 };
-MeterKeyChoice choose_meter_key(const std::optional<store::Meter>& meter) noexcept;
+// `meter` nullptr: unknown. The returned slot points into *meter, which must outlive it.
+MeterKeyChoice choose_meter_key(const store::Meter* meter) noexcept;
 
 // Everything the secured command binds. Times are UTC seconds.
 struct CommandParams {

@@ -300,26 +300,26 @@ TEST_F(CommandSignerTest, Refusals) {
 }
 
 TEST(MeterKeyChoice, DistinctRefusals) {
-  EXPECT_EQ(choose_meter_key(std::nullopt).refusal, MeterRefusal::unknown_meter);
+  EXPECT_EQ(choose_meter_key(nullptr).refusal, MeterRefusal::unknown_meter);
   EXPECT_EQ(response_code_for(MeterRefusal::unknown_meter), 0x0C);  // uat
   store::Meter m;
   m.state = store::MeterState::compromised;
-  EXPECT_EQ(choose_meter_key(m).refusal, MeterRefusal::meter_revoked);
+  EXPECT_EQ(choose_meter_key(&m).refusal, MeterRefusal::meter_revoked);
   EXPECT_EQ(response_code_for(MeterRefusal::meter_revoked), 0x03);  // isc
   m.state = store::MeterState::quarantined;
-  EXPECT_EQ(choose_meter_key(m).refusal, MeterRefusal::meter_quarantined);
+  EXPECT_EQ(choose_meter_key(&m).refusal, MeterRefusal::meter_quarantined);
   m.state = store::MeterState::active;
-  EXPECT_EQ(choose_meter_key(m).refusal, MeterRefusal::no_active_key);
+  EXPECT_EQ(choose_meter_key(&m).refusal, MeterRefusal::no_active_key);
   EXPECT_EQ(response_code_for(MeterRefusal::no_active_key), 0x03);
   store::KeySlot s;
   s.slot = 1;
   s.state = store::KeyState::standby;
   m.slots.push_back(s);
-  EXPECT_EQ(choose_meter_key(m).refusal, MeterRefusal::no_active_key);
+  EXPECT_EQ(choose_meter_key(&m).refusal, MeterRefusal::no_active_key);
   s.slot = 2;
   s.state = store::KeyState::active;
   m.slots.push_back(s);
-  auto c = choose_meter_key(m);
+  auto c = choose_meter_key(&m);
   ASSERT_EQ(c.refusal, MeterRefusal::none);
   EXPECT_EQ(c.slot->slot, 2);
   EXPECT_STREQ(meter_refusal_name(MeterRefusal::meter_revoked), "meter_revoked");
