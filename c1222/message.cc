@@ -244,13 +244,13 @@ void put_integer(Writer& w, std::uint8_t tag, ByteView content) {
 }
 }  // namespace
 
-Result<Bytes> encode(const Message& m, EncodedLayout* layout) {
+Result<Bytes> encode(const Message& m, EncodedLayout* layout, std::size_t epsem_tail) {
   if (!m.calling_ap_invocation_id || m.calling_ap_invocation_id->empty()) {
     return {Errc::missing_element, "calling-AP-invocation-id (A8) is required"};
   }
   if (m.epsem.empty()) return {Errc::missing_element, "EPSEM is required"};
   Bytes out;
-  out.reserve(160 + m.epsem.size());
+  out.reserve(160 + m.epsem.size() + epsem_tail);
   Writer w(out);
   std::size_t msg = w.open(kTagMessage);
   if (m.aso_context) {
@@ -297,7 +297,7 @@ Result<Bytes> encode(const Message& m, EncodedLayout* layout) {
     }
   }
   // user-information: lengths are known up front, so it is written without patching.
-  const std::size_t l3 = m.epsem.size();
+  const std::size_t l3 = m.epsem.size() + epsem_tail;
   const std::size_t l2 = 1 + length_size(l3) + l3;
   const std::size_t l1 = 1 + length_size(l2) + l2;
   const std::size_t be = w.size();
@@ -309,6 +309,7 @@ Result<Bytes> encode(const Message& m, EncodedLayout* layout) {
   w.length(l3);
   const std::size_t epsem_at = w.size();
   w.bytes(m.epsem);
+  out.insert(out.end(), epsem_tail, 0);
   const std::size_t before = w.size();
   w.close(msg);
   if (layout != nullptr) {

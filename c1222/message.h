@@ -86,7 +86,9 @@ struct EncodedLayout {
 
 // Encodes a message with minimal lengths in the canonical element order. The EPSEM is written
 // as given. AC is written as A2{A0{A1{80 key-id, 81 iv}}} with the fields present.
-Result<Bytes> encode(const Message& m, EncodedLayout* layout = nullptr);
+// `epsem_tail` zero bytes are appended inside the EPSEM octet string (room for a MAC).
+Result<Bytes> encode(const Message& m, EncodedLayout* layout = nullptr,
+                     std::size_t epsem_tail = 0);
 
 // The EPSEM fields after the control byte (PROTOCOL.md §3.2).
 struct Epsem {

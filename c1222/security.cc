@@ -83,21 +83,18 @@ Result<Bytes> seal(const Message& clear, SecurityMode mode, EaxPrime& key,
   }
   control = static_cast<std::uint8_t>((control & ~kEpsemSecurityMask) |
                                       (static_cast<std::uint8_t>(mode) << 2));
-  Bytes epsem;
-  epsem.reserve(clear.epsem.size() + kMacSize);
-  epsem.push_back(control);
-  epsem.insert(epsem.end(), clear.epsem.begin() + 1, clear.epsem.end());
-  epsem.insert(epsem.end(), kMacSize, 0);
 
-  Message m = clear;
-  m.epsem = epsem;
+  // Encoded once with room for the MAC; the control byte is patched in the output.
   EncodedLayout at;
-  GS_ASSIGN(Bytes wire, encode(m, &at));
+  GS_ASSIGN(Bytes wire, encode(clear, &at, kMacSize));
+  wire[at.epsem_offset] = control;
+  const std::size_t epsem_size = clear.epsem.size() + kMacSize;
   // Point the raw views at what encode() wrote, as decode() would have.
+  Message m = clear;
   m.raw_auth_value = ByteView(wire).subspan(at.auth_value_offset, at.auth_value_size);
   m.raw_user_info_header =
       ByteView(wire).subspan(at.user_info_offset, at.epsem_offset - at.user_info_offset);
-  m.epsem = ByteView(wire).subspan(at.epsem_offset, epsem.size());
+  m.epsem = ByteView(wire).subspan(at.epsem_offset, epsem_size);
   m.epsem_offset = at.epsem_offset;
   GS_ASSIGN(Bytes cleartext, canonify(m, base_or_default(opt)));
   if (cleartext.size() < kMinCleartext) {
