@@ -2,8 +2,8 @@
 #include "ses/ses_config.h"
 
 #include <filesystem>
-#include <set>
-#include <toml++/toml.h>
+
+#include "src/toml_fields.h"
 
 namespace gs::ses {
 
@@ -11,55 +11,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-Error key_error(const std::string& file, const std::string& key, const std::string& what) {
-  return Error(Errc::invalid_argument, file + ": " + key + ": " + what);
-}
-
-Status check_keys(const toml::table& t, const std::string& file, const std::string& prefix,
-                  const std::set<std::string>& allowed) {
-  for (const auto& [k, v] : t) {
-    (void)v;
-    if (!allowed.contains(std::string(k.str()))) {
-      return key_error(file, prefix + std::string(k.str()), "unknown key");
-    }
-  }
-  return {};
-}
-
-Status get_string(const toml::table& t, const char* key, const std::string& file,
-                  const std::string& prefix, std::string& out) {
-  const toml::node* n = t.get(key);
-  if (n == nullptr) return {};
-  auto v = n->value<std::string>();
-  if (!v) return key_error(file, prefix + key, "must be a string");
-  out = *v;
-  return {};
-}
-
-Status get_bool(const toml::table& t, const char* key, const std::string& file,
-                const std::string& prefix, bool& out) {
-  const toml::node* n = t.get(key);
-  if (n == nullptr) return {};
-  auto v = n->value<bool>();
-  if (!v) return key_error(file, prefix + key, "must be true or false");
-  out = *v;
-  return {};
-}
-
-template <typename T>
-Status get_int(const toml::table& t, const char* key, const std::string& file,
-               const std::string& prefix, std::int64_t lo, std::int64_t hi, T& out) {
-  const toml::node* n = t.get(key);
-  if (n == nullptr) return {};
-  auto v = n->value<std::int64_t>();
-  if (!v || !n->is_integer()) return key_error(file, prefix + key, "must be an integer");
-  if (*v < lo || *v > hi) {
-    return key_error(file, prefix + key,
-                     "must be between " + std::to_string(lo) + " and " + std::to_string(hi));
-  }
-  out = static_cast<T>(*v);
-  return {};
-}
+using namespace toml_fields;
 
 Status get_ms(const toml::table& t, const char* key, const std::string& file,
               const std::string& prefix, std::int64_t lo, std::int64_t hi,
@@ -68,11 +20,6 @@ Status get_ms(const toml::table& t, const char* key, const std::string& file,
   GS_TRY(get_int(t, key, file, prefix, lo, hi, v));
   out = std::chrono::milliseconds(v);
   return {};
-}
-
-std::string resolve(const fs::path& dir, const std::string& p) {
-  if (p.empty() || fs::path(p).is_absolute()) return p;
-  return (dir / p).lexically_normal().string();
 }
 
 Result<const toml::table*> table(const toml::table& root, const char* name,
@@ -151,9 +98,9 @@ Result<SesConfig> load_ses_config(const std::string& path) {
     GS_TRY(get_int(*srv, "io_threads", path, p, 1, 64, s.io_threads));
     GS_TRY(get_int(*srv, "worker_threads", path, p, 1, 256, s.worker_threads));
     GS_TRY(get_ms(*srv, "drain_ms", path, p, 0, 600000, c.drain));
-    s.tls.ca_file = resolve(dir, s.tls.ca_file);
-    s.tls.cert_file = resolve(dir, s.tls.cert_file);
-    s.tls.key_file = resolve(dir, s.tls.key_file);
+    s.tls.ca_file = resolve_path(dir, s.tls.ca_file);
+    s.tls.cert_file = resolve_path(dir, s.tls.cert_file);
+    s.tls.key_file = resolve_path(dir, s.tls.key_file);
   }
   if (c.server.worker_threads == 0) c.server.worker_threads = 1;  // handlers block on the HSM
   if (auto st = server::validate(c.server); !st.ok()) {
@@ -171,7 +118,7 @@ Result<SesConfig> load_ses_config(const std::string& path) {
   GS_TRY(parse_title(*ses, "ses_title", path, c.ses_title, true));
   GS_TRY(get_string(*ses, "policy", path, p, c.policy_file));
   if (c.policy_file.empty()) return key_error(path, "ses.policy", "is required");
-  c.policy_file = resolve(dir, c.policy_file);
+  c.policy_file = resolve_path(dir, c.policy_file);
   GS_TRY(get_int(*ses, "command_key", path, p, 1, 2, c.command_key_id));
   GS_TRY(get_bool(*ses, "metrics", path, p, c.metrics_enabled));
   GS_TRY(get_string(*ses, "metrics_address", path, p, c.metrics.address));

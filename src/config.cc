@@ -2,60 +2,14 @@
 #include "src/config.h"
 
 #include <filesystem>
-#include <set>
-#include <toml++/toml.h>
+
+#include "src/toml_fields.h"
 
 namespace gs::config {
 
 namespace fs = std::filesystem;
 
-namespace {
-
-Error key_error(const std::string& file, const std::string& key, const std::string& what) {
-  return Error(Errc::invalid_argument, file + ": " + key + ": " + what);
-}
-
-Status check_keys(const toml::table& t, const std::string& file, const std::string& prefix,
-                  const std::set<std::string>& allowed) {
-  for (const auto& [k, v] : t) {
-    (void)v;
-    if (!allowed.contains(std::string(k.str()))) {
-      return key_error(file, prefix + std::string(k.str()), "unknown key");
-    }
-  }
-  return {};
-}
-
-Status get_string(const toml::table& t, const char* key, const std::string& file,
-                  const std::string& prefix, std::string& out) {
-  const toml::node* n = t.get(key);
-  if (n == nullptr) return {};
-  auto v = n->value<std::string>();
-  if (!v) return key_error(file, prefix + key, "must be a string");
-  out = *v;
-  return {};
-}
-
-Status get_u32(const toml::table& t, const char* key, const std::string& file,
-               const std::string& prefix, std::uint32_t lo, std::uint32_t hi, std::uint32_t& out) {
-  const toml::node* n = t.get(key);
-  if (n == nullptr) return {};
-  auto v = n->value<std::int64_t>();
-  if (!v) return key_error(file, prefix + key, "must be an integer");
-  if (*v < lo || *v > hi) {
-    return key_error(file, prefix + key,
-                     "must be between " + std::to_string(lo) + " and " + std::to_string(hi));
-  }
-  out = static_cast<std::uint32_t>(*v);
-  return {};
-}
-
-std::string resolve(const fs::path& dir, const std::string& p) {
-  if (p.empty() || fs::path(p).is_absolute()) return p;
-  return (dir / p).lexically_normal().string();
-}
-
-}  // namespace
+using namespace toml_fields;
 
 Result<Config> load(const std::string& path) {
   toml::table root;
@@ -85,8 +39,8 @@ Result<Config> load(const std::string& path) {
     GS_TRY(get_string(*t, "pin_env", path, "hsm.", c.hsm.pin_env));
     GS_TRY(get_string(*t, "so_pin_file", path, "hsm.", c.hsm.so_pin_file));
     GS_TRY(get_string(*t, "softhsm_dir", path, "hsm.", c.hsm.softhsm_dir));
-    GS_TRY(get_u32(*t, "sessions", path, "hsm.", 1, 256, c.hsm.sessions));
-    GS_TRY(get_u32(*t, "key_cache", path, "hsm.", 16, 10'000'000, c.hsm.key_cache));
+    GS_TRY(get_int(*t, "sessions", path, "hsm.", 1, 256, c.hsm.sessions));
+    GS_TRY(get_int(*t, "key_cache", path, "hsm.", 16, 10'000'000, c.hsm.key_cache));
   }
   if (const toml::node* s = root.get("store")) {
     const toml::table* t = s->as_table();
@@ -100,11 +54,11 @@ Result<Config> load(const std::string& path) {
   if (c.hsm.pin_file.empty() && c.hsm.pin_env.empty()) {
     return key_error(path, "hsm.pin_file", "one of hsm.pin_file or hsm.pin_env is required");
   }
-  c.hsm.module = resolve(dir, c.hsm.module);
-  c.hsm.pin_file = resolve(dir, c.hsm.pin_file);
-  c.hsm.so_pin_file = resolve(dir, c.hsm.so_pin_file);
-  c.hsm.softhsm_dir = resolve(dir, c.hsm.softhsm_dir);
-  c.store.path = resolve(dir, c.store.path);
+  c.hsm.module = resolve_path(dir, c.hsm.module);
+  c.hsm.pin_file = resolve_path(dir, c.hsm.pin_file);
+  c.hsm.so_pin_file = resolve_path(dir, c.hsm.so_pin_file);
+  c.hsm.softhsm_dir = resolve_path(dir, c.hsm.softhsm_dir);
+  c.store.path = resolve_path(dir, c.store.path);
   return c;
 }
 
