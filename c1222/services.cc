@@ -6,17 +6,13 @@
 #include <type_traits>
 
 #include "c1222/ber.h"
+#include "gridseal/overloaded.h"
 
 namespace gs::c1222 {
 
 namespace {
 
-template <class... Ts>
-struct Overloaded : Ts... {
-  using Ts::operator()...;
-};
-template <class... Ts>
-Overloaded(Ts...) -> Overloaded<Ts...>;
+using gs::Overloaded;
 
 constexpr std::size_t kMaxTableData = 0xFFFF;
 constexpr std::uint32_t kMaxOffset = 0xFFFFFF;

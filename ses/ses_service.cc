@@ -176,6 +176,18 @@ metrics::Health SesService::health() const {
   return {true, "ok"};
 }
 
+CommandParams SesService::params_for(c1222::CommandClass cls, const policy::Validity& v,
+                                     std::uint32_t now) const {
+  CommandParams params;
+  params.command_class = cls;
+  params.not_before = v.not_before;
+  params.not_after = v.not_after;
+  params.now = now;
+  params.head_end_title = cfg_.head_end_title.view();
+  params.base_oid = cfg_.base_oid;
+  return params;
+}
+
 SesService::Outcome SesService::refuse(const server::RequestContext& ctx,
                                        const c1222::Message* request, std::uint8_t code,
                                        const char* result, const std::string& reason) {
@@ -230,14 +242,7 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
       return refuse(ctx, &m, c1222::kRespIsc, "rate_limited", policy::admission_name(adm));
     }
     const std::uint32_t now = utc_now();
-    const policy::Validity v = policy_.broadcast_validity(*group, now);
-    CommandParams params;
-    params.command_class = *o.cls;
-    params.not_before = v.not_before;
-    params.not_after = v.not_after;
-    params.now = now;
-    params.head_end_title = cfg_.head_end_title.view();
-    params.base_oid = cfg_.base_oid;
+    CommandParams params = params_for(*o.cls, policy_.broadcast_validity(*group, now), now);
     auto id = ids_.next(calling_title_for(m, params).absolute(cfg_.base_oid), now);
     if (!id.ok()) {
       store_ok_ = false;
@@ -300,14 +305,7 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
   }
 
   const std::uint32_t now = utc_now();
-  const policy::Validity v = policy_.validity(*o.cls, now);
-  CommandParams params;
-  params.command_class = *o.cls;
-  params.not_before = v.not_before;
-  params.not_after = v.not_after;
-  params.now = now;
-  params.head_end_title = cfg_.head_end_title.view();
-  params.base_oid = cfg_.base_oid;
+  CommandParams params = params_for(*o.cls, policy_.validity(*o.cls, now), now);
   auto id = ids_.next(calling_title_for(m, params).absolute(cfg_.base_oid), now);
   if (!id.ok()) {
     store_ok_ = false;

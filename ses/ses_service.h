@@ -73,6 +73,9 @@ class SesService {
     std::optional<c1222::CommandClass> cls;
   };
   Outcome process(const server::RequestContext& ctx, ByteView request, WorkerState& w);
+  // The signed-command parameters of a class and validity window (invocation id left 0).
+  CommandParams params_for(c1222::CommandClass cls, const policy::Validity& v,
+                           std::uint32_t now) const;
   Outcome refuse(const server::RequestContext& ctx, const c1222::Message* request,
                  std::uint8_t code, const char* result, const std::string& reason);
   Status ensure_hsm(WorkerState& w);

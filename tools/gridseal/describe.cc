@@ -7,17 +7,13 @@
 
 #include "c1222/ber.h"
 #include "c1222/oid.h"
+#include "gridseal/overloaded.h"
 
 namespace gs::cli {
 
 namespace {
 
-template <class... Ts>
-struct Overloaded : Ts... {
-  using Ts::operator()...;
-};
-template <class... Ts>
-Overloaded(Ts...) -> Overloaded<Ts...>;
+using gs::Overloaded;
 
 std::string hex_byte(std::uint8_t b) {
   static const char* digits = "0123456789abcdef";
