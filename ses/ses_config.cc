@@ -70,6 +70,9 @@ Result<SesConfig> load_ses_config(const std::string& path) {
     }
   }
 
+  // SoftHSM2 measurements: one handler thread per process and one process per core serve more
+  // than several handler threads sharing a process (gridseal-bench ses, README).
+  c.server.worker_threads = 1;
   GS_ASSIGN(const toml::table* srv, table(root, "server", path));
   if (srv != nullptr) {
     const std::string p = "server.";
@@ -78,7 +81,7 @@ Result<SesConfig> load_ses_config(const std::string& path) {
                        "tls_key", "max_frame", "max_in_flight", "max_connections",
                        "handshake_timeout_ms", "idle_timeout_ms", "read_timeout_ms",
                        "write_timeout_ms", "request_timeout_ms", "io_threads", "worker_threads",
-                       "drain_ms"}));
+                       "drain_ms", "processes"}));
     auto& s = c.server;
     GS_TRY(get_string(*srv, "address", path, p, s.address));
     GS_TRY(get_int(*srv, "port", path, p, 0, 65535, s.port));
@@ -98,6 +101,7 @@ Result<SesConfig> load_ses_config(const std::string& path) {
     GS_TRY(get_int(*srv, "io_threads", path, p, 1, 64, s.io_threads));
     GS_TRY(get_int(*srv, "worker_threads", path, p, 1, 256, s.worker_threads));
     GS_TRY(get_ms(*srv, "drain_ms", path, p, 0, 600000, c.drain));
+    GS_TRY(get_int(*srv, "processes", path, p, 0, 64, c.processes));
     s.tls.ca_file = resolve_path(dir, s.tls.ca_file);
     s.tls.cert_file = resolve_path(dir, s.tls.cert_file);
     s.tls.key_file = resolve_path(dir, s.tls.key_file);

@@ -19,6 +19,7 @@ struct SesConfig {
   config::Config base;             // base_oid, [hsm], [store]
   Bytes base_oid;                  // absolute OID content of base.base_oid
   server::ServerConfig server;     // [server]
+  std::uint32_t processes = 0;     // server.processes: worker processes, 0 = number of cores
   std::chrono::milliseconds drain{10000};  // server.drain_ms: SIGTERM grace for requests in flight
   c1222::OwnedApTitle head_end_title;  // ses.head_end_title
   c1222::OwnedApTitle ses_title;       // ses.ses_title: calling title of error responses

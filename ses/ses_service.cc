@@ -57,7 +57,7 @@ SesService::SesService(const SesConfig& cfg, HsmContext& hsm, policy::Policy pol
                        std::unique_ptr<store::KeyStore> id_store, ids::InvocationIdAllocator ids)
     : cfg_(cfg),
       hsm_(hsm),
-      policy_(std::move(policy)),
+      policy_(std::make_shared<const policy::Policy>(std::move(policy))),
       registry_(registry),
       limiter_(std::move(limiter)),
       id_store_(std::move(id_store)),
@@ -76,9 +76,9 @@ SesService::~SesService() {
 
 Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, HsmContext& hsm,
                                                        policy::Policy policy,
+                                                       policy::RateLimiter limiter,
                                                        metrics::Registry& registry,
                                                        std::size_t threads) {
-  GS_ASSIGN(auto limiter, policy::RateLimiter::create(policy.meter_rate_slots, false));
   db::OpenOptions opt;
   opt.create = false;
   auto ks = store::KeyStore::open(cfg.base.store.path, opt);
@@ -207,8 +207,24 @@ SesService::Outcome SesService::refuse(const server::RequestContext& ctx,
   return o;
 }
 
+std::shared_ptr<const policy::Policy> SesService::current_policy() const {
+  std::lock_guard<std::mutex> lock(policy_mu_);
+  return policy_;
+}
+
+Status SesService::reload_policy(policy::Policy p) {
+  std::lock_guard<std::mutex> lock(policy_mu_);
+  if (p.meter_rate_slots != policy_->meter_rate_slots) {
+    return Error(Errc::conflict, "meter_rate_slots changed from " +
+                                     std::to_string(policy_->meter_rate_slots) + " to " +
+                                     std::to_string(p.meter_rate_slots) + "; restart to apply");
+  }
+  policy_ = std::make_shared<const policy::Policy>(std::move(p));
+  return {};
+}
+
 SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteView request,
-                                        WorkerState& w) {
+                                        WorkerState& w, const policy::Policy& pol) {
   c1222::DecodeLimits limits;
   limits.max_message = cfg_.server.max_frame;
   auto decoded = c1222::decode(request, limits);
@@ -220,14 +236,14 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
   if (!m.called_ap_title) return refuse(ctx, &m, c1222::kRespErr, "malformed", "no called AP title");
   const Bytes called = m.called_ap_title->absolute(cfg_.base_oid);
 
-  const policy::ClientRules* client = policy_.client(ctx.client_identity);
+  const policy::ClientRules* client = pol.client(ctx.client_identity);
   if (client == nullptr) {
     return refuse(ctx, &m, c1222::kRespIsc, "client_refused", "client not in the policy");
   }
 
   // A configured DR group: signed once, mode 0.
-  if (const policy::GroupRules* group = policy_.group(called)) {
-    auto cls = policy::classify_message(m, policy_);
+  if (const policy::GroupRules* group = pol.group(called)) {
+    auto cls = policy::classify_message(m, pol);
     if (!cls.ok() || cls->command_class != c1222::CommandClass::demand_response) {
       return refuse(ctx, &m, c1222::kRespIsc, "class_refused",
                     "only demand-response commands may go to group " + group->name);
@@ -237,12 +253,12 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
     if (!client->allowed[policy::class_index(*o.cls)]) {
       return refuse(ctx, &m, c1222::kRespIsc, "class_refused", "demand_response not allowed for client");
     }
-    const auto adm = limiter_.admit(policy_, *o.cls, called, mono_ns());
+    const auto adm = limiter_.admit(pol, *o.cls, called, mono_ns());
     if (adm != policy::Admission::allowed) {
       return refuse(ctx, &m, c1222::kRespIsc, "rate_limited", policy::admission_name(adm));
     }
     const std::uint32_t now = utc_now();
-    CommandParams params = params_for(*o.cls, policy_.broadcast_validity(*group, now), now);
+    CommandParams params = params_for(*o.cls, pol.broadcast_validity(*group, now), now);
     auto id = ids_.next(calling_title_for(m, params).absolute(cfg_.base_oid), now);
     if (!id.ok()) {
       store_ok_ = false;
@@ -282,7 +298,7 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
                   meter_refusal_name(choice.refusal));
   }
 
-  auto cls = policy::classify_message(m, policy_);
+  auto cls = policy::classify_message(m, pol);
   if (!cls.ok()) {
     const Errc e = cls.error().code;
     const std::uint8_t code = e == Errc::unsupported ? c1222::kRespSns
@@ -297,7 +313,7 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
                   std::string(c1222::command_class_name(*o.cls)) + " not allowed for client " +
                       client->name);
   }
-  const auto adm = limiter_.admit(policy_, *o.cls, called, mono_ns());
+  const auto adm = limiter_.admit(pol, *o.cls, called, mono_ns());
   if (adm != policy::Admission::allowed) {
     return refuse(ctx, &m, c1222::kRespIsc, "rate_limited",
                   std::string(c1222::command_class_name(*o.cls)) + ": " +
@@ -305,7 +321,7 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
   }
 
   const std::uint32_t now = utc_now();
-  CommandParams params = params_for(*o.cls, policy_.validity(*o.cls, now), now);
+  CommandParams params = params_for(*o.cls, pol.validity(*o.cls, now), now);
   auto id = ids_.next(calling_title_for(m, params).absolute(cfg_.base_oid), now);
   if (!id.ok()) {
     store_ok_ = false;
@@ -355,7 +371,8 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
 Bytes SesService::handle(const server::RequestContext& ctx, ByteView request) {
   const auto t0 = std::chrono::steady_clock::now();
   auto w = take_state();
-  Outcome o = process(ctx, request, *w);
+  const std::shared_ptr<const policy::Policy> policy = current_policy();
+  Outcome o = process(ctx, request, *w, *policy);
   give_state(std::move(w));
   latency_.observe(std::chrono::steady_clock::now() - t0);
   registry_

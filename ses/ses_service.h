@@ -48,8 +48,10 @@ class SesService {
  public:
   // Opens the invocation-id allocator's own store connection; HSM and per-thread stores are
   // opened lazily by the handler threads (at most `threads` of them).
+  // `limiter` holds the rate-limit buckets (shared memory when several workers run).
   static Result<std::unique_ptr<SesService>> create(const SesConfig& cfg, HsmContext& hsm,
                                                     policy::Policy policy,
+                                                    policy::RateLimiter limiter,
                                                     metrics::Registry& registry,
                                                     std::size_t threads);
   ~SesService();
@@ -62,6 +64,10 @@ class SesService {
 
   metrics::Health health() const;
 
+  // SIGHUP: requests that start after this call see `p`; those in flight finish under the old
+  // policy. The rate-limit table size (meter_rate_slots) must not change (Errc::conflict).
+  Status reload_policy(policy::Policy p);
+
  private:
   SesService(const SesConfig& cfg, HsmContext& hsm, policy::Policy policy,
              metrics::Registry& registry, policy::RateLimiter limiter,
@@ -72,7 +78,8 @@ class SesService {
     const char* result = "ok";  // metrics label
     std::optional<c1222::CommandClass> cls;
   };
-  Outcome process(const server::RequestContext& ctx, ByteView request, WorkerState& w);
+  Outcome process(const server::RequestContext& ctx, ByteView request, WorkerState& w,
+                  const policy::Policy& policy);
   // The signed-command parameters of a class and validity window (invocation id left 0).
   CommandParams params_for(c1222::CommandClass cls, const policy::Validity& v,
                            std::uint32_t now) const;
@@ -86,7 +93,10 @@ class SesService {
 
   const SesConfig& cfg_;
   HsmContext& hsm_;
-  policy::Policy policy_;
+  std::shared_ptr<const policy::Policy> current_policy() const;
+
+  mutable std::mutex policy_mu_;
+  std::shared_ptr<const policy::Policy> policy_;
   metrics::Registry& registry_;
   policy::RateLimiter limiter_;
   std::unique_ptr<store::KeyStore> id_store_;  // used only under the allocator's mutex

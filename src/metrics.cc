@@ -251,7 +251,7 @@ std::string Registry::expose() const {
 // --- HTTP endpoint ------------------------------------------------------------------------
 
 struct HttpEndpoint::Impl {
-  const Registry& registry;
+  std::function<std::string()> expose;
   std::function<Health()> health;
   HttpConfig config;
   asio::io_context io{1};
@@ -261,7 +261,8 @@ struct HttpEndpoint::Impl {
   std::size_t active = 0;  // touched only on the io thread
   bool stopped = false;
 
-  Impl(const Registry& r, std::function<Health()> h) : registry(r), health(std::move(h)) {}
+  Impl(std::function<std::string()> e, std::function<Health()> h)
+      : expose(std::move(e)), health(std::move(h)) {}
 
   std::string respond(const std::string& head) {
     // Request line: METHOD SP TARGET SP VERSION
@@ -281,8 +282,7 @@ struct HttpEndpoint::Impl {
       return reply(405, "Method Not Allowed", "text/plain", "method not allowed\n", head_only);
     }
     if (target == "/metrics") {
-      return reply(200, "OK", "text/plain; version=0.0.4; charset=utf-8", registry.expose(),
-                   head_only);
+      return reply(200, "OK", "text/plain; version=0.0.4; charset=utf-8", expose(), head_only);
     }
     if (target == "/healthz") {
       Health h = health ? health() : Health{};
@@ -366,7 +366,11 @@ struct HttpEndpoint::Impl {
 };
 
 HttpEndpoint::HttpEndpoint(const Registry& registry, std::function<Health()> health)
-    : impl_(std::make_unique<Impl>(registry, std::move(health))) {}
+    : impl_(std::make_unique<Impl>([&registry] { return registry.expose(); },
+                                   std::move(health))) {}
+
+HttpEndpoint::HttpEndpoint(std::function<std::string()> expose, std::function<Health()> health)
+    : impl_(std::make_unique<Impl>(std::move(expose), std::move(health))) {}
 
 HttpEndpoint::~HttpEndpoint() { stop(); }
 

@@ -122,6 +122,8 @@ struct HttpConfig {
 class HttpEndpoint {
  public:
   HttpEndpoint(const Registry& registry, std::function<Health()> health);
+  // Serves whatever `expose` returns as /metrics (e.g. several processes' metrics merged).
+  HttpEndpoint(std::function<std::string()> expose, std::function<Health()> health);
   ~HttpEndpoint();
   HttpEndpoint(const HttpEndpoint&) = delete;
   HttpEndpoint& operator=(const HttpEndpoint&) = delete;

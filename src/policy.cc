@@ -2,6 +2,11 @@
 #include "src/policy.h"
 
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <cmath>
 #include <fstream>
@@ -512,6 +517,41 @@ Result<RateLimiter> RateLimiter::create(std::uint32_t meter_slots, bool shared) 
   if (mem == MAP_FAILED) return {Errc::too_large, "cannot map rate-limit buckets"};
   // Untouched pages read as zero (an empty bucket) and cost no memory until used.
   return RateLimiter(static_cast<std::int64_t*>(mem), count, meter_slots, shared);
+}
+
+Result<RateLimiter> RateLimiter::create_memfd(std::uint32_t meter_slots, int* fd_out) {
+  if (meter_slots == 0 || meter_slots > (1U << 24)) {
+    return {Errc::invalid_argument, "meter_slots must be 1..16777216"};
+  }
+  const std::size_t count = kClassCount + kClassCount * std::size_t{meter_slots};
+  const int fd = memfd_create("gridseal-rate-limits", MFD_CLOEXEC);
+  if (fd < 0) return {Errc::os_failure, std::string("memfd_create: ") + std::strerror(errno)};
+  if (ftruncate(fd, static_cast<off_t>(count * sizeof(std::int64_t))) != 0) {
+    ::close(fd);
+    return {Errc::too_large, "cannot size the rate-limit buckets"};
+  }
+  auto r = attach(fd, meter_slots);
+  if (!r.ok()) {
+    ::close(fd);
+    return r;
+  }
+  *fd_out = fd;
+  return r;
+}
+
+Result<RateLimiter> RateLimiter::attach(int fd, std::uint32_t meter_slots) {
+  if (meter_slots == 0 || meter_slots > (1U << 24)) {
+    return {Errc::invalid_argument, "meter_slots must be 1..16777216"};
+  }
+  const std::size_t count = kClassCount + kClassCount * std::size_t{meter_slots};
+  const std::size_t bytes = count * sizeof(std::int64_t);
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || static_cast<std::size_t>(st.st_size) != bytes) {
+    return {Errc::invalid_argument, "rate-limit memory does not match meter_rate_slots"};
+  }
+  void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (mem == MAP_FAILED) return {Errc::too_large, "cannot map rate-limit buckets"};
+  return RateLimiter(static_cast<std::int64_t*>(mem), count, meter_slots, true);
 }
 
 RateLimiter::RateLimiter(RateLimiter&& o) noexcept

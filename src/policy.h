@@ -134,6 +134,11 @@ class RateLimiter {
   // shared: MAP_SHARED anonymous memory, created before fork() so every worker uses the same
   // buckets (the fleet limit then holds across workers). meter_slots: 1..1<<24.
   static Result<RateLimiter> create(std::uint32_t meter_slots, bool shared);
+  // The same buckets in a memfd that worker processes started with exec() attach to. The fd
+  // (close-on-exec set; the caller clears it for the children it starts) goes to *fd_out.
+  static Result<RateLimiter> create_memfd(std::uint32_t meter_slots, int* fd_out);
+  // Maps the buckets of a create_memfd() fd; its size must match meter_slots exactly.
+  static Result<RateLimiter> attach(int fd, std::uint32_t meter_slots);
   RateLimiter(RateLimiter&& o) noexcept;
   RateLimiter& operator=(RateLimiter&&) = delete;
   RateLimiter(const RateLimiter&) = delete;

@@ -34,6 +34,7 @@ enum class Errc : std::uint8_t {
   busy,               // a resource is busy (database lock, HSM session)
   conflict,           // input contradicts stored state
   hsm_failure,        // the PKCS#11 module reported an error
+  os_failure,         // a system call failed (fork, memfd, sockets outside the server)
 };
 
 const std::error_category& gridseal_category() noexcept;

@@ -30,6 +30,7 @@ const char* errc_name(Errc e) noexcept {
     case Errc::busy: return "busy";
     case Errc::conflict: return "conflict";
     case Errc::hsm_failure: return "HSM failure";
+    case Errc::os_failure: return "system call failed";
   }
   return "unknown error";
 }

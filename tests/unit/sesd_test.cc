@@ -2,20 +2,9 @@
 // made by `gridseal hsm init` and meters imported with plain keys. Outputs are checked
 // independently: opened with the meter's key on the host, MT-2040 verified with the exported key.
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <chrono>
-#include <cstdio>
-#include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
-#include <thread>
 
 #include "c1222/message.h"
 #include "c1222/oid.h"
@@ -25,54 +14,21 @@
 #include "src/client.h"
 #include "src/host_aes.h"
 #include "src/host_ecdsa.h"
+#include "tests/unit/sesd_fixture.h"
 
 namespace {
 
-namespace fs = std::filesystem;
-using namespace std::chrono_literals;
+using gs::test::http_get;
+using gs::test::slurp;
 
 constexpr const char* kKeys[] = {"00112233445566778899aabbccddeeff",
                                  "0f0e0d0c0b0a09080706050403020100"};
 
-std::string run_cli(const std::string& args, int* code) {
-  std::string cmd = std::string(GS_BIN_DIR) + "/gridseal " + args + " 2>&1";
-  std::string out;
-  FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return out;
-  char buf[4096];
-  std::size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int st = pclose(p);
-  *code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return out;
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-gs::Bytes hex(std::string_view h) {
-  auto b = gs::from_hex(h);
-  GS_CHECK(b.has_value());
-  return *b;
-}
+gs::Bytes hex(std::string_view h) { return gs::test::hex_bytes(h); }
 
 // A mode-0 request from the head-end (.1.9) to `meter` with invocation id `id` and one service.
 gs::Bytes request(const std::string& meter, std::uint8_t id, const gs::Bytes& service) {
-  auto called = gs::c1222::OwnedApTitle::parse(meter).value();
-  auto calling = gs::c1222::OwnedApTitle::parse(".1.9").value();
-  gs::c1222::Message m;
-  m.called_ap_title = called.view();
-  m.calling_ap_title = calling.view();
-  const std::uint8_t a8[1] = {id};
-  m.calling_ap_invocation_id = gs::ByteView(a8, 1);
-  gs::Bytes epsem{0x80};
-  gs::c1222::append_service(epsem, service);
-  m.epsem = epsem;
-  return gs::c1222::encode(m).value();
+  return gs::test::sesd_request(meter, id, {service});
 }
 
 const gs::Bytes kRead = {0x30, 0x00, 0x01};  // full read of ST-1
@@ -82,154 +38,52 @@ const gs::Bytes kWrite = {0x40, 0x00, 0x02, 0x00, 0x01, 0xAA, 0x56};
 class Sesd : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/gs-sesd-XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-    conf_ = dir_ + "/ses.toml";
-    std::ofstream(conf_) << "[hsm]\nsofthsm_dir = \"hsm\"\ntoken_label = \"gs-sesd\"\n"
-                            "pin_file = \"hsm/user.pin\"\nso_pin_file = \"hsm/so.pin\"\n"
-                            "[store]\npath = \"gridseal.db\"\n"
-                            "[server]\naddress = \"127.0.0.1\"\nport = 0\nplain_tcp = true\n"
-                            "worker_threads = 2\ndrain_ms = 2000\n"
-                            "[ses]\nhead_end_title = \".1.9\"\nses_title = \".1.10\"\n"
-                            "policy = \"policy.toml\"\nmetrics_port = 0\nmeter_cache_ttl_ms = 0\n";
-    std::ofstream(dir_ + "/policy.toml")
-        << "[[client]]\nname = \"loopback\"\nsubject = \"plain:127.0.0.1\"\n"
-           "classes = [\"read\", \"demand_response\"]\n"
-           "[table_writes]\ndemand_response = [\"MT-40\"]\n"
-           "[[demand_response_group]]\nname = \"feeder-3\"\ntitle = \".3.1\"\n"
-           "max_event_window = 600\n";
-    std::ofstream(dir_ + "/fleet.csv")
-        << "meter_id,ap_title,ecc_public_key,key_slot,key\n"
-        << "M1,.7.1,,0,plain:" << kKeys[0] << "\n"
-        << "M2,.7.2,,0,plain:" << kKeys[1] << "\n";
-    int code = -1;
-    std::string out = run_cli("hsm init --config " + conf_, &code);
-    ASSERT_EQ(code, 0) << out;
-    out = run_cli("meters import " + dir_ + "/fleet.csv --config " + conf_, &code);
-    ASSERT_EQ(code, 0) << out;
-    pub_hex_ = run_cli("hsm export-pubkey gs-cmd-1 --hex --config " + conf_, &code);
-    ASSERT_EQ(code, 0) << pub_hex_;
-    while (!pub_hex_.empty() && (pub_hex_.back() == '\n')) pub_hex_.pop_back();
-    start_daemon();
+    gs::test::SesdOptions o;
+    o.keys = {kKeys[0], kKeys[1]};
+    o.meters = 2;
+    daemon_ = std::make_unique<gs::test::SesdDaemon>(o);
+    auto st = daemon_->setup();
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    dir_ = daemon_->dir();
+    conf_ = daemon_->conf();
+    pub_hex_ = daemon_->pub_hex();
+    st = daemon_->start();
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    metrics_port_ = daemon_->metrics_port();
   }
 
-  void start_daemon() {
-    pid_ = fork();
-    ASSERT_GE(pid_, 0);
-    if (pid_ == 0) {
-      std::freopen((dir_ + "/sesd.out").c_str(), "w", stdout);
-      std::freopen((dir_ + "/sesd.err").c_str(), "w", stderr);
-      std::string bin = std::string(GS_BIN_DIR) + "/gridseal-sesd";
-      execl(bin.c_str(), bin.c_str(), "--config", conf_.c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    const auto deadline = std::chrono::steady_clock::now() + 15s;
-    while (std::chrono::steady_clock::now() < deadline) {
-      std::string out = slurp(dir_ + "/sesd.out");
-      auto at = out.find("listening on 127.0.0.1:");
-      if (at != std::string::npos) {
-        port_ = static_cast<std::uint16_t>(std::stoi(out.substr(at + 23)));
-        auto mt = out.find("metrics on 127.0.0.1:");
-        if (mt != std::string::npos) {
-          metrics_port_ = static_cast<std::uint16_t>(std::stoi(out.substr(mt + 21)));
-        }
-        return;
-      }
-      int st = 0;
-      if (waitpid(pid_, &st, WNOHANG) == pid_) {
-        pid_ = -1;
-        FAIL() << "daemon exited: " << slurp(dir_ + "/sesd.err");
-      }
-      std::this_thread::sleep_for(50ms);
-    }
-    FAIL() << "daemon did not start: " << slurp(dir_ + "/sesd.err");
-  }
+  void TearDown() override { daemon_.reset(); }
 
   // SIGTERM; returns the exit code (-1 when it had to be killed).
-  int stop_daemon() {
-    if (pid_ <= 0) return -1;
-    kill(pid_, SIGTERM);
-    const auto deadline = std::chrono::steady_clock::now() + 10s;
-    int st = 0;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (waitpid(pid_, &st, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-      }
-      std::this_thread::sleep_for(20ms);
-    }
-    kill(pid_, SIGKILL);
-    waitpid(pid_, &st, 0);
-    pid_ = -1;
-    return -1;
-  }
-
-  void TearDown() override {
-    stop_daemon();
-    fs::remove_all(dir_);
-  }
+  int stop_daemon() { return daemon_->stop(); }
 
   std::unique_ptr<gs::server::Client> connect() {
-    gs::server::ClientConfig cc;
-    cc.port = port_;
-    cc.plain_tcp = true;
-    cc.timeout = 5000ms;
-    auto c = gs::server::Client::connect(cc);
+    auto c = daemon_->connect();
     GS_CHECK(c.ok());
     return std::move(c).value();
   }
 
+  std::string run_cli(const std::string& args, int* code) {
+    auto r = gs::test::run_gridseal(args);
+    *code = r.code;
+    return r.out;
+  }
+
   // The response code of a mode-0 error response, checking its addressing.
   static int error_code(const gs::Bytes& wire, std::uint8_t request_id) {
-    auto m = gs::c1222::decode(wire);
-    if (!m.ok()) return -1;
-    EXPECT_TRUE(m->calling_ap_title.has_value());
-    if (m->calling_ap_title) {
-      EXPECT_EQ(m->calling_ap_title->dotted(), ".1.10");
+    const gs::test::ErrorReply r = gs::test::error_reply(wire);
+    if (r.code >= 0) {
+      EXPECT_EQ(r.calling, ".1.10");
+      EXPECT_EQ(r.called, ".1.9");
+      EXPECT_EQ(r.called_id_hex, gs::to_hex(gs::Bytes{request_id}));
     }
-    EXPECT_TRUE(m->called_ap_title && m->called_ap_title->dotted() == ".1.9");
-    EXPECT_TRUE(m->called_ap_invocation_id &&
-                gs::to_hex(*m->called_ap_invocation_id) == gs::to_hex(gs::Bytes{request_id}));
-    auto e = gs::c1222::split_epsem(m->epsem);
-    if (!e.ok() || gs::c1222::security_mode(e->control) != gs::c1222::SecurityMode::cleartext) {
-      return -2;
-    }
-    auto s = gs::c1222::split_services(e->body);
-    if (!s.ok() || s->size() != 1 || s->front().bytes.size() != 1) return -3;
-    return s->front().bytes[0];
+    return r.code;
   }
 
+  std::unique_ptr<gs::test::SesdDaemon> daemon_;
   std::string dir_, conf_, pub_hex_;
-  pid_t pid_ = -1;
-  std::uint16_t port_ = 0;
   std::uint16_t metrics_port_ = 0;
 };
-
-// GET `path` from the daemon's HTTP endpoint; the whole response ("" on failure).
-std::string http_get(std::uint16_t port, const std::string& path) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  timeval tv{5, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  std::string out;
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
-    std::string req = "GET " + path + " HTTP/1.1\r\nHost: localhost\r\n\r\n";
-    if (::write(fd, req.data(), req.size()) == static_cast<ssize_t>(req.size())) {
-      char buf[4096];
-      ssize_t n;
-      while ((n = ::read(fd, buf, sizeof buf)) > 0 && out.size() < (1U << 20)) {
-        out.append(buf, static_cast<std::size_t>(n));
-      }
-    }
-  }
-  ::close(fd);
-  return out;
-}
 
 TEST_F(Sesd, ReadCommandIsSignedEncryptedAndIdsRise) {
   auto client = connect();
@@ -351,9 +205,15 @@ TEST_F(Sesd, RevokedMeterIsRefusedAndBroadcastIsSignedOnce) {
   const std::string health = http_get(metrics_port_, "/healthz");
   EXPECT_NE(health.find("200"), std::string::npos) << health;
   const std::string metrics = http_get(metrics_port_, "/metrics");
-  EXPECT_NE(metrics.find("gridseal_ses_requests_total{class=\"read\",result=\"ok\"} 1"),
-            std::string::npos) << metrics;
-  EXPECT_NE(metrics.find("result=\"meter_refused\"} 1"), std::string::npos) << metrics;
+  // Summed over any further labels (worker processes).
+  EXPECT_EQ(gs::test::metric_sum(metrics, "gridseal_ses_requests_total",
+                                 {"class=\"read\"", "result=\"ok\""}),
+            1)
+      << metrics;
+  EXPECT_EQ(gs::test::metric_sum(metrics, "gridseal_ses_requests_total",
+                                 {"result=\"meter_refused\""}),
+            1)
+      << metrics;
   EXPECT_EQ(stop_daemon(), 0);
 }
 

@@ -1,0 +1,291 @@
+// The process model of gridseal-sesd against the real binary: worker processes sharing the port,
+// a worker killed with SIGKILL under load is replaced and no invocation id is issued twice,
+// SIGHUP reloads the policy (and keeps it when the new file is bad), /metrics merges the
+// workers, a worker that cannot start fails the start-up.
+#include <gtest/gtest.h>
+
+#include <sys/un.h>
+
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "src/supervisor.h"
+#include "tests/unit/sesd_fixture.h"
+
+namespace {
+
+using namespace std::chrono_literals;
+using gs::test::SesdDaemon;
+using gs::test::SesdOptions;
+
+const gs::Bytes kReadSt1 = {0x30, 0x00, 0x01};
+
+// Child pids of `pid` (Linux /proc children list).
+std::vector<pid_t> children(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/task/" + std::to_string(pid) + "/children");
+  std::vector<pid_t> out;
+  pid_t c = 0;
+  while (f >> c) out.push_back(c);
+  return out;
+}
+
+// Waits (bounded) until `pred` holds.
+template <typename Pred>
+bool wait_for(Pred pred, std::chrono::milliseconds limit = 15000ms) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(50ms);
+  }
+  return pred();
+}
+
+std::size_t count_of(const std::string& text, const std::string& what) {
+  std::size_t n = 0;
+  for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+SesdOptions two_workers(std::size_t meters = 8) {
+  SesdOptions o;
+  o.meters = meters;
+  o.server_lines = {"processes = 2", "worker_threads = 2"};
+  o.ses_lines = {"id_block_size = 16"};  // many block reservations, so a crash skips some
+  return o;
+}
+
+TEST(SesdSupervisor, WorkersShareThePortAndMetricsAreMerged) {
+  SesdDaemon d(two_workers());
+  ASSERT_TRUE(d.setup().ok());
+  ASSERT_TRUE(d.start().ok()) << d.err_log();
+  EXPECT_TRUE(wait_for([&] { return children(d.pid()).size() == 2; }));
+  // Enough connections that both workers get some (the kernel spreads them by hash).
+  for (int i = 0; i < 16; ++i) {
+    auto c = d.connect();
+    ASSERT_TRUE(c.ok());
+    auto r = (*c)->call(gs::test::sesd_request(d.meter_title(1), 1, {kReadSt1}));
+    ASSERT_TRUE(r.ok());
+    EXPECT_TRUE(gs::test::check_secured(*r, d.meter_key(1), d.pub_hex()).ok());
+  }
+  const std::string m = d.http_get("/metrics");
+  EXPECT_NE(m.find("gridseal_workers_ready 2"), std::string::npos) << m.substr(0, 2000);
+  EXPECT_NE(m.find("worker=\"0\""), std::string::npos);
+  EXPECT_NE(m.find("worker=\"1\""), std::string::npos);
+  // One HELP/TYPE per family even with two workers.
+  EXPECT_EQ(count_of(m, "# TYPE gridseal_ses_requests_total "), 1U);
+  EXPECT_NE(d.http_get("/healthz").find("200 OK"), std::string::npos);
+  EXPECT_EQ(d.stop(), 0);
+  EXPECT_NE(d.err_log().find("worker 1 (pid"), std::string::npos);
+}
+
+TEST(SesdSupervisor, KilledWorkerIsReplacedUnderLoadAndNoInvocationIdRepeats) {
+  SesdDaemon d(two_workers(64));
+  ASSERT_TRUE(d.setup().ok());
+  ASSERT_TRUE(d.start().ok()) << d.err_log();
+  ASSERT_TRUE(wait_for([&] { return children(d.pid()).size() == 2; }));
+  const std::vector<pid_t> before = children(d.pid());
+
+  std::mutex mu;
+  std::vector<std::uint64_t> ids;
+  std::atomic<bool> stop{false};
+  std::atomic<int> failures{0};
+  std::atomic<int> after_kill{0};
+  std::atomic<bool> killed{false};
+  std::vector<std::thread> load;
+  for (int t = 0; t < 4; ++t) {
+    load.emplace_back([&, t] {
+      std::uint32_t n = 0;
+      while (!stop.load()) {
+        auto c = d.connect();
+        if (!c.ok()) {
+          ++failures;
+          std::this_thread::sleep_for(20ms);
+          continue;
+        }
+        // Pipelined bursts of 8 on one connection until it breaks.
+        while (!stop.load()) {
+          std::vector<std::size_t> meters;
+          gs::Bytes burst;
+          for (int k = 0; k < 8; ++k) {
+            const std::size_t meter = 1 + (n * 7 + static_cast<std::uint32_t>(t)) % 64;
+            const gs::Bytes req = gs::test::sesd_request(d.meter_title(meter), ++n, {kReadSt1});
+            burst.insert(burst.end(), req.begin(), req.end());
+            meters.push_back(meter);
+          }
+          if (!(*c)->send(burst).ok()) break;
+          bool broken = false;
+          for (std::size_t meter : meters) {
+            auto r = (*c)->receive();
+            if (!r.ok()) {
+              broken = true;
+              break;
+            }
+            auto chk = gs::test::check_secured(*r, d.meter_key(meter), d.pub_hex());
+            if (!chk.ok()) {
+              ++failures;
+              continue;
+            }
+            std::lock_guard<std::mutex> lock(mu);
+            ids.push_back(chk->invocation_id);
+            if (killed.load()) ++after_kill;
+          }
+          if (broken) {
+            ++failures;
+            break;
+          }
+        }
+      }
+    });
+  }
+
+  std::this_thread::sleep_for(1500ms);
+  ASSERT_EQ(before.size(), 2U);
+  ASSERT_EQ(kill(before[0], SIGKILL), 0);
+  killed = true;
+  const bool replaced = wait_for([&] {
+    auto now = children(d.pid());
+    return now.size() == 2 && std::find(now.begin(), now.end(), before[0]) == now.end() &&
+           d.err_log().find("ready", d.err_log().find("killed by signal 9")) != std::string::npos;
+  });
+  // Keep the load on the new worker for a while.
+  std::this_thread::sleep_for(1500ms);
+  stop = true;
+  for (auto& th : load) th.join();
+
+  EXPECT_TRUE(replaced) << d.err_log();
+  EXPECT_TRUE(d.running());
+  EXPECT_GT(after_kill.load(), 0);
+  std::set<std::uint64_t> unique(ids.begin(), ids.end());
+  EXPECT_GT(ids.size(), 100U);
+  EXPECT_EQ(unique.size(), ids.size()) << "an invocation id was issued twice";
+  EXPECT_NE(d.err_log().find("restarting"), std::string::npos);
+  EXPECT_NE(d.http_get("/metrics").find("gridseal_worker_restarts_total 1"), std::string::npos);
+  EXPECT_EQ(d.stop(), 0) << d.err_log();
+}
+
+TEST(SesdSupervisor, SighupReloadsThePolicyAndKeepsItWhenTheNewFileIsBad) {
+  SesdDaemon d(two_workers());
+  ASSERT_TRUE(d.setup().ok());
+  ASSERT_TRUE(d.start().ok()) << d.err_log();
+  auto read_code = [&](std::uint32_t id) {
+    auto c = d.connect();
+    if (!c.ok()) return -100;
+    auto r = (*c)->call(gs::test::sesd_request(d.meter_title(1), id, {kReadSt1}));
+    if (!r.ok()) return -101;
+    if (gs::test::check_secured(*r, d.meter_key(1), d.pub_hex()).ok()) return 0;
+    return gs::test::error_reply(*r).code;
+  };
+  EXPECT_EQ(read_code(1), 0);
+
+  // Reads no longer allowed for the client: every worker must refuse them after SIGHUP.
+  d.write_policy("[[client]]\nname = \"head-end\"\nsubject = \"" + d.client_subject() +
+                 "\"\nclasses = [\"demand_response\"]\n");
+  ASSERT_EQ(kill(d.pid(), SIGHUP), 0);
+  ASSERT_TRUE(wait_for([&] { return count_of(d.err_log(), "policy reloaded") == 2; }))
+      << d.err_log();
+  for (std::uint32_t i = 0; i < 12; ++i) EXPECT_EQ(read_code(10 + i), gs::c1222::kRespIsc) << i;
+
+  // A broken file is refused by the supervisor; the workers keep the last good policy.
+  d.write_policy("[[client]]\nname = 1\n");
+  ASSERT_EQ(kill(d.pid(), SIGHUP), 0);
+  ASSERT_TRUE(wait_for([&] { return d.err_log().find("reload refused") != std::string::npos; }));
+  EXPECT_EQ(count_of(d.err_log(), "policy reloaded"), 2U);
+  EXPECT_EQ(read_code(30), gs::c1222::kRespIsc);
+  EXPECT_TRUE(d.running());
+  EXPECT_EQ(d.stop(), 0);
+}
+
+TEST(SesdSupervisor, WorkerThatCannotStartFailsTheStartUp) {
+  SesdDaemon d(two_workers());
+  ASSERT_TRUE(d.setup().ok());
+  // The supervisor checks config and policy; the HSM is opened by the workers only.
+  std::filesystem::remove(d.dir() + "/hsm/user.pin");
+  auto st = d.start();
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.error().message().find("start-up failed"), std::string::npos)
+      << st.error().message();
+  EXPECT_FALSE(d.running());
+}
+
+// The sd_notify protocol as systemd sees it (Type=notify, WatchdogSec): a datagram socket in
+// NOTIFY_SOCKET gets READY=1 once the workers serve, WATCHDOG=1 repeatedly, STOPPING=1.
+TEST(SesdSupervisor, TellsSystemdReadyWatchdogAndStopping) {
+  SesdDaemon d(two_workers());
+  ASSERT_TRUE(d.setup().ok());
+  const std::string path = d.dir() + "/notify.sock";
+  const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_un sa{};
+  sa.sun_family = AF_UNIX;
+  ASSERT_LT(path.size(), sizeof sa.sun_path);
+  std::memcpy(sa.sun_path, path.c_str(), path.size() + 1);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa), 0);
+  timeval tv{0, 200000};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setenv("NOTIFY_SOCKET", path.c_str(), 1);
+  ::setenv("WATCHDOG_USEC", "400000", 1);  // WATCHDOG=1 every 200 ms
+  auto st = d.start();
+  ::unsetenv("NOTIFY_SOCKET");
+  ::unsetenv("WATCHDOG_USEC");
+  ASSERT_TRUE(st.ok()) << d.err_log();
+  std::string got;
+  auto drain = [&] {
+    char buf[256];
+    ssize_t n;
+    while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) got += std::string(buf, n) + "\n";
+  };
+  wait_for([&] {
+    drain();
+    return count_of(got, "WATCHDOG=1") >= 2;
+  }, 5000ms);
+  EXPECT_EQ(count_of(got, "READY=1"), 1U) << got;
+  EXPECT_GE(count_of(got, "WATCHDOG=1"), 2U) << got;
+  EXPECT_EQ(d.stop(), 0);
+  drain();
+  EXPECT_NE(got.find("STOPPING=1"), std::string::npos) << got;
+  ::close(fd);
+}
+
+// The shipped unit file parses (systemd-analyze verify, with ExecStart pointing at this build).
+TEST(SystemdUnit, SesdUnitVerifies) {
+  if (gs::test::run_command("command -v systemd-analyze").code != 0) {
+    GTEST_SKIP() << "systemd-analyze is not installed";
+  }
+  std::string unit = gs::test::slurp(std::string(GS_SOURCE_DIR) + "/conf/systemd/gridseal-sesd.service");
+  ASSERT_FALSE(unit.empty());
+  for (auto at = unit.find("/usr/local/bin/gridseal-sesd"); at != std::string::npos;
+       at = unit.find("/usr/local/bin/gridseal-sesd")) {
+    unit.replace(at, 28, std::string(GS_BIN_DIR) + "/gridseal-sesd");
+  }
+  char tmpl[] = "/tmp/gs-unit-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string file = std::string(tmpl) + "/gridseal-sesd.service";
+  std::ofstream(file) << unit;
+  auto r = gs::test::run_command("systemd-analyze verify " + file);
+  std::filesystem::remove_all(tmpl);
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(r.out.find("gridseal-sesd.service:"), std::string::npos) << r.out;
+}
+
+TEST(MergeExpositions, AddsTheWorkerLabelAndKeepsOneHeaderPerFamily) {
+  const std::string a =
+      "# HELP x_total Things\n# TYPE x_total counter\nx_total{k=\"v\"} 1\n"
+      "# HELP h Latency\n# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_sum 0.5\nh_count 2\n";
+  const std::string b = "# HELP x_total Things\n# TYPE x_total counter\nx_total{k=\"v\"} 3\n";
+  const std::string own = "# HELP up Up\n# TYPE up gauge\nup 1\n";
+  const std::string m =
+      gs::supervisor::merge_expositions({{"", own}, {"0", a}, {"1", b}}, "worker");
+  EXPECT_EQ(m,
+            "# HELP h Latency\n# TYPE h histogram\n"
+            "h_bucket{worker=\"0\",le=\"1\"} 2\nh_sum{worker=\"0\"} 0.5\nh_count{worker=\"0\"} 2\n"
+            "# HELP up Up\n# TYPE up gauge\nup 1\n"
+            "# HELP x_total Things\n# TYPE x_total counter\n"
+            "x_total{worker=\"0\",k=\"v\"} 1\nx_total{worker=\"1\",k=\"v\"} 3\n");
+}
+
+}  // namespace
