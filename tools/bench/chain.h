@@ -1,0 +1,19 @@
+// gridseal-bench chain scenarios: the bench plays the collection engine end to end,
+// command -> gridseal-sesd -> relay/meter (gridseal-metersim serve) -> response -> gridseal-dkusd
+// -> cleartext, and checks every cleartext. Scenarios: read, disconnect, dr, forged, replay,
+// mixed; rollover is listed but not available yet (issue 6).
+#pragma once
+
+namespace gs::bench {
+
+int run_chain_read(int argc, char** argv);
+int run_chain_disconnect(int argc, char** argv);
+int run_chain_dr(int argc, char** argv);
+int run_chain_forged(int argc, char** argv);
+int run_chain_replay(int argc, char** argv);
+int run_chain_mixed(int argc, char** argv);
+int run_chain_rollover(int argc, char** argv);
+void usage_chain();
+void usage_rollover();
+
+}  // namespace gs::bench

@@ -1,0 +1,161 @@
+// gridseal-bench: raw HSM composite (see raw_hsm.h).
+#include "tools/bench/raw_hsm.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "c1222/eax_prime.h"
+#include "hsm/hsm_aes.h"
+#include "hsm/ops.h"
+#include "hsm/session.h"
+#include "src/config.h"
+#include "src/host_ecdsa.h"
+#include "src/hsm_context.h"
+
+namespace gs::bench {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Count {
+  std::uint64_t n = 0;
+  double per_s = 0;
+};
+
+// One thread: its own session, the command key, one unwrapped meter key; composites from `start`
+// (or when its set-up is done, if later) until the deadline.
+Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, Clock::time_point start,
+                             Clock::time_point deadline) {
+  GS_ASSIGN(auto lease, hsm.pool->acquire());
+  hsm::Session& s = lease.session();
+  const std::string label = "gs-cmd-" + std::to_string(o.command_key);
+  GS_ASSIGN(const hsm::ObjectHandle cmd, hsm::find_object(s, hsm::ObjectClass::private_key, label));
+  GS_ASSIGN(const hsm::ObjectHandle kek, hsm::find_object(s, hsm::ObjectClass::secret_key, kLabelKek));
+  // A meter key as the SES holds it: stored wrapped under gs-kek, unwrapped as a session object.
+  Bytes plain(16);
+  GS_TRY(hsm::generate_random(s, plain));
+  GS_ASSIGN(const Bytes wrapped, hsm::import_and_wrap_meter_key(s, kek, plain));
+  GS_ASSIGN(const hsm::ObjectHandle meter_key, hsm::unwrap_meter_key(s, kek, wrapped));
+  GS_ASSIGN(auto aes, hsm::HsmAes::make(s, meter_key));
+  std::vector<hsm::ObjectHandle> resident;
+  for (std::size_t i = 0; i < o.resident_keys; ++i) {
+    GS_ASSIGN(const hsm::ObjectHandle h, hsm::unwrap_meter_key(s, kek, wrapped));
+    resident.push_back(h);
+  }
+
+  const Bytes epsem(o.epsem_bytes, 0x33);
+  const Bytes cleartext(60, 0x60);  // a typical canonified cleartext header
+  Bytes signing_input(o.epsem_bytes + 100, 0x5A);
+  Bytes data;
+  std::uint64_t n = 0;
+  std::this_thread::sleep_until(start);
+  const auto begun = Clock::now();
+  while (Clock::now() < deadline) {
+    signing_input[0] = static_cast<std::uint8_t>(n);
+    auto digest = sha256(signing_input);
+    if (!digest.ok()) return digest.error();
+    auto sig = hsm::sign_digest(s, cmd, *digest);
+    if (!sig.ok()) return Error(sig.error().code, "C_Sign: " + sig.error().message());
+    auto eax = c1222::EaxPrime::make(*aes);  // L = E_K(0), per request as in the SES
+    if (!eax.ok()) return eax.error();
+    data = epsem;
+    auto mac = eax->encrypt(cleartext, data);
+    if (!mac.ok()) return Error(mac.error().code, "EAX': " + mac.error().message());
+    ++n;
+  }
+  (void)hsm::destroy_object(s, meter_key);
+  for (const hsm::ObjectHandle h : resident) (void)hsm::destroy_object(s, h);
+  const double secs = std::chrono::duration<double>(Clock::now() - begun).count();
+  return Count{n, secs > 0 ? static_cast<double>(n) / secs : 0};
+}
+
+// Every thread of one process; the total.
+Result<Count> one_process(const RawHsmOptions& o, Clock::time_point start,
+                          Clock::time_point deadline) {
+  GS_ASSIGN(auto cfg, config::load(o.config));
+  if (cfg.hsm.sessions < o.threads) cfg.hsm.sessions = static_cast<std::uint32_t>(o.threads);
+  GS_ASSIGN(auto hsm, open_hsm(cfg.hsm));
+  std::vector<std::thread> ts;
+  std::vector<Result<Count>> results(o.threads, Count{});
+  for (std::size_t t = 0; t < o.threads; ++t) {
+    ts.emplace_back([&, t] { results[t] = composite_loop(hsm, o, start, deadline); });
+  }
+  for (auto& t : ts) t.join();
+  Count total;
+  for (auto& r : results) {
+    if (!r.ok()) return r.error();
+    total.n += r->n;
+    total.per_s += r->per_s;
+  }
+  return total;
+}
+
+}  // namespace
+
+Result<RawHsmResult> measure_raw_hsm(const RawHsmOptions& o) {
+  if (o.threads == 0 || o.processes == 0 || o.seconds <= 0) {
+    return Error(Errc::invalid_argument, "raw HSM: threads, processes and seconds must be > 0");
+  }
+  RawHsmResult r;
+  // Every thread opens its module, session and keys first; all count from `start` together.
+  const auto start =
+      Clock::now() + std::chrono::milliseconds(1000 + static_cast<long>(o.resident_keys / 4));
+  const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
+                                    std::chrono::duration<double>(o.seconds));
+  if (o.processes == 1) {
+    GS_ASSIGN(const Count c, one_process(o, start, deadline));
+    r.composites = c.n;
+    r.per_s = c.per_s;
+    return r;
+  }
+  std::vector<std::pair<pid_t, int>> kids;
+  for (std::size_t p = 0; p < o.processes; ++p) {
+    int fds[2];
+    if (pipe(fds) != 0) return Error(Errc::invalid_argument, "pipe failed");
+    const pid_t pid = fork();
+    if (pid < 0) return Error(Errc::invalid_argument, "fork failed");
+    if (pid == 0) {
+      close(fds[0]);
+      auto n = one_process(o, start, deadline);
+      char line[256];
+      const int len = n.ok() ? std::snprintf(line, sizeof line, "ok %llu %.3f\n",
+                                             static_cast<unsigned long long>(n->n), n->per_s)
+                             : std::snprintf(line, sizeof line, "error %s\n",
+                                             n.error().message().c_str());
+      if (write(fds[1], line, static_cast<std::size_t>(len)) < 0) _exit(2);
+      _exit(n.ok() ? 0 : 1);
+    }
+    close(fds[1]);
+    kids.emplace_back(pid, fds[0]);
+  }
+  Status failed;
+  for (auto& [pid, fd] : kids) {
+    std::string out;
+    char buf[256];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, static_cast<std::size_t>(n));
+    close(fd);
+    int st = 0;
+    waitpid(pid, &st, 0);
+    unsigned long long count = 0;
+    double rate = 0;
+    if (std::sscanf(out.c_str(), "ok %llu %lf", &count, &rate) == 2) {
+      r.composites += count;
+      r.per_s += rate;
+    } else if (failed.ok()) {
+      failed = Error(Errc::hsm_failure, "raw HSM worker: " + (out.empty() ? "no result" : out));
+    }
+  }
+  if (!failed.ok()) return failed.error();
+  return r;
+}
+
+}  // namespace gs::bench
