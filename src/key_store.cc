@@ -1,6 +1,7 @@
 // SQLite schema, migrations and queries of the meter registry and key slots.
 #include "src/key_store.h"
 
+#include <cstdint>
 #include <ctime>
 
 namespace gs::store {
@@ -45,6 +46,20 @@ CREATE TABLE replay_state (
   last_invocation_id INTEGER NOT NULL,
   last_iv_time       INTEGER NOT NULL
 );
+)sql",
+    // v2: MT-2042 signed receipts verified and kept by the DKUS (DESIGN §3.3).
+    R"sql(
+CREATE TABLE receipts (
+  meter          INTEGER NOT NULL REFERENCES meters(row),
+  invocation_id  INTEGER NOT NULL,
+  result         INTEGER NOT NULL,
+  executed_at    INTEGER NOT NULL,
+  command_digest BLOB NOT NULL,
+  signature      BLOB NOT NULL,
+  message_id     INTEGER NOT NULL,
+  received_at    INTEGER NOT NULL,
+  PRIMARY KEY (meter, invocation_id)
+) WITHOUT ROWID;
 )sql",
 };
 
@@ -306,6 +321,88 @@ Result<std::uint64_t> KeyStore::reserve_counter_block(ByteView calling_title, st
   GS_TRY(up.run());
   GS_TRY(tx.commit());
   return first;
+}
+
+Result<bool> KeyStore::raise_replay_mark(std::int64_t meter_row, std::uint64_t invocation_id,
+                                         std::int64_t iv_time) {
+  if (invocation_id > static_cast<std::uint64_t>(INT64_MAX)) {
+    return {Errc::invalid_argument, "invocation id above 2^63-1"};
+  }
+  if (!raise_mark_) {
+    // The WHERE of the upsert makes it conditional: an existing row changes only when the new
+    // id is greater, and changes() tells whether it did.
+    GS_ASSIGN(auto st, db_.prepare("INSERT INTO replay_state (meter, last_invocation_id, "
+                                   "last_iv_time) VALUES (?1, ?2, ?3) ON CONFLICT(meter) DO "
+                                   "UPDATE SET last_invocation_id = excluded.last_invocation_id, "
+                                   "last_iv_time = excluded.last_iv_time WHERE "
+                                   "excluded.last_invocation_id > replay_state.last_invocation_id"));
+    raise_mark_.emplace(std::move(st));
+  }
+  raise_mark_->bind(1, meter_row)
+      .bind(2, static_cast<std::int64_t>(invocation_id))
+      .bind(3, iv_time);
+  GS_TRY(raise_mark_->run());
+  return db_.changes() > 0;
+}
+
+Result<std::optional<ReplayMark>> KeyStore::replay_mark(std::int64_t meter_row) {
+  GS_ASSIGN(auto st, db_.prepare("SELECT last_invocation_id, last_iv_time FROM replay_state "
+                                 "WHERE meter = ?1"));
+  st.bind(1, meter_row);
+  GS_ASSIGN(db::Step s, st.step());
+  if (s == db::Step::done) return std::optional<ReplayMark>();
+  return std::optional<ReplayMark>(
+      ReplayMark{static_cast<std::uint64_t>(st.int64(0)), st.int64(1)});
+}
+
+Result<bool> KeyStore::insert_receipt(const Receipt& r) {
+  if (r.invocation_id > static_cast<std::uint64_t>(INT64_MAX) ||
+      r.message_id > static_cast<std::uint64_t>(INT64_MAX)) {
+    return {Errc::invalid_argument, "invocation id above 2^63-1"};
+  }
+  if (!insert_receipt_) {
+    GS_ASSIGN(auto st, db_.prepare("INSERT INTO receipts (meter, invocation_id, result, "
+                                   "executed_at, command_digest, signature, message_id, "
+                                   "received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) "
+                                   "ON CONFLICT(meter, invocation_id) DO NOTHING"));
+    insert_receipt_.emplace(std::move(st));
+  }
+  insert_receipt_->bind(1, r.meter_row)
+      .bind(2, static_cast<std::int64_t>(r.invocation_id))
+      .bind(3, std::int64_t{r.result})
+      .bind(4, r.executed_at)
+      .bind(5, ByteView(r.command_digest))
+      .bind(6, ByteView(r.signature))
+      .bind(7, static_cast<std::int64_t>(r.message_id))
+      .bind(8, r.received_at);
+  GS_TRY(insert_receipt_->run());
+  return db_.changes() > 0;
+}
+
+Result<std::vector<Receipt>> KeyStore::receipts_for_meter(std::int64_t meter_row,
+                                                          std::size_t limit) {
+  GS_ASSIGN(auto st, db_.prepare("SELECT r.meter, m.meter_id, r.invocation_id, r.result, "
+                                 "r.executed_at, r.command_digest, r.signature, r.message_id, "
+                                 "r.received_at FROM receipts r JOIN meters m ON m.row = r.meter "
+                                 "WHERE r.meter = ?1 ORDER BY r.invocation_id DESC LIMIT ?2"));
+  st.bind(1, meter_row).bind(2, static_cast<std::int64_t>(limit));
+  std::vector<Receipt> out;
+  while (true) {
+    GS_ASSIGN(db::Step s, st.step());
+    if (s == db::Step::done) break;
+    Receipt r;
+    r.meter_row = st.int64(0);
+    r.meter_id = st.text(1);
+    r.invocation_id = static_cast<std::uint64_t>(st.int64(2));
+    r.result = static_cast<std::uint8_t>(st.int64(3));
+    r.executed_at = st.int64(4);
+    r.command_digest = st.blob(5);
+    r.signature = st.blob(6);
+    r.message_id = static_cast<std::uint64_t>(st.int64(7));
+    r.received_at = st.int64(8);
+    out.push_back(std::move(r));
+  }
+  return out;
 }
 
 }  // namespace gs::store

@@ -13,7 +13,7 @@
 namespace gs::store {
 
 inline constexpr int kSlotsPerMeter = 4;
-inline constexpr int kSchemaVersion = 1;
+inline constexpr int kSchemaVersion = 2;
 inline constexpr std::size_t kMaxMeterIdLength = 64;
 inline constexpr std::size_t kPublicKeySize = 65;  // uncompressed P-256 point
 
@@ -64,6 +64,28 @@ struct NewMeter {
   std::string origin;
 };
 
+// The replay high-water mark of one meter (DESIGN §2, §5): the highest calling-AP-invocation-id
+// the DKUS accepted from it, and the IV time of that message.
+struct ReplayMark {
+  std::uint64_t invocation_id = 0;
+  std::int64_t iv_time = 0;
+};
+
+// An MT-2042 signed receipt (DESIGN §3.3) as the DKUS stores it after verifying the signature
+// with the meter's registered public key. The receipt does not carry the command class: the
+// digest of the command's signing input (which binds it) is kept instead.
+struct Receipt {
+  std::int64_t meter_row = 0;
+  std::string meter_id;               // filled by receipts_for_meter()
+  std::uint64_t invocation_id = 0;    // of the command the meter executed
+  std::uint8_t result = 0;            // the meter's result code
+  std::int64_t executed_at = 0;       // meter time, UTC seconds
+  Bytes command_digest;               // SHA-256 of the command's signing input (32 bytes)
+  Bytes signature;                    // r || s (64 bytes)
+  std::uint64_t message_id = 0;       // calling-AP-invocation-id of the message that carried it
+  std::int64_t received_at = 0;       // DKUS time, UTC seconds
+};
+
 struct ImportOutcome {
   std::size_t inserted = 0;
   std::size_t unchanged = 0;
@@ -93,6 +115,21 @@ class KeyStore {
   // and returns the first. A crash after this loses the block; it is never handed out again.
   Result<std::uint64_t> reserve_counter_block(ByteView calling_title, std::uint64_t count);
 
+  // Replay marks (DKUS). raise_replay_mark sets the mark of `meter_row` to `invocation_id`
+  // only when that is greater than the stored one (or none is stored), in one conditional
+  // statement, so that two connections can never both raise it to the same id: true when it
+  // was raised, false when the stored mark is already >= invocation_id. Call it inside the
+  // caller's transaction (group commit). Ids above 2^63-1 are invalid_argument.
+  Result<bool> raise_replay_mark(std::int64_t meter_row, std::uint64_t invocation_id,
+                                 std::int64_t iv_time);
+  Result<std::optional<ReplayMark>> replay_mark(std::int64_t meter_row);
+
+  // Stores a verified receipt (inside the caller's transaction). The same (meter, invocation id)
+  // again keeps the first one: false then.
+  Result<bool> insert_receipt(const Receipt& r);
+  // The meter's receipts, newest command first, at most `limit`.
+  Result<std::vector<Receipt>> receipts_for_meter(std::int64_t meter_row, std::size_t limit);
+
   db::Db& db() noexcept { return db_; }
 
  private:
@@ -104,6 +141,8 @@ class KeyStore {
   db::Db db_;
   std::optional<db::Stmt> by_title_;
   std::optional<db::Stmt> by_id_;
+  std::optional<db::Stmt> raise_mark_;     // prepared on first use
+  std::optional<db::Stmt> insert_receipt_;
 };
 
 }  // namespace gs::store

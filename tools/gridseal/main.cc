@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   gs::cli::register_c1222(app, exit_code);
   gs::cli::register_hsm(app, exit_code);
   gs::cli::register_meters(app, exit_code);
+  gs::cli::register_receipts(app, exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,0 +1,52 @@
+// gridseal-dkusd configuration: the shared config (base_oid, [hsm], [store]) plus the daemon's
+// own [server] and [dkus] tables, parsed and validated here with every key named in errors.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include "c1222/oid.h"
+#include "gridseal/bytes.h"
+#include "gridseal/result.h"
+#include "src/config.h"
+#include "src/metrics.h"
+#include "src/server.h"
+
+namespace gs::dkus {
+
+struct DkusConfig {
+  config::Config base;             // base_oid, [hsm], [store]
+  Bytes base_oid;                  // absolute OID content of base.base_oid
+  server::ServerConfig server;     // [server]; DKUS defaults: io_threads 2, worker_threads 0
+  std::uint32_t processes = 0;     // server.processes: worker processes, 0 = number of cores
+  std::chrono::milliseconds drain{10000};  // server.drain_ms
+  c1222::OwnedApTitle dkus_title;      // dkus.dkus_title: calling title of error responses
+  c1222::OwnedApTitle head_end_title;  // dkus.head_end_title: called title of error responses
+                                       // to requests without a called title
+  bool metrics_enabled = true;
+  metrics::HttpConfig metrics;         // dkus.metrics_address / dkus.metrics_port
+  std::uint32_t meter_cache = 100000;  // dkus.meter_cache: meter records per handler thread
+  std::uint32_t meter_cache_ttl_ms = 5000;  // dkus.meter_cache_ttl_ms
+  std::uint32_t id_block_size = 1024;  // dkus.id_block_size: ids of error responses per DB write
+  // Replay defence (DESIGN §2, §5).
+  std::uint32_t iv_window_s = 300;           // dkus.iv_window_s: |IV time - now| allowed
+  bool refuse_sealed_before_start = true;    // dkus.refuse_sealed_before_start
+  std::uint32_t replay_marks = 1000000;      // dkus.replay_marks: in-memory marks per worker
+  std::uint32_t commit_max_delay_us = 2000;  // dkus.commit_max_delay_us
+  std::uint32_t commit_max_batch = 4096;     // dkus.commit_max_batch
+  std::uint32_t max_pending = 65536;         // dkus.max_pending: updates awaiting commit
+  // Meters whose MAC fails this many times in a row are flagged (metric + log line).
+  std::uint32_t mac_failure_threshold = 5;   // dkus.mac_failure_threshold
+};
+
+// Reads and validates the whole file. Relative paths resolve against the file's directory.
+Result<DkusConfig> load_dkus_config(const std::string& path);
+
+// Threads that run handlers (each with its own HSM session and store connection): the handler
+// pool, or the event-loop threads when handlers run inline (worker_threads = 0).
+inline std::size_t handler_threads(const DkusConfig& c) {
+  return c.server.worker_threads > 0 ? c.server.worker_threads : c.server.io_threads;
+}
+
+}  // namespace gs::dkus

@@ -1,0 +1,121 @@
+// The DKUS request path (DESIGN §1.2): a secured message from a meter in, the same message in
+// mode 0 out (MAC verified in the HSM, EPSEM decrypted, replay defended durably, MT-2042
+// receipts verified and stored), or a C12.22 error response from the DKUS AP title.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "c1222/message.h"
+#include "dkus/dkus_config.h"
+#include "dkus/replay.h"
+#include "gridseal/bytes.h"
+#include "gridseal/result.h"
+#include "hsm/hsm_aes.h"
+#include "hsm/key_cache.h"
+#include "hsm/session.h"
+#include "src/hsm_context.h"
+#include "src/invocation_ids.h"
+#include "src/key_store.h"
+#include "src/meter_cache.h"
+#include "src/metrics.h"
+#include "src/server.h"
+
+namespace gs::dkus {
+
+// What one handler thread uses exclusively while it serves a request.
+struct ThreadState {
+  ThreadState(std::size_t meter_cache, std::chrono::milliseconds ttl) : meters(meter_cache, ttl) {}
+  std::optional<hsm::SessionPool::Lease> lease;
+  hsm::ObjectHandle kek = 0;
+  std::unique_ptr<hsm::MeterKeyCache> keys;
+  std::unique_ptr<hsm::HsmAes> aes;
+  std::optional<store::KeyStore> store;
+  store::MeterCache meters;
+};
+
+class DkusService {
+ public:
+  // `started_at`: UTC seconds when the daemon (supervisor) started; with
+  // dkus.refuse_sealed_before_start, messages sealed before it are refused (DESIGN §5).
+  static Result<std::unique_ptr<DkusService>> create(const DkusConfig& cfg, HsmContext& hsm,
+                                                     metrics::Registry& registry,
+                                                     std::size_t threads,
+                                                     std::uint32_t started_at);
+  ~DkusService();
+
+  // Opens one thread state now (HSM session, KEK, store) so that start-up fails loudly.
+  Status warm_up();
+  // Starts the replay-state writer.
+  void start();
+  // Commits what is queued and stops the writer (after the server drained).
+  void stop();
+
+  // One framed request in; `done` gets the response, possibly later from the writer thread
+  // (an accepted message is answered only once its replay mark is durable).
+  void handle(const server::RequestContext& ctx, Bytes request, server::Done done);
+
+  metrics::Health health() const;
+
+ private:
+  DkusService(const DkusConfig& cfg, HsmContext& hsm, metrics::Registry& registry,
+              std::unique_ptr<store::KeyStore> id_store, ids::InvocationIdAllocator ids,
+              std::unique_ptr<GroupCommitter> committer, std::uint32_t started_at);
+
+  // The result of the synchronous part: an immediate response, or an update handed to the
+  // writer (response == nullopt) whose callback answers.
+  struct Outcome {
+    std::optional<Bytes> response;
+    const char* result = "ok";
+  };
+  struct Request;
+  Outcome process(const server::RequestContext& ctx, ByteView request, ThreadState& w,
+                  const std::shared_ptr<Request>& req);
+  Outcome refuse(const server::RequestContext& ctx, const c1222::Message* request,
+                 const std::string& meter, std::uint8_t code, const char* result,
+                 const std::string& reason);
+  Bytes error_pdu(const c1222::ApTitle* called, ByteView request_id, std::uint8_t code);
+  void finish(const Request& req, Bytes response, const char* result);
+  Status ensure_hsm(ThreadState& w);
+  void drop_hsm(ThreadState& w);
+  Status ensure_store(ThreadState& w);
+  std::unique_ptr<ThreadState> take_state();
+  void give_state(std::unique_ptr<ThreadState> w);
+
+  const DkusConfig& cfg_;
+  HsmContext& hsm_;
+  metrics::Registry& registry_;
+  std::unique_ptr<store::KeyStore> id_store_;  // used only under the allocator's mutex
+  ids::InvocationIdAllocator ids_;
+  std::unique_ptr<GroupCommitter> committer_;
+  const std::uint32_t started_at_;
+  const Bytes dkus_title_abs_;
+  ReplayMarks marks_;
+  MacFailures mac_failures_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::unique_ptr<ThreadState>> free_;
+
+  metrics::Histogram& latency_;
+  metrics::Counter& hsm_errors_;
+  metrics::Counter& flagged_;
+  metrics::Counter& receipts_;
+  std::atomic<bool> hsm_ok_{true};
+  std::atomic<bool> store_ok_{true};
+};
+
+// The error PDU: from `dkus_title` to `called` (the collection engine: the request's called
+// title, or the configured head-end title), A4 = the request's A8 when it has one, one
+// response-code service in a mode-0 EPSEM.
+Result<Bytes> error_response(const c1222::ApTitle& called, ByteView request_invocation_id,
+                             const c1222::ApTitle& dkus_title, std::uint8_t code,
+                             std::uint32_t invocation_id);
+
+}  // namespace gs::dkus

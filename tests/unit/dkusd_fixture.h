@@ -1,0 +1,315 @@
+// Test fixture for the real gridseal-dkusd, built on the gridseal-sesd fixture's helpers: temp
+// dir, SoftHSM2 token (`gridseal hsm init`), a fleet of meters with plain keys and host-generated
+// ECC key pairs (`gridseal meters import`), dkus.toml, start / SIGTERM / SIGKILL of the whole
+// process group with bounded waits, and messages sealed by the codec as a meter would seal them.
+#pragma once
+
+#include "tests/unit/sesd_fixture.h"
+
+namespace gs::test {
+
+struct DkusdOptions {
+  std::size_t meters = 3;  // meters PREFIX.1 .. PREFIX.N, ids M1 .. MN, slot 0, ECC key pairs
+  std::string title_prefix = ".7";
+  // Extra lines inside [server] / [dkus]; a key set here replaces the fixture's default.
+  std::vector<std::string> server_lines;
+  std::vector<std::string> dkus_lines;
+  std::chrono::seconds start_timeout{30};
+};
+
+// What a meter needs to seal its messages and sign its receipts.
+struct TestMeter {
+  std::string id;     // M<i>
+  std::string title;  // PREFIX.<i>
+  std::string key_hex;
+  std::unique_ptr<HostEcKey> ecc;  // private key of the meter (public one registered)
+};
+
+// `id` as minimal BER INTEGER content (a leading 00 when the top bit is set).
+inline Bytes integer_content(std::uint64_t id) {
+  Bytes b;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    const auto v = static_cast<std::uint8_t>(id >> shift);
+    if (!b.empty() || v != 0 || shift == 0) b.push_back(v);
+  }
+  if ((b[0] & 0x80) != 0) b.insert(b.begin(), 0);
+  return b;
+}
+
+inline std::uint32_t utc_now_s() {
+  return static_cast<std::uint32_t>(std::chrono::duration_cast<std::chrono::seconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count());
+}
+
+// A message from a meter as the meter seals it: from `meter` (calling) to `called` (the
+// collection engine), A8 = `id`, AC with `key_id` and IV = `iv_time`, the services in a
+// response EPSEM, mode 2 (or 1) under `key_hex`. `answers` (when set) becomes A4.
+struct MeterMessage {
+  std::string meter;
+  std::string called = ".1.9";
+  std::uint64_t id = 1;
+  std::uint8_t key_id = 0;
+  std::uint32_t iv_time = 0;  // 0: now
+  std::vector<Bytes> services = {Bytes{0x00, 0x00, 0x02, 0x12, 0x34, 0xBA}};  // read response
+  std::optional<std::uint64_t> answers;
+  c1222::SecurityMode mode = c1222::SecurityMode::encrypted;
+};
+
+// The cleartext (mode-0) form of a meter message, before sealing.
+inline Bytes meter_cleartext(const MeterMessage& mm) {
+  auto called = c1222::OwnedApTitle::parse(mm.called).value();
+  auto calling = c1222::OwnedApTitle::parse(mm.meter).value();
+  c1222::Message m;
+  m.called_ap_title = called.view();
+  const Bytes a4 = integer_content(mm.answers.value_or(0));
+  if (mm.answers) m.called_ap_invocation_id = ByteView(a4);
+  m.calling_ap_title = calling.view();
+  const Bytes a8 = integer_content(mm.id);
+  m.calling_ap_invocation_id = ByteView(a8);
+  c1222::AuthValue av;
+  av.key_id = mm.key_id;
+  const std::uint32_t t = mm.iv_time != 0 ? mm.iv_time : utc_now_s();
+  av.iv = std::array<std::uint8_t, 4>{static_cast<std::uint8_t>(t >> 24),
+                                      static_cast<std::uint8_t>(t >> 16),
+                                      static_cast<std::uint8_t>(t >> 8),
+                                      static_cast<std::uint8_t>(t)};
+  m.auth = av;
+  Bytes epsem{0x80};
+  for (const Bytes& s : mm.services) c1222::append_service(epsem, s);
+  m.epsem = epsem;
+  return c1222::encode(m).value();
+}
+
+inline Bytes seal_meter_message(const MeterMessage& mm, const std::string& key_hex) {
+  auto aes = HostAes::make(hex_bytes(key_hex)).value();
+  auto eax = c1222::EaxPrime::make(*aes).value();
+  return c1222::seal(ByteView(meter_cleartext(mm)), mm.mode, eax).value();
+}
+
+// The MT-2042 read-response service a meter appends: receipt for command `command_id`, signed
+// with `signer` over the exact signing input of c1222/profile.h.
+inline Bytes receipt_service(const std::string& meter_title, const HostEcKey& signer,
+                             std::uint64_t command_id, std::uint8_t result = 0) {
+  c1222::SignedReceipt r;
+  r.invocation_id = command_id;
+  r.result = result;
+  r.executed_at = utc_now_s();
+  const std::string what = "command " + std::to_string(command_id);
+  r.command_digest = sha256(ByteView(reinterpret_cast<const std::uint8_t*>(what.data()),
+                                     what.size()))
+                         .value();
+  const Bytes abs = c1222::OwnedApTitle::parse(meter_title).value().view().absolute(
+      c1222::default_base_oid());
+  const Bytes signed_bytes = c1222::receipt_signed_bytes(abs, r).value();
+  r.signature = signer.sign(sha256(signed_bytes).value()).value();
+  return c1222::encode_receipt_response(r);
+}
+
+class DkusdDaemon {
+ public:
+  explicit DkusdDaemon(DkusdOptions options = {}) : opt_(std::move(options)) {}
+  ~DkusdDaemon() {
+    stop();
+    if (!dir_.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(dir_, ec);
+    }
+  }
+  DkusdDaemon(const DkusdDaemon&) = delete;
+  DkusdDaemon& operator=(const DkusdDaemon&) = delete;
+
+  // Temp dir, dkus.toml, token, meter key pairs, fleet import.
+  Status setup() {
+    char tmpl[] = "/tmp/gs-dkusd-XXXXXX";
+    if (mkdtemp(tmpl) == nullptr) return Error(Errc::storage_failure, "mkdtemp");
+    dir_ = tmpl;
+    conf_ = dir_ + "/dkus.toml";
+    write_config();
+    std::ofstream f(dir_ + "/fleet.csv");
+    f << "meter_id,ap_title,ecc_public_key,key_slot,key\n";
+    for (std::size_t i = 1; i <= opt_.meters; ++i) {
+      TestMeter m;
+      m.id = "M" + std::to_string(i);
+      m.title = opt_.title_prefix + "." + std::to_string(i);
+      m.key_hex = meter_key_hex({}, i);
+      GS_ASSIGN(auto k, HostEcKey::generate());
+      m.ecc = std::make_unique<HostEcKey>(std::move(k));
+      f << m.id << ',' << m.title << ',' << to_hex(m.ecc->public_point()) << ",0,plain:"
+        << m.key_hex << '\n';
+      meters_.push_back(std::move(m));
+    }
+    f.close();
+    auto r = gridseal("hsm init");
+    if (r.code != 0) return Error(Errc::hsm_failure, "hsm init: " + r.out);
+    r = gridseal("meters import " + dir_ + "/fleet.csv");
+    if (r.code != 0) return Error(Errc::storage_failure, "meters import: " + r.out);
+    return {};
+  }
+
+  // Starts the daemon in its own process group (stdout/stderr appended to DIR/dkusd.out/.err)
+  // and waits, bounded, for its "listening on" line.
+  Status start() {
+    if (pid_ > 0) return Error(Errc::invalid_argument, "already running");
+    port_ = 0;
+    metrics_port_ = 0;
+    std::filesystem::remove(dir_ + "/dkusd.out");
+    pid_ = fork();
+    if (pid_ < 0) return Error(Errc::invalid_argument, "fork failed");
+    if (pid_ == 0) {
+      setpgid(0, 0);
+      if (std::freopen((dir_ + "/dkusd.out").c_str(), "w", stdout) == nullptr ||
+          std::freopen((dir_ + "/dkusd.err").c_str(), "a", stderr) == nullptr) {
+        _exit(126);
+      }
+      const std::string bin = std::string(GS_BIN_DIR) + "/gridseal-dkusd";
+      execl(bin.c_str(), bin.c_str(), "--config", conf_.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    setpgid(pid_, pid_);
+    const auto deadline = std::chrono::steady_clock::now() + opt_.start_timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      const std::string out = slurp(dir_ + "/dkusd.out");
+      if (auto p = port_after(out, "listening on "); p && out.find('\n') != std::string::npos) {
+        port_ = *p;
+        metrics_port_ = port_after(out, "metrics on ").value_or(0);
+        return {};
+      }
+      int st = 0;
+      if (waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        return Error(Errc::invalid_argument, "daemon exited: " + err_log());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    kill_group();
+    return Error(Errc::busy, "daemon did not start: " + err_log());
+  }
+
+  // SIGTERM and a bounded wait; the exit code, or -1 when it had to be killed / was not running.
+  int stop(std::chrono::milliseconds timeout = std::chrono::milliseconds(15000)) {
+    if (pid_ <= 0) return -1;
+    kill(pid_, SIGTERM);
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    int st = 0;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (waitpid(pid_, &st, WNOHANG) == pid_) {
+        const pid_t group = pid_;
+        pid_ = -1;
+        if (kill(-group, 0) == 0) kill(-group, SIGKILL);
+        return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    kill_group();
+    return -1;
+  }
+
+  // kill -9 of the supervisor and every worker at once (the whole process group), reaped.
+  void kill_group() {
+    if (pid_ <= 0) return;
+    kill(-pid_, SIGKILL);
+    kill(pid_, SIGKILL);
+    int st = 0;
+    waitpid(pid_, &st, 0);
+    // Workers are the supervisor's children: wait until none of the group is left.
+    for (int i = 0; i < 500 && kill(-pid_, 0) == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    pid_ = -1;
+  }
+
+  server::ClientConfig client_config() const {
+    server::ClientConfig cc;
+    cc.port = port_;
+    cc.plain_tcp = true;
+    cc.timeout = std::chrono::milliseconds(5000);
+    return cc;
+  }
+  Result<std::unique_ptr<server::Client>> connect() const {
+    return server::Client::connect(client_config());
+  }
+
+  CmdResult gridseal(const std::string& args) const {
+    return run_gridseal(args + " --config " + conf_);
+  }
+  std::string http_get(const std::string& path) const {
+    return test::http_get(metrics_port_, path);
+  }
+
+  const TestMeter& meter(std::size_t i) const { return meters_.at(i - 1); }
+  // Meter i's message sealed under its key (the key of `mm.meter` when that is one of ours).
+  Bytes seal(std::size_t i, MeterMessage mm) const {
+    if (mm.meter.empty()) mm.meter = meter(i).title;
+    return seal_meter_message(mm, meter(i).key_hex);
+  }
+
+  std::string err_log() const { return slurp(dir_ + "/dkusd.err"); }
+  const std::string& dir() const { return dir_; }
+  const std::string& conf() const { return conf_; }
+  std::uint16_t port() const { return port_; }
+  std::uint16_t metrics_port() const { return metrics_port_; }
+  pid_t pid() const { return pid_; }
+
+ private:
+  static bool sets_key(const std::vector<std::string>& lines, const std::string& key) {
+    for (const std::string& l : lines) {
+      const auto b = l.find_first_not_of(" \t");
+      if (b == std::string::npos || l.compare(b, key.size(), key) != 0) continue;
+      const auto after = l.find_first_not_of(" \t", b + key.size());
+      if (after != std::string::npos && l[after] == '=') return true;
+    }
+    return false;
+  }
+
+  void write_config() const {
+    std::ofstream f(conf_);
+    f << "[hsm]\nsofthsm_dir = \"hsm\"\ntoken_label = \"gs-dkusd\"\n"
+         "pin_file = \"hsm/user.pin\"\nso_pin_file = \"hsm/so.pin\"\n"
+         "[store]\npath = \"gridseal.db\"\n[server]\n";
+    auto def = [&](const std::vector<std::string>& lines, const std::string& key,
+                   const std::string& value) {
+      if (!sets_key(lines, key)) f << key << " = " << value << '\n';
+    };
+    def(opt_.server_lines, "address", "\"127.0.0.1\"");
+    def(opt_.server_lines, "port", "0");
+    def(opt_.server_lines, "plain_tcp", "true");
+    def(opt_.server_lines, "processes", "2");
+    def(opt_.server_lines, "drain_ms", "2000");
+    def(opt_.server_lines, "read_timeout_ms", "500");
+    for (const std::string& l : opt_.server_lines) f << l << '\n';
+    f << "[dkus]\n";
+    def(opt_.dkus_lines, "dkus_title", "\".1.11\"");
+    def(opt_.dkus_lines, "head_end_title", "\".1.9\"");
+    def(opt_.dkus_lines, "metrics_port", "0");
+    def(opt_.dkus_lines, "meter_cache_ttl_ms", "0");
+    for (const std::string& l : opt_.dkus_lines) f << l << '\n';
+  }
+
+  // The port in "<what>ADDR:PORT".
+  static std::optional<std::uint16_t> port_after(const std::string& out, const std::string& what) {
+    const auto at = out.find(what);
+    if (at == std::string::npos) return std::nullopt;
+    const auto start = at + what.size();
+    const auto end = out.find_first_of(" ,()\n", start);
+    const std::string addr = out.substr(start, end == std::string::npos ? end : end - start);
+    const auto colon = addr.rfind(':');
+    if (colon == std::string::npos || colon + 1 >= addr.size()) return std::nullopt;
+    try {
+      const int p = std::stoi(addr.substr(colon + 1));
+      if (p < 0 || p > 65535) return std::nullopt;
+      return static_cast<std::uint16_t>(p);
+    } catch (...) {
+      return std::nullopt;
+    }
+  }
+
+  DkusdOptions opt_;
+  std::string dir_, conf_;
+  std::vector<TestMeter> meters_;
+  pid_t pid_ = -1;
+  std::uint16_t port_ = 0;
+  std::uint16_t metrics_port_ = 0;
+};
+
+}  // namespace gs::test
