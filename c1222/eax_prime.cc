@@ -32,6 +32,13 @@ Result<EaxPrime> EaxPrime::make(BlockCipher& cipher) {
   return e;
 }
 
+EaxPrime EaxPrime::with_subkeys(BlockCipher& cipher, const Block& d, const Block& q) {
+  EaxPrime e(cipher);
+  e.d_ = d;
+  e.q_ = q;
+  return e;
+}
+
 EaxPrime::~EaxPrime() {
   secure_zero(d_.data(), d_.size());
   secure_zero(q_.data(), q_.size());

@@ -16,6 +16,8 @@ using Mac = std::array<std::uint8_t, 4>;
 class EaxPrime {
  public:
   static Result<EaxPrime> make(BlockCipher& cipher);
+  // With D and Q kept from an earlier make() for the same key (no cipher call).
+  static EaxPrime with_subkeys(BlockCipher& cipher, const Block& d, const Block& q);
 
   // Encrypts `data` in place (may be empty) and returns the MAC over cleartext + ciphertext.
   Result<Mac> encrypt(ByteView cleartext, MutableByteView data);

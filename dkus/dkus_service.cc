@@ -367,10 +367,10 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
   if (auto st = ensure_hsm(w); !st.ok()) return hsm_refusal(st.error().message());
   const std::uint64_t key_ref = static_cast<std::uint64_t>(meter->row) * store::kSlotsPerMeter +
                                 static_cast<std::uint64_t>(slot->slot);
-  auto handle = w.keys->get(key_ref, slot->wrapped);
+  hsm::KeyAux* aux = nullptr;
+  auto handle = w.keys->get(key_ref, slot->wrapped, &aux);
   if (!handle.ok()) return hsm_refusal(handle.error().message());
-  w.aes->set_key(*handle);
-  auto eax = c1222::EaxPrime::make(*w.aes);
+  auto eax = eax_for_key(*w.aes, *handle, aux);
   if (!eax.ok()) return hsm_refusal(eax.error().message());
   c1222::SealOptions sopt;
   sopt.base_oid = cfg_.base_oid;

@@ -17,11 +17,12 @@ void MeterKeyCache::drop(std::list<Entry>::iterator it) {
   if (session_->is_open()) {
     destroy_object(*session_, it->handle).ok();  // a stale handle is gone anyway
   }
+  secure_zero(it->aux.bytes.data(), it->aux.bytes.size());
   map_.erase(it->id);
   lru_.erase(it);
 }
 
-Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ByteView wrapped) {
+Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ByteView wrapped, KeyAux** aux) {
   if (wrapped.empty() || wrapped.size() > kMaxWrappedKeySize) {
     return Error(Errc::bad_length, "wrapped meter key size");
   }
@@ -32,6 +33,7 @@ Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ByteView wrapped) {
         std::memcmp(it->wrapped.data(), wrapped.data(), wrapped.size()) == 0) {
       lru_.splice(lru_.begin(), lru_, it);
       ++hits_;
+      if (aux != nullptr) *aux = &it->aux;
       return it->handle;
     }
     drop(it);  // a new key for this id
@@ -41,10 +43,11 @@ Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ByteView wrapped) {
   while (lru_.size() >= capacity_) {
     drop(std::prev(lru_.end()));
   }
-  Entry e{id, h, {}, wrapped.size()};
+  Entry e{id, h, {}, wrapped.size(), {}};
   std::memcpy(e.wrapped.data(), wrapped.data(), wrapped.size());
   lru_.push_front(e);
   map_[id] = lru_.begin();
+  if (aux != nullptr) *aux = &lru_.front().aux;
   return h;
 }
 
@@ -62,6 +65,7 @@ void MeterKeyCache::clear() {
 }
 
 void MeterKeyCache::reset(ObjectHandle kek) {
+  for (Entry& e : lru_) secure_zero(e.aux.bytes.data(), e.aux.bytes.size());
   lru_.clear();
   map_.clear();
   kek_ = kek;

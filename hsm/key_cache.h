@@ -18,6 +18,13 @@ namespace gs::hsm {
 // from its stored form under the KEK. An entry whose stored (wrapped) form differs from the one
 // asked for is replaced, so a new key version is never served from the old handle. Evicted and
 // replaced objects are destroyed. Lives with its Session, used by one thread at a time.
+// Bytes a caller derives once from a cached key and keeps with it (EAX' subkeys D || Q): no
+// token call on the next use. Zeroed when the entry goes.
+struct KeyAux {
+  std::array<std::uint8_t, 32> bytes{};
+  bool valid = false;
+};
+
 class MeterKeyCache {
  public:
   MeterKeyCache(Session& session, ObjectHandle kek, std::size_t capacity);
@@ -25,7 +32,9 @@ class MeterKeyCache {
   MeterKeyCache& operator=(const MeterKeyCache&) = delete;
   ~MeterKeyCache();
 
-  Result<ObjectHandle> get(std::uint64_t id, ByteView wrapped);
+  // The handle of the unwrapped key; with `aux`, also the entry's KeyAux (valid until the next
+  // call on this cache).
+  Result<ObjectHandle> get(std::uint64_t id, ByteView wrapped, KeyAux** aux = nullptr);
   // Destroys the entry (key state changed: compromised, destroyed, ...).
   void erase(std::uint64_t id);
   // Destroys every entry.
@@ -45,6 +54,7 @@ class MeterKeyCache {
     ObjectHandle handle;
     std::array<std::uint8_t, kMaxWrappedKeySize> wrapped;
     std::size_t wrapped_len;
+    KeyAux aux;
   };
   void drop(std::list<Entry>::iterator it);
 

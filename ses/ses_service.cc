@@ -337,11 +337,11 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
   const std::uint64_t key_ref =
       static_cast<std::uint64_t>(meter->row) * store::kSlotsPerMeter +
       static_cast<std::uint64_t>(choice.slot->slot);
-  auto handle = w.keys->get(key_ref, choice.slot->wrapped);
+  hsm::KeyAux* aux = nullptr;
+  auto handle = w.keys->get(key_ref, choice.slot->wrapped, &aux);
   Result<Bytes> out = Errc::hsm_failure;
   if (handle.ok()) {
-    w.aes->set_key(*handle);
-    auto eax = c1222::EaxPrime::make(*w.aes);
+    auto eax = eax_for_key(*w.aes, *handle, aux);
     if (eax.ok()) {
       out = secure_command(m, *meter, params, *w.signer, *eax,
                            static_cast<std::uint8_t>(choice.slot->slot));

@@ -2,6 +2,7 @@
 #include "src/hsm_context.h"
 
 #include <cstdlib>
+#include <cstring>
 
 #include "hsm/softhsm.h"
 
@@ -27,6 +28,26 @@ Result<HsmContext> open_hsm(const config::HsmConfig& cfg) {
   GS_ASSIGN(hsm::Secret pin, read_user_pin(cfg));
   GS_ASSIGN(ctx.pool, hsm::SessionPool::make(*ctx.module, ctx.slot, std::move(pin), cfg.sessions));
   return ctx;
+}
+
+Result<c1222::EaxPrime> eax_for_key(hsm::HsmAes& aes, hsm::ObjectHandle key, hsm::KeyAux* aux) {
+  aes.set_key(key);
+  if (aux != nullptr && aux->valid) {
+    Block d{}, q{};
+    std::memcpy(d.data(), aux->bytes.data(), 16);
+    std::memcpy(q.data(), aux->bytes.data() + 16, 16);
+    auto e = c1222::EaxPrime::with_subkeys(aes, d, q);
+    secure_zero(d.data(), d.size());
+    secure_zero(q.data(), q.size());
+    return e;
+  }
+  GS_ASSIGN(auto e, c1222::EaxPrime::make(aes));
+  if (aux != nullptr) {
+    std::memcpy(aux->bytes.data(), e.d().data(), 16);
+    std::memcpy(aux->bytes.data() + 16, e.q().data(), 16);
+    aux->valid = true;
+  }
+  return e;
 }
 
 }  // namespace gs

@@ -5,6 +5,9 @@
 #include <memory>
 #include <string>
 
+#include "c1222/eax_prime.h"
+#include "hsm/hsm_aes.h"
+#include "hsm/key_cache.h"
 #include "hsm/module.h"
 #include "hsm/session.h"
 #include "src/config.h"
@@ -33,5 +36,9 @@ Result<hsm::Secret> read_user_pin(const config::HsmConfig& cfg);
 
 // Module + token + logged-in pool. Errors name the module path, token label or PIN source.
 Result<HsmContext> open_hsm(const config::HsmConfig& cfg);
+
+// EAX' on the meter key `key` through `aes` (pointed at it): the subkeys come from `aux` when
+// it holds them, else they are derived (one HSM call) and kept there.
+Result<c1222::EaxPrime> eax_for_key(hsm::HsmAes& aes, hsm::ObjectHandle key, hsm::KeyAux* aux);
 
 }  // namespace gs

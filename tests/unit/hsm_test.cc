@@ -21,6 +21,7 @@
 #include "hsm/softhsm.h"
 #include "src/host_aes.h"
 #include "src/host_ecdsa.h"
+#include "src/hsm_context.h"
 
 namespace gs::hsm {
 namespace {
@@ -764,6 +765,47 @@ TEST_F(HsmTest, MeterKeyCacheIsBoundedAndFollowsKeyChanges) {
   cache.clear();
   EXPECT_EQ(cache.size(), 0u);
   EXPECT_FALSE(object_attributes(s, *h2).ok());
+}
+
+// EAX' subkeys are derived once per cached key (one HSM call) and kept with it; a new key for
+// the same id starts over.
+TEST_F(HsmTest, EaxSubkeysAreKeptWithTheCachedKey) {
+  auto s = user_session();
+  const Bytes key = hex("01020304050607080102030405060708");
+  const Bytes cleartext = hex(
+      "a20c060a607c86f7540116001702a703020104a803020102ac0fa20da00ba109"
+      "800102810448e99388be19281781159aa60d060b607c86f754011600178211"
+      "0248e99388");
+  const Bytes plaintext = hex("54454d500b40000700051a00000200e4");
+  const Bytes mac = hex("6555c029");
+  auto w = import_and_wrap_meter_key(s, kek_, key);
+  auto w2 = import_and_wrap_meter_key(s, kek_, hex("22222222222222222222222222222222"));
+  ASSERT_TRUE(w.ok() && w2.ok());
+  MeterKeyCache cache(s, kek_, 4);
+  KeyAux* aux = nullptr;
+  auto h = cache.get(7, *w, &aux);
+  ASSERT_TRUE(h.ok());
+  ASSERT_NE(aux, nullptr);
+  EXPECT_FALSE(aux->valid);
+  auto aes = HsmAes::make(s, *h);
+  ASSERT_TRUE(aes.ok());
+  for (int round = 0; round < 2; ++round) {
+    (*aes)->reset_counters();
+    auto e = gs::eax_for_key(**aes, *h, aux);
+    ASSERT_TRUE(e.ok());
+    EXPECT_EQ((*aes)->counters().init_calls, round == 0 ? 1u : 0u) << round;
+    EXPECT_TRUE(aux->valid);
+    Bytes data = plaintext;
+    auto m = e->encrypt(cleartext, data);
+    ASSERT_TRUE(m.ok());
+    EXPECT_EQ(Bytes(m->begin(), m->end()), mac) << round;
+    KeyAux* again = nullptr;
+    ASSERT_TRUE(cache.get(7, *w, &again).ok());
+    EXPECT_EQ(again, aux);
+  }
+  KeyAux* fresh = nullptr;
+  ASSERT_TRUE(cache.get(7, *w2, &fresh).ok());
+  EXPECT_FALSE(fresh->valid);
 }
 
 // ---- pool, random -------------------------------------------------------------------------------
