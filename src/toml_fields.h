@@ -2,12 +2,14 @@
 // CLI's config, the daemons' configs). Missing keys leave the default in `out`.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <set>
 #include <string>
 #include <toml++/toml.h>
 
+#include "c1222/oid.h"
 #include "gridseal/result.h"
 
 namespace gs::toml_fields {
@@ -60,6 +62,43 @@ Status get_int(const toml::table& t, const char* key, const std::string& file,
                      "must be between " + std::to_string(lo) + " and " + std::to_string(hi));
   }
   out = static_cast<T>(*v);
+  return {};
+}
+
+// Milliseconds as an integer key ("..._ms").
+inline Status get_ms(const toml::table& t, const char* key, const std::string& file,
+                     const std::string& prefix, std::int64_t lo, std::int64_t hi,
+                     std::chrono::milliseconds& out) {
+  std::int64_t v = out.count();
+  GS_TRY(get_int(t, key, file, prefix, lo, hi, v));
+  out = std::chrono::milliseconds(v);
+  return {};
+}
+
+// The sub-table `name` of root, nullptr when absent.
+inline Result<const toml::table*> get_table(const toml::table& root, const char* name,
+                                            const std::string& file) {
+  const toml::node* n = root.get(name);
+  if (n == nullptr) return static_cast<const toml::table*>(nullptr);
+  const toml::table* t = n->as_table();
+  if (t == nullptr) return key_error(file, name, "must be a table");
+  return t;
+}
+
+// An AP title (relative ".n.m" or absolute dotted); empty is refused when required.
+inline Status get_title(const toml::table& t, const char* key, const std::string& file,
+                        const std::string& prefix, c1222::OwnedApTitle& out, bool required) {
+  std::string s;
+  GS_TRY(get_string(t, key, file, prefix, s));
+  if (s.empty()) {
+    if (required) return key_error(file, prefix + key, "is required");
+    return {};
+  }
+  auto title = c1222::OwnedApTitle::parse(s);
+  if (!title.ok()) {
+    return key_error(file, prefix + key, "not an AP title (" + title.error().message() + ")");
+  }
+  out = std::move(title).value();
   return {};
 }
 

@@ -1,0 +1,63 @@
+// The shared [server] table of the daemons' configuration files.
+#include "src/daemon_config.h"
+
+#include "src/toml_fields.h"
+
+namespace gs::daemon {
+
+using namespace toml_fields;
+
+Status parse_server_table(const toml::table& root, const std::string& file,
+                          const std::filesystem::path& dir, std::int64_t min_worker_threads,
+                          ProcessModel& out) {
+  GS_ASSIGN(const toml::table* srv, get_table(root, "server", file));
+  if (srv != nullptr) {
+    const std::string p = "server.";
+    GS_TRY(check_keys(*srv, file, p,
+                      {"address", "port", "plain_tcp", "plain_tcp_remote", "tls_ca", "tls_cert",
+                       "tls_key", "max_frame", "max_in_flight", "max_connections",
+                       "handshake_timeout_ms", "idle_timeout_ms", "read_timeout_ms",
+                       "write_timeout_ms", "request_timeout_ms", "io_threads", "worker_threads",
+                       "drain_ms", "processes"}));
+    auto& s = out.server;
+    GS_TRY(get_string(*srv, "address", file, p, s.address));
+    GS_TRY(get_int(*srv, "port", file, p, 0, 65535, s.port));
+    GS_TRY(get_bool(*srv, "plain_tcp", file, p, s.plain_tcp));
+    GS_TRY(get_bool(*srv, "plain_tcp_remote", file, p, s.plain_tcp_remote));
+    GS_TRY(get_string(*srv, "tls_ca", file, p, s.tls.ca_file));
+    GS_TRY(get_string(*srv, "tls_cert", file, p, s.tls.cert_file));
+    GS_TRY(get_string(*srv, "tls_key", file, p, s.tls.key_file));
+    GS_TRY(get_int(*srv, "max_frame", file, p, 64, 65536, s.max_frame));
+    GS_TRY(get_int(*srv, "max_in_flight", file, p, 1, 4096, s.max_in_flight));
+    GS_TRY(get_int(*srv, "max_connections", file, p, 1, 100000, s.max_connections));
+    GS_TRY(get_ms(*srv, "handshake_timeout_ms", file, p, 100, 600000, s.handshake_timeout));
+    GS_TRY(get_ms(*srv, "idle_timeout_ms", file, p, 100, 86400000, s.idle_timeout));
+    GS_TRY(get_ms(*srv, "read_timeout_ms", file, p, 100, 600000, s.read_timeout));
+    GS_TRY(get_ms(*srv, "write_timeout_ms", file, p, 100, 600000, s.write_timeout));
+    GS_TRY(get_ms(*srv, "request_timeout_ms", file, p, 100, 600000, s.request_timeout));
+    GS_TRY(get_int(*srv, "io_threads", file, p, 1, 64, s.io_threads));
+    GS_TRY(get_int(*srv, "worker_threads", file, p, min_worker_threads, 256, s.worker_threads));
+    GS_TRY(get_ms(*srv, "drain_ms", file, p, 0, 600000, out.drain));
+    GS_TRY(get_int(*srv, "processes", file, p, 0, 64, out.processes));
+    s.tls.ca_file = resolve_path(dir, s.tls.ca_file);
+    s.tls.cert_file = resolve_path(dir, s.tls.cert_file);
+    s.tls.key_file = resolve_path(dir, s.tls.key_file);
+  }
+  if (auto st = server::validate(out.server); !st.ok()) {
+    return key_error(file, "server", st.error().message());
+  }
+  return {};
+}
+
+Result<toml::table> parse_toml_file(const std::string& path) {
+  try {
+    return toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    const auto& at = e.source().begin;
+    return Error(Errc::invalid_argument, path + ":" + std::to_string(at.line) + ":" +
+                                             std::to_string(at.column) + ": " +
+                                             std::string(e.description()));
+  }
+}
+
+}  // namespace gs::daemon

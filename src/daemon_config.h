@@ -1,0 +1,32 @@
+// The parts of gridseal-sesd's and gridseal-dkusd's configuration files that are the same: the
+// [server] table (listener, TLS, limits, timeouts, threads, processes, drain).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <toml++/toml.h>
+
+#include "gridseal/result.h"
+#include "src/server.h"
+
+namespace gs::daemon {
+
+struct ProcessModel {
+  server::ServerConfig server;
+  std::uint32_t processes = 0;             // server.processes: 0 = one per CPU core
+  std::chrono::milliseconds drain{10000};  // server.drain_ms
+};
+
+// Parses [server] of `root` (absent: the defaults already in `out`) and validates the result
+// (server::validate). min_worker_threads: 0 when handlers may run on the event loop. Relative
+// TLS paths resolve against `dir`. Every error names the file and the key.
+Status parse_server_table(const toml::table& root, const std::string& file,
+                          const std::filesystem::path& dir, std::int64_t min_worker_threads,
+                          ProcessModel& out);
+
+// Parses a whole TOML file; syntax errors name the file, line and column.
+Result<toml::table> parse_toml_file(const std::string& path);
+
+}  // namespace gs::daemon

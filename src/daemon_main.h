@@ -1,0 +1,93 @@
+// What the two daemons' main() functions share: the command line (with the internal flags the
+// supervisor gives its workers), opening the HSM in a worker, serving as a worker until SIGTERM,
+// and starting the supervisor (port reservation, the "listening on" line).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "gridseal/result.h"
+#include "src/config.h"
+#include "src/hsm_context.h"
+#include "src/metrics.h"
+#include "src/server.h"
+#include "src/supervisor.h"
+
+namespace gs::daemon {
+
+// An internal integer flag a worker receives ("--limiter-fd", "--started-at").
+struct IntFlag {
+  const char* name;
+  long long lo;
+  long long hi;
+};
+
+struct Args {
+  std::string config;
+  bool check = false;
+  // Internal, set by the supervisor: worker index (-1: this is the supervisor), control channel,
+  // port, and the daemon's own flags in the order given to parse_args.
+  int worker = -1;
+  int control_fd = -1;
+  int port = -1;
+  std::vector<long long> extra;
+};
+
+// `--config F [--check]`, plus the internal flags. Returns 0 to go on, else the exit code (help:
+// 0 after printing `usage`, usage error: 2). A worker must have every internal flag.
+int parse_args(int argc, char** argv, const std::string& name, const char* usage,
+               const std::vector<IntFlag>& extra, Args& a);
+
+// Prints "<name>: <what>" on stderr; returns 1.
+int fail(const std::string& name, const std::string& what);
+
+// UTC seconds now.
+std::uint32_t utc_now();
+
+// In a worker: the HSM with at least `threads` sessions; transient refusals (another process
+// initialising the module at the same instant) are retried a few times.
+Result<HsmContext> open_worker_hsm(config::HsmConfig cfg, std::size_t threads,
+                                   const std::string& who);
+
+// Everything a worker does once its service exists.
+struct WorkerSpec {
+  std::string name;  // "gridseal-sesd"
+  int worker = 0;
+  int control_fd = -1;
+  server::ServerConfig server;  // port set to the supervisor's
+  std::chrono::milliseconds drain{10000};
+  server::Handler handler;
+  metrics::Registry* registry = nullptr;
+  std::function<metrics::Health()> health;
+  std::function<void()> on_sighup;  // empty: logged and ignored
+};
+
+// Blocks the daemon signals (call first thing in a worker, before any thread starts).
+void block_worker_signals();
+// Starts the server, reports ready to the supervisor, serves until SIGTERM/SIGINT (or the
+// supervisor is gone), drains within spec.drain. Returns the exit code.
+int serve_worker(WorkerSpec spec);
+
+struct SupervisorSpec {
+  std::string name;
+  std::string config_path;
+  const server::ServerConfig* server = nullptr;
+  std::uint32_t processes = 0;  // 0: one per core
+  std::size_t handler_threads = 1;
+  std::chrono::milliseconds drain{10000};
+  bool metrics_enabled = true;
+  metrics::HttpConfig metrics;
+  std::vector<std::string> extra_args;  // the daemon's internal flags with their values
+  std::vector<int> inherit_fds;
+  std::function<Status()> check_reload;
+};
+
+// Reserves the port when it is 0, runs the supervisor and prints, once every worker serves,
+// "<name>: listening on ADDR:PORT (TLS 1.3|plain TCP), metrics on ADDR:PORT, N worker
+// processes x M handler threads". Returns the exit code.
+int supervise(const SupervisorSpec& spec);
+
+}  // namespace gs::daemon
