@@ -98,9 +98,7 @@ DkusService::DkusService(const DkusConfig& cfg, HsmContext& hsm, metrics::Regist
 
 DkusService::~DkusService() {
   stop();
-  std::lock_guard<std::mutex> lock(mu_);
-  for (auto& w : free_) drop_hsm(*w);
-  free_.clear();
+  states_.drain([](ThreadState& w) { w.drop_hsm(); });
 }
 
 Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, HsmContext& hsm,
@@ -131,7 +129,7 @@ Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, 
                                                  std::move(alloc), std::move(committer),
                                                  started_at));
   for (std::size_t i = 0; i < threads; ++i) {
-    s->free_.push_back(std::make_unique<ThreadState>(
+    s->states_.add(std::make_unique<ThreadState>(
         cfg.meter_cache, std::chrono::milliseconds(cfg.meter_cache_ttl_ms)));
   }
   DkusService* raw = s.get();
@@ -147,66 +145,11 @@ void DkusService::stop() {
   if (committer_) committer_->stop();
 }
 
-Status DkusService::ensure_store(ThreadState& w) {
-  if (w.store) return {};
-  db::OpenOptions opt;
-  opt.create = false;
-  auto ks = store::KeyStore::open(cfg_.base.store.path, opt);
-  if (!ks.ok()) return ks.error();
-  w.store.emplace(std::move(ks).value());
-  return {};
-}
-
-void DkusService::drop_hsm(ThreadState& w) {
-  const bool lost = w.lease && (*w.lease)->lost();
-  if (w.keys) {
-    if (lost) w.keys->reset(0);  // the objects are gone with the session
-    w.keys.reset();
-  }
-  w.aes.reset();
-  w.lease.reset();
-}
-
-Status DkusService::ensure_hsm(ThreadState& w) {
-  if (w.lease && !(*w.lease)->lost()) return {};
-  drop_hsm(w);
-  auto lease = hsm_.pool->acquire();
-  if (!lease.ok()) return lease.error();
-  w.lease.emplace(std::move(lease).value());
-  hsm::Session& s = w.lease->session();
-  auto kek = hsm::find_object(s, hsm::ObjectClass::secret_key, kLabelKek);
-  if (!kek.ok()) {
-    return Error(kek.error().code, std::string(kLabelKek) + ": " + kek.error().message());
-  }
-  w.kek = *kek;
-  auto aes = hsm::HsmAes::make(s, w.kek);
-  if (!aes.ok()) return aes.error();
-  w.aes = std::move(aes).value();
-  w.keys = std::make_unique<hsm::MeterKeyCache>(s, w.kek, cfg_.base.hsm.key_cache);
-  return {};
-}
-
-std::unique_ptr<ThreadState> DkusService::take_state() {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [this] { return !free_.empty(); });
-  auto w = std::move(free_.back());
-  free_.pop_back();
-  return w;
-}
-
-void DkusService::give_state(std::unique_ptr<ThreadState> w) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.push_back(std::move(w));
-  }
-  cv_.notify_one();
-}
-
 Status DkusService::warm_up() {
-  auto w = take_state();
-  Status st = ensure_store(*w);
-  if (st.ok()) st = ensure_hsm(*w);
-  give_state(std::move(w));
+  auto w = states_.take();
+  Status st = w->ensure_store(cfg_.base.store.path);
+  if (st.ok()) st = w->ensure_hsm(hsm_, cfg_.base.hsm.key_cache);
+  states_.give(std::move(w));
   return st;
 }
 
@@ -272,9 +215,9 @@ void DkusService::handle(const server::RequestContext& ctx, Bytes request, serve
   req->ctx = ctx;
   req->done = std::move(done);
   req->t0 = std::chrono::steady_clock::now();
-  auto w = take_state();
+  auto w = states_.take();
   Outcome o = process(ctx, request, *w, req);
-  give_state(std::move(w));
+  states_.give(std::move(w));
   if (o.response) finish(*req, std::move(*o.response), o.result);
 }
 
@@ -297,7 +240,7 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
   };
 
   // The meter, by its (calling) AP title.
-  if (auto st = ensure_store(w); !st.ok()) {
+  if (auto st = w.ensure_store(cfg_.base.store.path); !st.ok()) {
     store_ok_ = false;
     return refuse(ctx, &m, meter_name, c1222::kRespBsy, "store_error", st.error().message());
   }
@@ -361,10 +304,10 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
   auto hsm_refusal = [&](const std::string& why) {
     hsm_errors_.inc();
     hsm_ok_ = false;
-    drop_hsm(w);  // rebuilt (session, handles, key cache) on the next request
+    w.drop_hsm();  // rebuilt (session, handles, key cache) on the next request
     return refuse(ctx, &m, meter_name, c1222::kRespBsy, "hsm_error", why);
   };
-  if (auto st = ensure_hsm(w); !st.ok()) return hsm_refusal(st.error().message());
+  if (auto st = w.ensure_hsm(hsm_, cfg_.base.hsm.key_cache); !st.ok()) return hsm_refusal(st.error().message());
   const std::uint64_t key_ref = static_cast<std::uint64_t>(meter->row) * store::kSlotsPerMeter +
                                 static_cast<std::uint64_t>(slot->slot);
   hsm::KeyAux* aux = nullptr;

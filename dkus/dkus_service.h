@@ -22,6 +22,7 @@
 #include "hsm/session.h"
 #include "src/hsm_context.h"
 #include "src/invocation_ids.h"
+#include "src/handler_state.h"
 #include "src/key_store.h"
 #include "src/meter_cache.h"
 #include "src/metrics.h"
@@ -29,15 +30,10 @@
 
 namespace gs::dkus {
 
-// What one handler thread uses exclusively while it serves a request.
-struct ThreadState {
-  ThreadState(std::size_t meter_cache, std::chrono::milliseconds ttl) : meters(meter_cache, ttl) {}
-  std::optional<hsm::SessionPool::Lease> lease;
-  hsm::ObjectHandle kek = 0;
-  std::unique_ptr<hsm::MeterKeyCache> keys;
-  std::unique_ptr<hsm::HsmAes> aes;
-  std::optional<store::KeyStore> store;
-  store::MeterCache meters;
+// What one handler thread uses exclusively while it serves a request (src/handler_state.h).
+struct ThreadState : HsmThreadState, StoreThreadState {
+  ThreadState(std::size_t meter_cache, std::chrono::milliseconds ttl)
+      : StoreThreadState(meter_cache, ttl) {}
 };
 
 class DkusService {
@@ -82,11 +78,6 @@ class DkusService {
                  const std::string& reason);
   Bytes error_pdu(const c1222::ApTitle* called, ByteView request_id, std::uint8_t code);
   void finish(const Request& req, Bytes response, const char* result);
-  Status ensure_hsm(ThreadState& w);
-  void drop_hsm(ThreadState& w);
-  Status ensure_store(ThreadState& w);
-  std::unique_ptr<ThreadState> take_state();
-  void give_state(std::unique_ptr<ThreadState> w);
 
   const DkusConfig& cfg_;
   HsmContext& hsm_;
@@ -99,9 +90,7 @@ class DkusService {
   ReplayMarks marks_;
   MacFailures mac_failures_;
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<std::unique_ptr<ThreadState>> free_;
+  StatePool<ThreadState> states_;
 
   metrics::Histogram& latency_;
   metrics::Counter& hsm_errors_;

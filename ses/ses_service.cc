@@ -69,9 +69,7 @@ SesService::SesService(const SesConfig& cfg, HsmContext& hsm, policy::Policy pol
                                    "HSM operations that failed")) {}
 
 SesService::~SesService() {
-  std::lock_guard<std::mutex> lock(mu_);
-  for (auto& w : free_) drop_hsm(*w);
-  free_.clear();
+  states_.drain([this](WorkerState& w) { drop_hsm(w); });
 }
 
 Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, HsmContext& hsm,
@@ -94,7 +92,7 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
                                                std::move(limiter), std::move(id_store),
                                                std::move(alloc)));
   for (std::size_t i = 0; i < threads; ++i) {
-    s->free_.push_back(std::make_unique<WorkerState>(
+    s->states_.add(std::make_unique<WorkerState>(
         cfg.meter_cache, std::chrono::milliseconds(cfg.meter_cache_ttl_ms)));
   }
   SesService* raw = s.get();
@@ -103,70 +101,29 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
   return s;
 }
 
-Status SesService::ensure_store(WorkerState& w) {
-  if (w.store) return {};
-  db::OpenOptions opt;
-  opt.create = false;
-  auto ks = store::KeyStore::open(cfg_.base.store.path, opt);
-  if (!ks.ok()) return ks.error();
-  w.store.emplace(std::move(ks).value());
-  return {};
-}
-
 void SesService::drop_hsm(WorkerState& w) {
-  const bool lost = w.lease && (*w.lease)->lost();
-  if (w.keys) {
-    if (lost) w.keys->reset(0);  // the objects are gone with the session
-    w.keys.reset();
-  }
   w.signer.reset();
-  w.aes.reset();
-  w.lease.reset();
+  w.drop_hsm();
 }
 
 Status SesService::ensure_hsm(WorkerState& w) {
-  if (w.lease && !(*w.lease)->lost()) return {};
-  drop_hsm(w);
-  auto lease = hsm_.pool->acquire();
-  if (!lease.ok()) return lease.error();
-  w.lease.emplace(std::move(lease).value());
+  if (w.hsm_ready() && w.signer) return {};
+  w.signer.reset();
+  GS_TRY(w.ensure_hsm(hsm_, cfg_.base.hsm.key_cache));
   hsm::Session& s = w.lease->session();
   const std::string cmd_label = "gs-cmd-" + std::to_string(cfg_.command_key_id);
   auto cmd = hsm::find_object(s, hsm::ObjectClass::private_key, cmd_label);
   if (!cmd.ok()) return Error(cmd.error().code, cmd_label + ": " + cmd.error().message());
-  auto kek = hsm::find_object(s, hsm::ObjectClass::secret_key, kLabelKek);
-  if (!kek.ok()) return Error(kek.error().code, std::string(kLabelKek) + ": " + kek.error().message());
   w.command_key = *cmd;
-  w.kek = *kek;
-  auto aes = hsm::HsmAes::make(s, w.kek);
-  if (!aes.ok()) return aes.error();
-  w.aes = std::move(aes).value();
-  w.keys = std::make_unique<hsm::MeterKeyCache>(s, w.kek, cfg_.base.hsm.key_cache);
   w.signer = std::make_unique<HsmSigner>(s, w.command_key, cfg_.command_key_id);
   return {};
 }
 
-std::unique_ptr<WorkerState> SesService::take_state() {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [this] { return !free_.empty(); });
-  auto w = std::move(free_.back());
-  free_.pop_back();
-  return w;
-}
-
-void SesService::give_state(std::unique_ptr<WorkerState> w) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.push_back(std::move(w));
-  }
-  cv_.notify_one();
-}
-
 Status SesService::warm_up() {
-  auto w = take_state();
-  Status st = ensure_store(*w);
+  auto w = states_.take();
+  Status st = w->ensure_store(cfg_.base.store.path);
   if (st.ok()) st = ensure_hsm(*w);
-  give_state(std::move(w));
+  states_.give(std::move(w));
   return st;
 }
 
@@ -279,7 +236,7 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
     return o;
   }
 
-  if (auto st = ensure_store(w); !st.ok()) {
+  if (auto st = w.ensure_store(cfg_.base.store.path); !st.ok()) {
     store_ok_ = false;
     return refuse(ctx, &m, c1222::kRespBsy, "store_error", st.error().message());
   }
@@ -370,10 +327,10 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
 
 Bytes SesService::handle(const server::RequestContext& ctx, ByteView request) {
   const auto t0 = std::chrono::steady_clock::now();
-  auto w = take_state();
+  auto w = states_.take();
   const std::shared_ptr<const policy::Policy> policy = current_policy();
   Outcome o = process(ctx, request, *w, *policy);
-  give_state(std::move(w));
+  states_.give(std::move(w));
   latency_.observe(std::chrono::steady_clock::now() - t0);
   registry_
       .counter("gridseal_ses_requests_total", "Requests by command class and result",

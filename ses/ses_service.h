@@ -19,6 +19,7 @@
 #include "hsm/session.h"
 #include "ses/ses_config.h"
 #include "src/command_signer.h"
+#include "src/handler_state.h"
 #include "src/hsm_context.h"
 #include "src/invocation_ids.h"
 #include "src/key_store.h"
@@ -29,19 +30,13 @@
 
 namespace gs::ses {
 
-// What one handler thread uses exclusively while it serves a request.
-struct WorkerState {
-  WorkerState(std::size_t meter_cache, std::chrono::milliseconds ttl) : meters(meter_cache, ttl) {}
-  // HSM part, (re)built on demand; dropped when the session was lost.
-  std::optional<hsm::SessionPool::Lease> lease;
+// What one handler thread uses exclusively: session, KEK, cipher and key cache, store (shared
+// with the DKUS, src/handler_state.h), plus the command-signing key.
+struct WorkerState : HsmThreadState, StoreThreadState {
+  WorkerState(std::size_t meter_cache, std::chrono::milliseconds ttl)
+      : StoreThreadState(meter_cache, ttl) {}
   hsm::ObjectHandle command_key = 0;
-  hsm::ObjectHandle kek = 0;
-  std::unique_ptr<hsm::MeterKeyCache> keys;
-  std::unique_ptr<hsm::HsmAes> aes;
   std::unique_ptr<HsmSigner> signer;
-  // Store part.
-  std::optional<store::KeyStore> store;
-  store::MeterCache meters;
 };
 
 class SesService {
@@ -87,9 +82,6 @@ class SesService {
                  std::uint8_t code, const char* result, const std::string& reason);
   Status ensure_hsm(WorkerState& w);
   void drop_hsm(WorkerState& w);
-  Status ensure_store(WorkerState& w);
-  std::unique_ptr<WorkerState> take_state();
-  void give_state(std::unique_ptr<WorkerState> w);
 
   const SesConfig& cfg_;
   HsmContext& hsm_;
@@ -102,9 +94,7 @@ class SesService {
   std::unique_ptr<store::KeyStore> id_store_;  // used only under the allocator's mutex
   ids::InvocationIdAllocator ids_;
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<std::unique_ptr<WorkerState>> free_;
+  StatePool<WorkerState> states_;
 
   metrics::Histogram& latency_;
   metrics::Counter& hsm_errors_;

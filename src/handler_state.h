@@ -1,0 +1,87 @@
+// What one handler thread of a daemon holds while it serves a request, shared by the SES and
+// the DKUS: a pooled PKCS#11 session with the KEK, one EAX' cipher and the cache of unwrapped
+// meter keys (rebuilt after the session is lost), a store connection with a meter cache, and
+// the pool that hands these states to handler threads.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "hsm/hsm_aes.h"
+#include "hsm/key_cache.h"
+#include "hsm/session.h"
+#include "src/hsm_context.h"
+#include "src/key_store.h"
+#include "src/meter_cache.h"
+
+namespace gs {
+
+struct HsmThreadState {
+  std::optional<hsm::SessionPool::Lease> lease;
+  hsm::ObjectHandle kek = 0;
+  std::unique_ptr<hsm::MeterKeyCache> keys;
+  std::unique_ptr<hsm::HsmAes> aes;
+
+  // True while the session is open and the objects are usable.
+  bool hsm_ready() { return lease && !(*lease)->lost(); }
+  // Acquires a session and finds the KEK when missing or lost; the key cache holds at most
+  // `key_cache` unwrapped meter keys.
+  Status ensure_hsm(HsmContext& hsm, std::size_t key_cache);
+  // Gives the session back (the cached key objects are destroyed, or forgotten when the
+  // session was lost with them).
+  void drop_hsm();
+};
+
+struct StoreThreadState {
+  StoreThreadState(std::size_t meter_cache, std::chrono::milliseconds ttl)
+      : meters(meter_cache, ttl) {}
+  std::optional<store::KeyStore> store;
+  store::MeterCache meters;
+
+  // Opens the store connection on first use (the database must exist).
+  Status ensure_store(const std::string& path);
+};
+
+// A fixed set of per-thread states: take() blocks until one is free.
+template <typename State>
+class StatePool {
+ public:
+  void add(std::unique_ptr<State> s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(std::move(s));
+  }
+  std::unique_ptr<State> take() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return !free_.empty(); });
+    auto s = std::move(free_.back());
+    free_.pop_back();
+    return s;
+  }
+  void give(std::unique_ptr<State> s) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      free_.push_back(std::move(s));
+    }
+    cv_.notify_one();
+  }
+  // Runs fn on every state not taken, then forgets them (shutdown).
+  void drain(const std::function<void(State&)>& fn) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& s : free_) fn(*s);
+    free_.clear();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::unique_ptr<State>> free_;
+};
+
+}  // namespace gs
