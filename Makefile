@@ -45,5 +45,11 @@ bench: deps
 	$(MAKE) build
 	$(BUILD)/bin/gs_bench --benchmark_min_time=0.5
 
+# End to end on this machine: deps, build, a 10,000-meter simulated fleet, the three daemons over
+# TLS, the bench scenarios, a summary (tools/demo/demo.sh; state in $(BUILD)/demo/).
+.PHONY: demo
+demo:
+	BUILD=$(BUILD) ./tools/demo/demo.sh
+
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

@@ -15,8 +15,8 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <ctime>
 #include <cstdio>
+#include <ctime>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -44,12 +44,18 @@ enum class Scenario { read, disconnect, dr, forged, replay, mixed };
 
 const char* scenario_name(Scenario s) {
   switch (s) {
-    case Scenario::read: return "read";
-    case Scenario::disconnect: return "disconnect";
-    case Scenario::dr: return "dr";
-    case Scenario::forged: return "forged";
-    case Scenario::replay: return "replay";
-    case Scenario::mixed: return "mixed";
+    case Scenario::read:
+      return "read";
+    case Scenario::disconnect:
+      return "disconnect";
+    case Scenario::dr:
+      return "dr";
+    case Scenario::forged:
+      return "forged";
+    case Scenario::replay:
+      return "replay";
+    case Scenario::mixed:
+      return "mixed";
   }
   return "?";
 }
@@ -63,14 +69,23 @@ const char* const kStageLabels[kStages] = {"SES secure", "relay + meter", "DKUS 
 // intervals of the last 24 h (6 + 96 x 2 bytes).
 constexpr std::size_t kRegsSize = 26;
 constexpr std::size_t kProfileSize = 6 + 2 * 96;
-constexpr std::uint16_t kTableDrEvent = 0x0800 | 40;  // MT-40, the DR event table of the policy
+constexpr std::uint16_t kTableDrEvent = 0x0800 | 40;   // MT-40, the DR event table of the policy
 constexpr std::uint8_t kConnect = 1, kDisconnect = 2;  // SP-26 actions
 
 // SP-26 remote connect/disconnect: full write of ST-7, little-endian procedure number, sequence
 // number, action, reserved byte, checksum.
 Bytes sp26(std::uint8_t seq, std::uint8_t action) {
   const auto sum = static_cast<std::uint8_t>(0x1a + seq + action);
-  return Bytes{0x40, 0x00, 0x07, 0x00, 0x05, 0x1a, 0x00, seq, action, 0x00,
+  return Bytes{0x40,
+               0x00,
+               0x07,
+               0x00,
+               0x05,
+               0x1a,
+               0x00,
+               seq,
+               action,
+               0x00,
                static_cast<std::uint8_t>(0x100 - sum)};
 }
 
@@ -165,16 +180,16 @@ struct ChainOptions {
   std::size_t connections = 4;
   std::size_t depth = 8;
   double duration_s = 10;
-  double rate = 0;                 // commands/s offered over all lanes; 0: closed loop
-  std::uint64_t rounds = 0;        // per lane; 0: until the duration is over
+  double rate = 0;           // commands/s offered over all lanes; 0: closed loop
+  std::uint64_t rounds = 0;  // per lane; 0: until the duration is over
   std::uint64_t meters = 0;
   std::uint64_t first = 1;
   std::string prefix = ".7";
   c1222::OwnedApTitle calling;
-  std::string store_path;          // receipts: check the DKUS stored them
-  std::string group = ".3.1";      // dr
-  std::uint64_t events = 1;        // dr
-  Bytes cmd_pub;                   // dr: gs-cmd-N public key, 65 bytes
+  std::string store_path;      // receipts: check the DKUS stored them
+  std::string group = ".3.1";  // dr
+  std::uint64_t events = 1;    // dr
+  Bytes cmd_pub;               // dr: gs-cmd-N public key, 65 bytes
   bool progress = true;
   bool json = false;
 };
@@ -184,11 +199,11 @@ struct ChainOptions {
 struct Stats {
   std::array<std::uint64_t, kStages> ok{};
   std::array<std::vector<std::uint64_t>, kStages> lat;
-  std::uint64_t verified = 0;          // commands whose cleartext passed its checks
+  std::uint64_t verified = 0;           // commands whose cleartext passed its checks
   std::uint64_t receipts_verified = 0;  // MT-2042 receipts checked in the cleartext
   std::uint64_t receipts_stored = 0;    // ... and found in the DKUS store, signature verified
-  std::map<std::string, std::uint64_t> errors;                    // "stage:code"
-  std::map<std::string, std::array<std::uint64_t, 2>> checks;     // name -> passed, failed
+  std::map<std::string, std::uint64_t> errors;                 // "stage:code"
+  std::map<std::string, std::array<std::uint64_t, 2>> checks;  // name -> passed, failed
   std::vector<std::string> notes;
 
   void merge(const Stats& o) {
@@ -235,7 +250,7 @@ struct Cmd {
   c1222::OwnedApTitle title;
   Bytes title_abs;
   Kind kind = Kind::read;
-  Bytes wire;  // what goes to the next stage
+  Bytes wire;                    // what goes to the next stage
   std::uint64_t command_id = 0;  // the SES's invocation id of the secured command
   Clock::time_point t0;
   bool alive = true;
@@ -292,9 +307,9 @@ class Lane {
   }
 
   // Runs commands through SES -> relay -> DKUS, each stage pipelined; every command ends
-  // verified or with its error counted.
-  void run_batch(std::vector<Cmd>& cmds) {
-    const auto t0 = Clock::now();
+  // verified or with its error counted. End-to-end latency counts from `t0` (open loop: the
+  // intended send time, so that a late send is not hidden).
+  void run_batch(std::vector<Cmd>& cmds, Clock::time_point t0 = Clock::now()) {
     for (Cmd& c : cmds) c.t0 = t0;
     for (Stage s : {kSes, kRelay, kDkus}) {
       Bytes out;
@@ -361,7 +376,8 @@ class Lane {
     if (a.services[1] != Bytes{c1222::kRespOk}) return "check:sp26-result";
     auto r = c1222::decode_receipt_response(a.services[2]);
     if (!r.ok()) return "check:receipt";
-    if (r->invocation_id != c.command_id || r->result != c1222::kRespOk) return "check:receipt-fields";
+    if (r->invocation_id != c.command_id || r->result != c1222::kRespOk)
+      return "check:receipt-fields";
     ++st_.receipts_verified;
     if (!o_.store_path.empty()) {
       if (auto why = stored(c, *r); !why.empty()) return why;
@@ -380,7 +396,8 @@ class Lane {
     bad[bad.size() - 6] ^= 0x01;  // a ciphertext byte (the last 4 bytes are the MAC)
     auto refused = call(kRelay, bad);
     if (!refused) return;
-    check("tampered command refused by its meter (sme)", meter_refusal(c, *refused) == c1222::kRespSme);
+    check("tampered command refused by its meter (sme)",
+          meter_refusal(c, *refused) == c1222::kRespSme);
     auto response = call(kRelay, *secured);
     if (!response) return;
     const bool sealed = inspect(*response).mode == c1222::SecurityMode::encrypted;
@@ -390,7 +407,8 @@ class Lane {
     bad_response[bad_response.size() - 6] ^= 0x01;
     auto opened = call(kDkus, bad_response);
     if (!opened) return;
-    check("tampered meter response refused by the DKUS (sme)", dkus_refusal(c, *opened) == c1222::kRespSme);
+    check("tampered meter response refused by the DKUS (sme)",
+          dkus_refusal(c, *opened) == c1222::kRespSme);
     opened = call(kDkus, *response);
     if (!opened) return;
     check("genuine response opens after the tampered one", verdict(c, *opened).empty());
@@ -408,21 +426,27 @@ class Lane {
     auto opened = call(kDkus, *first);
     if (!opened) return;
     check("first delivery executed and opened", verdict(c, *opened).empty());
-    check("replayed command refused by its meter (sme)", meter_refusal(c, *again) == c1222::kRespSme);
+    check("replayed command refused by its meter (sme)",
+          meter_refusal(c, *again) == c1222::kRespSme);
     opened = call(kDkus, *first);
     if (!opened) return;
-    check("replayed meter response refused by the DKUS (sme)", dkus_refusal(c, *opened) == c1222::kRespSme);
+    check("replayed meter response refused by the DKUS (sme)",
+          dkus_refusal(c, *opened) == c1222::kRespSme);
   }
 
   // One DR broadcast: signed once by the SES in mode 0, addressed to the group.
   void dr_round(const c1222::OwnedApTitle& group, std::uint32_t event) {
     const std::uint32_t start = static_cast<std::uint32_t>(std::time(nullptr)) + 60;
     const std::uint8_t data[10] = {static_cast<std::uint8_t>(event >> 8),
-                                   static_cast<std::uint8_t>(event), 2 /*level*/, 15 /*minutes*/,
+                                   static_cast<std::uint8_t>(event),
+                                   2 /*level*/,
+                                   15 /*minutes*/,
                                    static_cast<std::uint8_t>(start >> 24),
                                    static_cast<std::uint8_t>(start >> 16),
                                    static_cast<std::uint8_t>(start >> 8),
-                                   static_cast<std::uint8_t>(start), 0, 0};
+                                   static_cast<std::uint8_t>(start),
+                                   0,
+                                   0};
     auto write = c1222::encode_partial_write(kTableDrEvent, ByteView(data, sizeof data));
     GS_CHECK(write.ok());
     const Bytes req = make_request(group, o_.calling, next_request_id(), {*write});
@@ -439,14 +463,17 @@ class Lane {
     check("broadcast signed once by the SES (mode 0 + MT-2040)", mode0);
     if (!mode0) return;
     auto ac = c1222::extract_authorization(*m);
-    const bool auth_ok = ac.ok() && ac->authorization.command_class == c1222::CommandClass::demand_response;
-    check("MT-2040 class demand_response, addressed to the group", auth_ok &&
-          m->called_ap_title && m->called_ap_title->absolute(c1222::default_base_oid()) ==
-                                    group.view().absolute(c1222::default_base_oid()));
+    const bool auth_ok =
+        ac.ok() && ac->authorization.command_class == c1222::CommandClass::demand_response;
+    check("MT-2040 class demand_response, addressed to the group",
+          auth_ok && m->called_ap_title &&
+              m->called_ap_title->absolute(c1222::default_base_oid()) ==
+                  group.view().absolute(c1222::default_base_oid()));
     if (!auth_ok) return;
     Bytes body;
     c1222::append_service(body, *write);
-    check("signed services are the event write", Bytes(ac->following.begin(), ac->following.end()) == body);
+    check("signed services are the event write",
+          Bytes(ac->following.begin(), ac->following.end()) == body);
     if (!o_.cmd_pub.empty()) {
       auto pub = HostEcKey::from_public(o_.cmd_pub);
       auto digest = sha256(ac->signing_input);
@@ -463,7 +490,8 @@ class Lane {
 
  private:
   static std::uint64_t ns(Clock::duration d) {
-    return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
+    return static_cast<std::uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
   }
 
   std::uint32_t next_request_id() {
@@ -631,7 +659,7 @@ void run_lane(const ChainOptions& o, Lane& lane, Clock::time_point start,
         std::vector<Cmd> cmds;
         for (auto m : lane.next_meters(o.depth)) cmds.push_back(lane.make(m, Kind::read));
         commands = cmds.size();
-        lane.run_batch(cmds);
+        lane.run_batch(cmds, per_lane > 0 ? due : Clock::now());
         break;
       }
       case Scenario::disconnect: {
@@ -639,7 +667,7 @@ void run_lane(const ChainOptions& o, Lane& lane, Clock::time_point start,
         lane.next_seq();
         std::vector<Cmd> off, on;
         for (auto m : meters) off.push_back(lane.make(m, Kind::disconnect));
-        lane.run_batch(off);
+        lane.run_batch(off, per_lane > 0 ? due : Clock::now());
         for (auto m : meters) on.push_back(lane.make(m, Kind::connect));
         lane.run_batch(on);
         commands = 2 * meters.size();
@@ -674,7 +702,8 @@ int usage_error(const std::string& what) {
 Result<server::ClientConfig> endpoint(const std::string& option, const std::string& text) {
   const auto colon = text.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 >= text.size()) {
-    return Error(Errc::invalid_argument, "--" + option + ": expected ADDR:PORT, got '" + text + "'");
+    return Error(Errc::invalid_argument,
+                 "--" + option + ": expected ADDR:PORT, got '" + text + "'");
   }
   server::ClientConfig cc;
   cc.host = text.substr(0, colon);
@@ -694,21 +723,21 @@ void print_table(const ChainOptions& o, const Stats& s, double elapsed) {
               scenario_name(o.scenario), o.ses.host.c_str(), unsigned{o.ses.port},
               o.relay.host.c_str(), unsigned{o.relay.port}, o.dkus.host.c_str(),
               unsigned{o.dkus.port}, o.tls ? "TLS 1.3" : "plain TCP");
-  std::printf("  %zu connection(s) x depth %zu, %s, meters %s.%llu..%llu, %.1f s\n",
-              o.connections, o.depth,
+  std::printf("  %zu connection(s) x depth %zu, %s, meters %s.%llu..%llu, %.1f s\n", o.connections,
+              o.depth,
               o.rate > 0 ? ("open loop " + std::to_string(static_cast<long>(o.rate)) + "/s").c_str()
                          : "closed loop",
               o.prefix.c_str(), static_cast<unsigned long long>(o.first),
               static_cast<unsigned long long>(o.first + o.meters - 1), elapsed);
-  std::printf("  %-16s %10s %10s %10s %10s %10s\n", "stage", "count", "per s", "p50 ms",
-              "p99 ms", "p999 ms");
+  std::printf("  %-16s %10s %10s %10s %10s %10s\n", "stage", "count", "per s", "p50 ms", "p99 ms",
+              "p999 ms");
   for (std::size_t i = 0; i < kStages; ++i) {
     const std::uint64_t n = i == kEndToEnd ? s.verified : s.ok[i];
     if (o.scenario == Scenario::dr && (i == kRelay || i == kDkus)) continue;
     std::printf("  %-16s %10llu %10.1f %10.3f %10.3f %10.3f\n", kStageLabels[i],
-                static_cast<unsigned long long>(n), elapsed > 0 ? static_cast<double>(n) / elapsed : 0,
-                percentile_ms(s.lat[i], 0.5), percentile_ms(s.lat[i], 0.99),
-                percentile_ms(s.lat[i], 0.999));
+                static_cast<unsigned long long>(n),
+                elapsed > 0 ? static_cast<double>(n) / elapsed : 0, percentile_ms(s.lat[i], 0.5),
+                percentile_ms(s.lat[i], 0.99), percentile_ms(s.lat[i], 0.999));
   }
   std::printf("  %-28s %llu\n", "verified cleartexts", static_cast<unsigned long long>(s.verified));
   if (s.receipts_verified > 0 || o.scenario == Scenario::disconnect) {
@@ -724,7 +753,7 @@ void print_table(const ChainOptions& o, const Stats& s, double elapsed) {
     std::printf("    %-26s %llu\n", k.c_str(), static_cast<unsigned long long>(v));
   }
   if (!s.checks.empty()) {
-    std::printf("  checks                         passed  failed\n");
+    std::printf("  %-58s %6s %7s\n", "checks", "passed", "failed");
     for (const auto& [k, v] : s.checks) {
       std::printf("    %-56s %6llu %7llu\n", k.c_str(), static_cast<unsigned long long>(v[0]),
                   static_cast<unsigned long long>(v[1]));
@@ -787,9 +816,10 @@ void print_json(const ChainOptions& o, const Stats& s, double elapsed) {
 
 int run_chain(Scenario scenario, int argc, char** argv) {
   Args a;
-  for (const char* v : {"ses", "relay", "dkus", "ca", "cert", "key", "connections", "depth",
-                        "duration", "rate", "rounds", "meters", "first", "title-prefix",
-                        "calling", "store", "group", "events", "cmd-pub", "timeout-ms"}) {
+  for (const char* v :
+       {"ses",     "relay",    "dkus",  "ca",     "cert",    "key",       "connections",
+        "depth",   "duration", "rate",  "rounds", "meters",  "first",     "title-prefix",
+        "calling", "store",    "group", "events", "cmd-pub", "timeout-ms"}) {
     a.value(v);
   }
   a.flag("plain").flag("json").flag("quiet");
@@ -798,8 +828,8 @@ int run_chain(Scenario scenario, int argc, char** argv) {
 
   ChainOptions o;
   o.scenario = scenario;
-  const bool checks_only = scenario == Scenario::forged || scenario == Scenario::replay ||
-                           scenario == Scenario::dr;
+  const bool checks_only =
+      scenario == Scenario::forged || scenario == Scenario::replay || scenario == Scenario::dr;
   auto conns = a.u64("connections", checks_only ? 1 : 4, 1, 4096);
   auto depth = a.u64("depth", 8, 1, 32);
   auto duration = a.num("duration", 10, 0.1, 86400);
@@ -839,7 +869,8 @@ int run_chain(Scenario scenario, int argc, char** argv) {
   if (!group.ok()) return usage_error("--group: " + group.error().message());
   if (a.has("cmd-pub")) {
     auto pub = from_hex(a.str("cmd-pub"));
-    if (!pub || pub->size() != 65) return usage_error("--cmd-pub: 65-byte uncompressed point in hex");
+    if (!pub || pub->size() != 65)
+      return usage_error("--cmd-pub: 65-byte uncompressed point in hex");
     o.cmd_pub = *pub;
   }
   if (scenario == Scenario::dr) o.connections = 1;
@@ -885,7 +916,8 @@ int run_chain(Scenario scenario, int argc, char** argv) {
   for (std::size_t i = 0; i < o.connections; ++i) {
     lanes.push_back(std::make_unique<Lane>(o, i, progress));
     if (auto st = lanes.back()->connect(); !st.ok()) {
-      std::fprintf(stderr, "gridseal-bench: connecting lane %zu: %s\n", i, st.error().message().c_str());
+      std::fprintf(stderr, "gridseal-bench: connecting lane %zu: %s\n", i,
+                   st.error().message().c_str());
       return 1;
     }
   }
@@ -899,7 +931,8 @@ int run_chain(Scenario scenario, int argc, char** argv) {
     Lane* lane = l.get();
     threads.emplace_back([&, lane] {
       if (o.scenario == Scenario::dr) {
-        for (std::uint64_t e = 0; e < o.rounds; ++e) lane->dr_round(group_title, static_cast<std::uint32_t>(e + 1));
+        for (std::uint64_t e = 0; e < o.rounds; ++e)
+          lane->dr_round(group_title, static_cast<std::uint32_t>(e + 1));
         return;
       }
       run_lane(o, *lane, start, deadline, progress);
@@ -964,8 +997,10 @@ int run_chain(Scenario scenario, int argc, char** argv) {
 }  // namespace
 
 void usage_chain() {
-  std::fprintf(stderr,
-      "usage: gridseal-bench read|disconnect|mixed --ses ADDR:PORT --relay ADDR:PORT --dkus ADDR:PORT\n"
+  std::fprintf(
+      stderr,
+      "usage: gridseal-bench read|disconnect|mixed --ses ADDR:PORT --relay ADDR:PORT --dkus "
+      "ADDR:PORT\n"
       "         (--plain | --ca F --cert F --key F) --meters N [--first 1] [--title-prefix .7]\n"
       "         [--connections C] [--depth D] [--duration S] [--rate R/s] [--rounds N]\n"
       "         [--calling .1.9] [--store gridseal.db] [--timeout-ms 10000] [--json] [--quiet]\n"
@@ -986,12 +1021,14 @@ void usage_chain() {
       "  replay:      a replayed command is refused by its meter, a replayed response by the DKUS\n"
       "  mixed:       reads with disconnect/connect pairs, forged and replay checks mixed in\n"
       "  rollover:    not yet available (issue 6)\n"
-      "  C lanes, each one connection to every daemon, owning meters FIRST+lane, FIRST+lane+C, ..;\n"
+      "  C lanes, each one connection to every daemon, owning meters FIRST+lane, FIRST+lane+C, "
+      "..;\n"
       "  each stage is pipelined D deep. --rate paces commands/s over all lanes (open loop).\n"
       "  Runs --duration seconds or --rounds batches per lane. A progress line each second on\n"
       "  stderr (not with --quiet); a table per stage (count, per s, p50/p99/p999 ms), errors by\n"
       "  stage:code (ses:, relay:, meter:, dkus:, check:, connection:), or one JSON object.\n"
-      "  Exit 0 when something was verified (or checked) with no error and no failed check, else 1.\n");
+      "  Exit 0 when something was verified (or checked) with no error and no failed check, else "
+      "1.\n");
 }
 
 void usage_rollover() {
@@ -1001,7 +1038,9 @@ void usage_rollover() {
 }
 
 int run_chain_read(int argc, char** argv) { return run_chain(Scenario::read, argc, argv); }
-int run_chain_disconnect(int argc, char** argv) { return run_chain(Scenario::disconnect, argc, argv); }
+int run_chain_disconnect(int argc, char** argv) {
+  return run_chain(Scenario::disconnect, argc, argv);
+}
 int run_chain_dr(int argc, char** argv) { return run_chain(Scenario::dr, argc, argv); }
 int run_chain_forged(int argc, char** argv) { return run_chain(Scenario::forged, argc, argv); }
 int run_chain_replay(int argc, char** argv) { return run_chain(Scenario::replay, argc, argv); }
