@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/unit/daemon_process.h"
 #include "tests/unit/run_command.h"
 
 namespace gs::test {
@@ -26,95 +27,25 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-std::string read_file(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
 std::string trim(std::string s) {
   while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
   return s;
 }
 
-// A daemon in its own process group, stdout/stderr to PREFIX.out/.err; stopped by SIGTERM
-// (bounded), and the whole group killed when it does not stop or the test fails early.
+// A daemon of the chain (gs::test::DaemonProcess): stdout/stderr to PREFIX.out/.err.
 class Daemon {
  public:
-  Daemon() = default;
-  Daemon(const Daemon&) = delete;
-  Daemon& operator=(const Daemon&) = delete;
-  ~Daemon() { stop(); }
-
-  // Starts it and waits (20 s at most) for a whole line with "listening on 127.0.0.1:PORT".
   bool start(const std::vector<std::string>& argv, const std::string& prefix, std::string* why) {
-    prefix_ = prefix;
-    std::fflush(nullptr);
-    pid_ = fork();
-    if (pid_ < 0) return false;
-    if (pid_ == 0) {
-      setpgid(0, 0);
-      if (std::freopen((prefix + ".out").c_str(), "w", stdout) == nullptr ||
-          std::freopen((prefix + ".err").c_str(), "w", stderr) == nullptr) {
-        _exit(126);
-      }
-      std::vector<char*> args;
-      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      execv(args[0], args.data());
-      _exit(127);
-    }
-    setpgid(pid_, pid_);
-    const std::string tag = "listening on 127.0.0.1:";
-    const auto deadline = std::chrono::steady_clock::now() + 20s;
-    while (std::chrono::steady_clock::now() < deadline) {
-      const std::string out = read_file(prefix + ".out");
-      const auto at = out.find(tag);
-      if (at != std::string::npos && out.find('\n', at) != std::string::npos) {
-        port_ = std::atoi(out.c_str() + at + tag.size());
-        return port_ > 0;
-      }
-      int st = 0;
-      if (waitpid(pid_, &st, WNOHANG) == pid_) {
-        pid_ = -1;
-        *why = "exited: " + read_file(prefix + ".err");
-        return false;
-      }
-      std::this_thread::sleep_for(20ms);
-    }
-    *why = "did not start: " + read_file(prefix + ".err");
-    stop();
-    return false;
+    auto st = proc_.start(argv, prefix + ".out", prefix + ".err", std::chrono::seconds(20));
+    if (!st.ok()) *why = st.error().message();
+    return st.ok();
   }
-
-  // SIGTERM and a bounded wait; the exit code, or -1 when it had to be killed.
-  int stop() {
-    if (pid_ <= 0) return -1;
-    kill(pid_, SIGTERM);
-    const auto deadline = std::chrono::steady_clock::now() + 15s;
-    int st = 0;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (waitpid(pid_, &st, WNOHANG) == pid_) {
-        if (kill(-pid_, 0) == 0) kill(-pid_, SIGKILL);
-        pid_ = -1;
-        return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-      }
-      std::this_thread::sleep_for(20ms);
-    }
-    kill(-pid_, SIGKILL);
-    waitpid(pid_, &st, 0);
-    pid_ = -1;
-    return -1;
-  }
-
-  int port() const { return port_; }
-  std::string err() const { return read_file(prefix_ + ".err"); }
+  int stop() { return proc_.stop(); }
+  int port() const { return proc_.port(); }
+  std::string err() const { return proc_.err_log(); }
 
  private:
-  pid_t pid_ = -1;
-  int port_ = 0;
-  std::string prefix_;
+  gs::test::DaemonProcess proc_;
 };
 
 // The number after "\"key\":" in a flat JSON text (the first occurrence); -1 when absent.

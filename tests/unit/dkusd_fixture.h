@@ -150,78 +150,22 @@ class DkusdDaemon {
   // Starts the daemon in its own process group (stdout/stderr appended to DIR/dkusd.out/.err)
   // and waits, bounded, for its "listening on" line.
   Status start() {
-    if (pid_ > 0) return Error(Errc::invalid_argument, "already running");
-    port_ = 0;
-    metrics_port_ = 0;
-    std::filesystem::remove(dir_ + "/dkusd.out");
-    pid_ = fork();
-    if (pid_ < 0) return Error(Errc::invalid_argument, "fork failed");
-    if (pid_ == 0) {
-      setpgid(0, 0);
-      if (std::freopen((dir_ + "/dkusd.out").c_str(), "w", stdout) == nullptr ||
-          std::freopen((dir_ + "/dkusd.err").c_str(), "a", stderr) == nullptr) {
-        _exit(126);
-      }
-      const std::string bin = std::string(GS_BIN_DIR) + "/gridseal-dkusd";
-      execl(bin.c_str(), bin.c_str(), "--config", conf_.c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    setpgid(pid_, pid_);
-    const auto deadline = std::chrono::steady_clock::now() + opt_.start_timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      const std::string out = slurp(dir_ + "/dkusd.out");
-      if (auto p = port_after(out, "listening on "); p && out.find('\n') != std::string::npos) {
-        port_ = *p;
-        metrics_port_ = port_after(out, "metrics on ").value_or(0);
-        return {};
-      }
-      int st = 0;
-      if (waitpid(pid_, &st, WNOHANG) == pid_) {
-        pid_ = -1;
-        return Error(Errc::invalid_argument, "daemon exited: " + err_log());
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    kill_group();
-    return Error(Errc::busy, "daemon did not start: " + err_log());
+    const std::string bin = std::string(GS_BIN_DIR) + "/gridseal-dkusd";
+    return proc_.start({bin, "--config", conf_}, dir_ + "/dkusd.out", dir_ + "/dkusd.err",
+                       opt_.start_timeout, true);
   }
 
   // SIGTERM and a bounded wait; the exit code, or -1 when it had to be killed / was not running.
   int stop(std::chrono::milliseconds timeout = std::chrono::milliseconds(15000)) {
-    if (pid_ <= 0) return -1;
-    kill(pid_, SIGTERM);
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    int st = 0;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (waitpid(pid_, &st, WNOHANG) == pid_) {
-        const pid_t group = pid_;
-        pid_ = -1;
-        if (kill(-group, 0) == 0) kill(-group, SIGKILL);
-        return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    kill_group();
-    return -1;
+    return proc_.stop(timeout);
   }
 
   // kill -9 of the supervisor and every worker at once (the whole process group), reaped.
-  void kill_group() {
-    if (pid_ <= 0) return;
-    kill(-pid_, SIGKILL);
-    kill(pid_, SIGKILL);
-    int st = 0;
-    waitpid(pid_, &st, 0);
-    // Workers are the supervisor's children: wait until none of the group is left.
-    for (int i = 0; i < 500 && kill(-pid_, 0) == 0; ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    pid_ = -1;
-  }
+  void kill_group() { proc_.kill_group(); }
 
   server::ClientConfig client_config() const {
     server::ClientConfig cc;
-    cc.port = port_;
+    cc.port = proc_.port();
     cc.plain_tcp = true;
     cc.timeout = std::chrono::milliseconds(5000);
     return cc;
@@ -234,7 +178,7 @@ class DkusdDaemon {
     return run_gridseal(args + " --config " + conf_);
   }
   std::string http_get(const std::string& path) const {
-    return test::http_get(metrics_port_, path);
+    return test::http_get(proc_.metrics_port(), path);
   }
 
   const TestMeter& meter(std::size_t i) const { return meters_.at(i - 1); }
@@ -247,9 +191,9 @@ class DkusdDaemon {
   std::string err_log() const { return slurp(dir_ + "/dkusd.err"); }
   const std::string& dir() const { return dir_; }
   const std::string& conf() const { return conf_; }
-  std::uint16_t port() const { return port_; }
-  std::uint16_t metrics_port() const { return metrics_port_; }
-  pid_t pid() const { return pid_; }
+  std::uint16_t port() const { return proc_.port(); }
+  std::uint16_t metrics_port() const { return proc_.metrics_port(); }
+  pid_t pid() const { return proc_.pid(); }
 
  private:
   static bool sets_key(const std::vector<std::string>& lines, const std::string& key) {
@@ -286,30 +230,10 @@ class DkusdDaemon {
     for (const std::string& l : opt_.dkus_lines) f << l << '\n';
   }
 
-  // The port in "<what>ADDR:PORT".
-  static std::optional<std::uint16_t> port_after(const std::string& out, const std::string& what) {
-    const auto at = out.find(what);
-    if (at == std::string::npos) return std::nullopt;
-    const auto start = at + what.size();
-    const auto end = out.find_first_of(" ,()\n", start);
-    const std::string addr = out.substr(start, end == std::string::npos ? end : end - start);
-    const auto colon = addr.rfind(':');
-    if (colon == std::string::npos || colon + 1 >= addr.size()) return std::nullopt;
-    try {
-      const int p = std::stoi(addr.substr(colon + 1));
-      if (p < 0 || p > 65535) return std::nullopt;
-      return static_cast<std::uint16_t>(p);
-    } catch (...) {
-      return std::nullopt;
-    }
-  }
-
   DkusdOptions opt_;
   std::string dir_, conf_;
   std::vector<TestMeter> meters_;
-  pid_t pid_ = -1;
-  std::uint16_t port_ = 0;
-  std::uint16_t metrics_port_ = 0;
+  DaemonProcess proc_;
 };
 
 }  // namespace gs::test

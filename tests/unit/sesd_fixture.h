@@ -36,6 +36,7 @@
 #include "src/host_aes.h"
 #include "src/host_ecdsa.h"
 #include "src/test_pki.h"
+#include "tests/unit/daemon_process.h"
 #include "tests/unit/run_command.h"
 
 namespace gs::test {
@@ -60,12 +61,7 @@ struct ClientCert {
   std::string key;
 };
 
-inline std::string slurp(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+inline std::string slurp(const std::string& path) { return read_text(path); }
 
 inline Bytes hex_bytes(std::string_view h) {
   auto b = from_hex(h);
@@ -322,79 +318,24 @@ class SesdDaemon {
   // Starts the daemon (own process group, stdout/stderr to DIR/sesd.out, sesd.err) and waits,
   // bounded, for its "listening on" line.
   Status start() {
-    if (pid_ > 0) return Error(Errc::invalid_argument, "already running");
-    port_ = 0;
-    metrics_port_ = 0;
-    std::filesystem::remove(dir_ + "/sesd.out");
-    pid_ = fork();
-    if (pid_ < 0) return Error(Errc::invalid_argument, "fork failed");
-    if (pid_ == 0) {
-      setpgid(0, 0);
-      if (std::freopen((dir_ + "/sesd.out").c_str(), "w", stdout) == nullptr ||
-          std::freopen((dir_ + "/sesd.err").c_str(), "w", stderr) == nullptr) {
-        _exit(126);
-      }
-      const std::string bin = std::string(GS_BIN_DIR) + "/gridseal-sesd";
-      execl(bin.c_str(), bin.c_str(), "--config", conf_.c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    setpgid(pid_, pid_);  // either side may win the race; both set the same group
-    const auto deadline = std::chrono::steady_clock::now() + opt_.start_timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      const std::string out = slurp(dir_ + "/sesd.out");
-      if (auto p = port_after(out, "listening on "); p && out.find('\n') != std::string::npos) {
-        port_ = *p;
-        metrics_port_ = port_after(out, "metrics on ").value_or(0);
-        return {};
-      }
-      int st = 0;
-      if (waitpid(pid_, &st, WNOHANG) == pid_) {
-        pid_ = -1;
-        return Error(Errc::invalid_argument, "daemon exited: " + err_log());
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    kill_group();
-    return Error(Errc::busy, "daemon did not start: " + err_log());
+    const std::string bin = std::string(GS_BIN_DIR) + "/gridseal-sesd";
+    return proc_.start({bin, "--config", conf_}, dir_ + "/sesd.out", dir_ + "/sesd.err",
+                       opt_.start_timeout);
   }
 
   // SIGTERM and a bounded wait for the exit; the exit code, or -1 when it had to be killed (the
   // whole process group then) or was not running.
   int stop(std::chrono::milliseconds timeout = std::chrono::milliseconds(10000)) {
-    if (pid_ <= 0) return -1;
-    kill(pid_, SIGTERM);
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    int st = 0;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (waitpid(pid_, &st, WNOHANG) == pid_) {
-        const pid_t group = pid_;
-        pid_ = -1;
-        // Anything of the daemon still alive in its group after the supervisor exited is a bug;
-        // do not leave it behind.
-        if (kill(-group, 0) == 0) kill(-group, SIGKILL);
-        return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    kill_group();
-    return -1;
+    return proc_.stop(timeout);
   }
 
-  bool running() {
-    if (pid_ <= 0) return false;
-    int st = 0;
-    if (waitpid(pid_, &st, WNOHANG) == pid_) {
-      pid_ = -1;
-      return false;
-    }
-    return true;
-  }
+  bool running() { return proc_.running(); }
 
   // A client config for the daemon: plain, or TLS with `cert` (default: the PKI's client
   // certificate; a ClientCert with empty paths connects without a certificate).
   server::ClientConfig client_config(std::optional<ClientCert> cert = std::nullopt) const {
     server::ClientConfig cc;
-    cc.port = port_;
+    cc.port = proc_.port();
     cc.timeout = std::chrono::milliseconds(5000);
     if (!opt_.tls) {
       cc.plain_tcp = true;
@@ -419,7 +360,7 @@ class SesdDaemon {
     return c;
   }
 
-  std::string http_get(const std::string& path) const { return test::http_get(metrics_port_, path); }
+  std::string http_get(const std::string& path) const { return test::http_get(proc_.metrics_port(), path); }
 
   // `gridseal ARGS --config DIR/ses.toml`.
   CmdResult gridseal(const std::string& args) const {
@@ -436,9 +377,9 @@ class SesdDaemon {
   const std::string& pub_hex() const { return pub_hex_; }
   const pki::TestPki& pki() const { return pki_; }
   const SesdOptions& options() const { return opt_; }
-  std::uint16_t port() const { return port_; }
-  std::uint16_t metrics_port() const { return metrics_port_; }
-  pid_t pid() const { return pid_; }
+  std::uint16_t port() const { return proc_.port(); }
+  std::uint16_t metrics_port() const { return proc_.metrics_port(); }
+  pid_t pid() const { return proc_.pid(); }
 
  private:
   static bool sets_key(const std::vector<std::string>& lines, const std::string& key) {
@@ -482,39 +423,10 @@ class SesdDaemon {
     for (const std::string& l : opt_.ses_lines) f << l << '\n';
   }
 
-  // The port in "<what>ADDR:PORT" (ADDR may be an IPv6 literal: the last ':' before the port).
-  static std::optional<std::uint16_t> port_after(const std::string& out, const std::string& what) {
-    const auto at = out.find(what);
-    if (at == std::string::npos) return std::nullopt;
-    const auto start = at + what.size();
-    const auto end = out.find_first_of(" ,()\n", start);
-    const std::string addr = out.substr(start, end == std::string::npos ? end : end - start);
-    const auto colon = addr.rfind(':');
-    if (colon == std::string::npos || colon + 1 >= addr.size()) return std::nullopt;
-    try {
-      const int p = std::stoi(addr.substr(colon + 1));
-      if (p < 0 || p > 65535) return std::nullopt;
-      return static_cast<std::uint16_t>(p);
-    } catch (...) {
-      return std::nullopt;
-    }
-  }
-
-  void kill_group() {
-    if (pid_ <= 0) return;
-    kill(-pid_, SIGKILL);
-    kill(pid_, SIGKILL);
-    int st = 0;
-    waitpid(pid_, &st, 0);
-    pid_ = -1;
-  }
-
   SesdOptions opt_;
   std::string dir_, conf_, pub_hex_;
   pki::TestPki pki_;
-  pid_t pid_ = -1;
-  std::uint16_t port_ = 0;
-  std::uint16_t metrics_port_ = 0;
+  DaemonProcess proc_;
 };
 
 }  // namespace gs::test
