@@ -14,18 +14,11 @@ using namespace toml_fields;
 
 Result<DkusConfig> load_dkus_config(const std::string& path) {
   DkusConfig c;
-  GS_ASSIGN(c.base, config::load(path));
-  auto base = c1222::oid_from_dotted(c.base.base_oid);
-  if (!base.ok()) return key_error(path, "base_oid", base.error().message());
-  c.base_oid = std::move(base).value();
-
-  GS_ASSIGN(toml::table root, daemon::parse_toml_file(path));
-  const fs::path dir = fs::absolute(path).parent_path();
-  for (const char* unused : {"policy", "metrics", "tls", "ses", "relay", "rollover", "log"}) {
-    if (root.get(unused) != nullptr) {
-      return key_error(path, unused, "not used by gridseal-dkusd (see [dkus] and [server])");
-    }
-  }
+  GS_ASSIGN(auto common, daemon::load_common(path, "gridseal-dkusd", "dkus"));
+  c.base = std::move(common.base);
+  c.base_oid = std::move(common.base_oid);
+  const toml::table& root = common.root;
+  const fs::path& dir = common.dir;
 
   // DKUS defaults: handlers run on the event-loop threads (worker_threads = 0), so the messages
   // of one connection are processed in arrival order (a meter's ids must rise strictly; a

@@ -8,18 +8,13 @@
 #include "c1222/profile.h"
 #include "c1222/security.h"
 #include "c1222/services.h"
+#include "gridseal/clock.h"
 #include "hsm/ops.h"
 #include "src/host_ecdsa.h"
 
 namespace gs::dkus {
 
 namespace {
-
-std::uint32_t utc_now() {
-  return static_cast<std::uint32_t>(std::chrono::duration_cast<std::chrono::seconds>(
-                                        std::chrono::system_clock::now().time_since_epoch())
-                                        .count());
-}
 
 // One line per refused message: who, which meter, why. Never key material.
 void log_refusal(const server::RequestContext& ctx, const std::string& meter,

@@ -27,7 +27,7 @@ int check(const gs::dkus::DkusConfig& cfg) {
   auto hsm = gs::open_hsm(cfg.base.hsm);
   if (!hsm.ok()) return fail(hsm.error().message());
   gs::metrics::Registry registry;
-  auto service = gs::dkus::DkusService::create(cfg, *hsm, registry, 1, gs::daemon::utc_now());
+  auto service = gs::dkus::DkusService::create(cfg, *hsm, registry, 1, gs::utc_now());
   if (!service.ok()) return fail(service.error().message());
   if (auto st = (*service)->warm_up(); !st.ok()) return fail(st.error().message());
   std::printf("gridseal-dkusd: configuration ok\n");
@@ -81,7 +81,7 @@ int run_supervisor(const gs::dkus::DkusConfig& cfg, const std::string& config_pa
   spec.metrics = cfg.metrics;
   // Every worker (also one restarted later) refuses messages sealed before this instant when
   // dkus.refuse_sealed_before_start is set (DESIGN §5).
-  spec.extra_args = {kWorkerFlags[0].name, std::to_string(gs::daemon::utc_now())};
+  spec.extra_args = {kWorkerFlags[0].name, std::to_string(gs::utc_now())};
   return gs::daemon::supervise(spec);
 }
 

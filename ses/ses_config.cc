@@ -14,18 +14,11 @@ using namespace toml_fields;
 
 Result<SesConfig> load_ses_config(const std::string& path) {
   SesConfig c;
-  GS_ASSIGN(c.base, config::load(path));
-  auto base = c1222::oid_from_dotted(c.base.base_oid);
-  if (!base.ok()) return key_error(path, "base_oid", base.error().message());
-  c.base_oid = std::move(base).value();
-
-  GS_ASSIGN(toml::table root, daemon::parse_toml_file(path));
-  const fs::path dir = fs::absolute(path).parent_path();
-  for (const char* unused : {"policy", "metrics", "tls", "dkus", "relay", "rollover", "log"}) {
-    if (root.get(unused) != nullptr) {
-      return key_error(path, unused, "not used by gridseal-sesd (see [ses] and [server])");
-    }
-  }
+  GS_ASSIGN(auto common, daemon::load_common(path, "gridseal-sesd", "ses"));
+  c.base = std::move(common.base);
+  c.base_oid = std::move(common.base_oid);
+  const toml::table& root = common.root;
+  const fs::path& dir = common.dir;
 
   // SoftHSM2 measurements: one handler thread per process and one process per core serve more
   // than several handler threads sharing a process (gridseal-bench ses, README).

@@ -5,23 +5,12 @@
 #include <cstdio>
 
 #include "c1222/services.h"
+#include "gridseal/clock.h"
 #include "hsm/ops.h"
 
 namespace gs::ses {
 
 namespace {
-
-std::uint32_t utc_now() {
-  return static_cast<std::uint32_t>(std::chrono::duration_cast<std::chrono::seconds>(
-                                        std::chrono::system_clock::now().time_since_epoch())
-                                        .count());
-}
-
-std::int64_t mono_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // One line per refused request: who, which meter, why. Never key material.
 void log_refusal(const server::RequestContext& ctx, const std::string& meter,

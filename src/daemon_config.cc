@@ -60,4 +60,22 @@ Result<toml::table> parse_toml_file(const std::string& path) {
   }
 }
 
+Result<CommonConfig> load_common(const std::string& path, const std::string& program,
+                                 const char* own_table) {
+  CommonConfig c;
+  GS_ASSIGN(c.base, config::load(path));
+  auto base = c1222::oid_from_dotted(c.base.base_oid);
+  if (!base.ok()) return key_error(path, "base_oid", base.error().message());
+  c.base_oid = std::move(base).value();
+  GS_ASSIGN(c.root, parse_toml_file(path));
+  c.dir = std::filesystem::absolute(path).parent_path();
+  for (const char* foreign : {"ses", "dkus", "policy", "metrics", "tls", "relay", "rollover", "log"}) {
+    if (std::string(foreign) != own_table && c.root.get(foreign) != nullptr) {
+      return key_error(path, foreign,
+                       "not used by " + program + " (see [" + own_table + "] and [server])");
+    }
+  }
+  return c;
+}
+
 }  // namespace gs::daemon

@@ -8,7 +8,9 @@
 #include <string>
 #include <toml++/toml.h>
 
+#include "gridseal/bytes.h"
 #include "gridseal/result.h"
+#include "src/config.h"
 #include "src/server.h"
 
 namespace gs::daemon {
@@ -28,5 +30,17 @@ Status parse_server_table(const toml::table& root, const std::string& file,
 
 // Parses a whole TOML file; syntax errors name the file, line and column.
 Result<toml::table> parse_toml_file(const std::string& path);
+
+// The part of a daemon's file every program shares: base_oid, [hsm], [store] (config::load),
+// the parsed TOML and the file's directory (relative paths resolve against it). Top-level
+// tables of other programs are refused, naming the program and its own table.
+struct CommonConfig {
+  config::Config base;
+  Bytes base_oid;  // absolute OID content of base.base_oid
+  toml::table root;
+  std::filesystem::path dir;
+};
+Result<CommonConfig> load_common(const std::string& path, const std::string& program,
+                                 const char* own_table);
 
 }  // namespace gs::daemon

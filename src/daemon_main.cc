@@ -46,12 +46,6 @@ int fail(const std::string& name, const std::string& what) {
   return 1;
 }
 
-std::uint32_t utc_now() {
-  return static_cast<std::uint32_t>(std::chrono::duration_cast<std::chrono::seconds>(
-                                        std::chrono::system_clock::now().time_since_epoch())
-                                        .count());
-}
-
 int parse_args(int argc, char** argv, const std::string& name, const char* usage,
                const std::vector<IntFlag>& extra, Args& a) {
   a.extra.assign(extra.size(), -1);

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "gridseal/clock.h"
 #include "gridseal/result.h"
 #include "src/config.h"
 #include "src/hsm_context.h"
@@ -43,9 +44,6 @@ int parse_args(int argc, char** argv, const std::string& name, const char* usage
 
 // Prints "<name>: <what>" on stderr; returns 1.
 int fail(const std::string& name, const std::string& what);
-
-// UTC seconds now.
-std::uint32_t utc_now();
 
 // In a worker: the HSM with at least `threads` sessions; transient refusals (another process
 // initialising the module at the same instant) are retried a few times.
