@@ -16,13 +16,6 @@ namespace gs::dkus {
 
 namespace {
 
-// One line per refused message: who, which meter, why. Never key material.
-void log_refusal(const server::RequestContext& ctx, const std::string& meter,
-                 const char* code_name, const std::string& reason) {
-  std::fprintf(stderr, "gridseal-dkusd: refused client=\"%s\" peer=%s meter=%s code=%s: %s\n",
-               ctx.client_identity.c_str(), ctx.peer.c_str(), meter.c_str(), code_name,
-               reason.c_str());
-}
 
 // A read response of exactly the MT-2042 shape: `00 006E <110 data bytes> <checksum>`.
 bool receipt_shaped(ByteView service) {
@@ -170,7 +163,7 @@ DkusService::Outcome DkusService::refuse(const server::RequestContext& ctx,
                                          const c1222::Message* request, const std::string& meter,
                                          std::uint8_t code, const char* result,
                                          const std::string& reason) {
-  log_refusal(ctx, meter, c1222::response_code_name(code), reason);
+  server::log_refusal("gridseal-dkusd", ctx, meter, c1222::response_code_name(code), reason);
   Outcome o;
   o.result = result;
   const c1222::ApTitle* called = nullptr;
@@ -422,7 +415,7 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
         finish(*req, std::move(req->opened), "ok");
         return;
       case CommitOutcome::replay:
-        log_refusal(req->ctx, req->meter, "sme",
+        server::log_refusal("gridseal-dkusd", req->ctx, req->meter, "sme",
                     "invocation id " + std::to_string(req->invocation_id) +
                         " not above the stored mark");
         finish(*req, error_pdu(called, req->request_id, c1222::kRespSme), "replay");
@@ -430,7 +423,7 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
       case CommitOutcome::failed:
         marks_.release(req->meter_row, req->invocation_id, req->previous_mark);
         store_ok_ = false;
-        log_refusal(req->ctx, req->meter, "bsy", "replay state not committed");
+        server::log_refusal("gridseal-dkusd", req->ctx, req->meter, "bsy", "replay state not committed");
         finish(*req, error_pdu(called, req->request_id, c1222::kRespBsy), "store_error");
         return;
     }

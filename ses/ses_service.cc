@@ -10,18 +10,6 @@
 
 namespace gs::ses {
 
-namespace {
-
-// One line per refused request: who, which meter, why. Never key material.
-void log_refusal(const server::RequestContext& ctx, const std::string& meter,
-                 const char* code_name, const std::string& reason) {
-  std::fprintf(stderr, "gridseal-sesd: refused client=\"%s\" peer=%s meter=%s code=%s: %s\n",
-               ctx.client_identity.c_str(), ctx.peer.c_str(), meter.c_str(), code_name,
-               reason.c_str());
-}
-
-}  // namespace
-
 Result<Bytes> error_response(const c1222::Message* request, const c1222::ApTitle& ses_title,
                              const c1222::ApTitle& head_end, std::uint8_t code,
                              std::uint32_t invocation_id) {
@@ -139,7 +127,7 @@ SesService::Outcome SesService::refuse(const server::RequestContext& ctx,
                                        const char* result, const std::string& reason) {
   std::string meter = "-";
   if (request != nullptr && request->called_ap_title) meter = request->called_ap_title->dotted();
-  log_refusal(ctx, meter, c1222::response_code_name(code), reason);
+  server::log_refusal("gridseal-sesd", ctx, meter, c1222::response_code_name(code), reason);
   Outcome o;
   o.result = result;
   const Bytes ses_abs = cfg_.ses_title.view().absolute(cfg_.base_oid);
@@ -167,6 +155,31 @@ Status SesService::reload_policy(policy::Policy p) {
   }
   policy_ = std::make_shared<const policy::Policy>(std::move(p));
   return {};
+}
+
+std::optional<SesService::Outcome> SesService::admit(const server::RequestContext& ctx,
+                                                     const c1222::Message& m,
+                                                     const policy::Policy& pol, ByteView called,
+                                                     CommandParams& params, WorkerState& w) {
+  const c1222::CommandClass cls = params.command_class;
+  const auto adm = limiter_.admit(pol, cls, called, mono_ns());
+  if (adm != policy::Admission::allowed) {
+    return refuse(ctx, &m, c1222::kRespIsc, "rate_limited",
+                  std::string(c1222::command_class_name(cls)) + ": " +
+                      policy::admission_name(adm));
+  }
+  auto id = ids_.next(calling_title_for(m, params).absolute(cfg_.base_oid), params.now);
+  if (!id.ok()) {
+    store_ok_ = false;
+    return refuse(ctx, &m, c1222::kRespBsy, "store_error", id.error().message());
+  }
+  params.invocation_id = *id;
+  if (auto st = ensure_hsm(w); !st.ok()) {
+    hsm_errors_.inc();
+    hsm_ok_ = false;
+    return refuse(ctx, &m, c1222::kRespBsy, "hsm_error", st.error().message());
+  }
+  return std::nullopt;
 }
 
 SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteView request,
@@ -199,23 +212,9 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
     if (!client->allowed[policy::class_index(*o.cls)]) {
       return refuse(ctx, &m, c1222::kRespIsc, "class_refused", "demand_response not allowed for client");
     }
-    const auto adm = limiter_.admit(pol, *o.cls, called, mono_ns());
-    if (adm != policy::Admission::allowed) {
-      return refuse(ctx, &m, c1222::kRespIsc, "rate_limited", policy::admission_name(adm));
-    }
     const std::uint32_t now = utc_now();
     CommandParams params = params_for(*o.cls, pol.broadcast_validity(*group, now), now);
-    auto id = ids_.next(calling_title_for(m, params).absolute(cfg_.base_oid), now);
-    if (!id.ok()) {
-      store_ok_ = false;
-      return refuse(ctx, &m, c1222::kRespBsy, "store_error", id.error().message());
-    }
-    params.invocation_id = *id;
-    if (auto st = ensure_hsm(w); !st.ok()) {
-      hsm_errors_.inc();
-      hsm_ok_ = false;
-      return refuse(ctx, &m, c1222::kRespBsy, "hsm_error", st.error().message());
-    }
+    if (auto refused = admit(ctx, m, pol, called, params, w)) return std::move(*refused);
     auto out = sign_broadcast(m, params, *w.signer);
     if (!out.ok()) {
       return refuse(ctx, &m, c1222::kRespErr, "error", out.error().message());
@@ -259,27 +258,9 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
                   std::string(c1222::command_class_name(*o.cls)) + " not allowed for client " +
                       client->name);
   }
-  const auto adm = limiter_.admit(pol, *o.cls, called, mono_ns());
-  if (adm != policy::Admission::allowed) {
-    return refuse(ctx, &m, c1222::kRespIsc, "rate_limited",
-                  std::string(c1222::command_class_name(*o.cls)) + ": " +
-                      policy::admission_name(adm));
-  }
-
   const std::uint32_t now = utc_now();
   CommandParams params = params_for(*o.cls, pol.validity(*o.cls, now), now);
-  auto id = ids_.next(calling_title_for(m, params).absolute(cfg_.base_oid), now);
-  if (!id.ok()) {
-    store_ok_ = false;
-    return refuse(ctx, &m, c1222::kRespBsy, "store_error", id.error().message());
-  }
-  params.invocation_id = *id;
-
-  if (auto st = ensure_hsm(w); !st.ok()) {
-    hsm_errors_.inc();
-    hsm_ok_ = false;
-    return refuse(ctx, &m, c1222::kRespBsy, "hsm_error", st.error().message());
-  }
+  if (auto refused = admit(ctx, m, pol, called, params, w)) return std::move(*refused);
   const std::uint64_t key_ref =
       static_cast<std::uint64_t>(meter->row) * store::kSlotsPerMeter +
       static_cast<std::uint64_t>(choice.slot->slot);

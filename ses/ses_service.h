@@ -78,6 +78,11 @@ class SesService {
   // The signed-command parameters of a class and validity window (invocation id left 0).
   CommandParams params_for(c1222::CommandClass cls, const policy::Validity& v,
                            std::uint32_t now) const;
+  // Rate limit, invocation id (into params) and HSM session for a command the policy allows;
+  // the refusal when one of them fails.
+  std::optional<Outcome> admit(const server::RequestContext& ctx, const c1222::Message& m,
+                               const policy::Policy& pol, ByteView called, CommandParams& params,
+                               WorkerState& w);
   Outcome refuse(const server::RequestContext& ctx, const c1222::Message* request,
                  std::uint8_t code, const char* result, const std::string& reason);
   Status ensure_hsm(WorkerState& w);

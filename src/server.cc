@@ -1,5 +1,6 @@
 // C12.22 server scaffold: acceptor, TLS 1.3 with client certificates, per-connection coroutines
 // on strands, framing, in-order pipelined responses, limits, timeouts and graceful drain.
+#include <cstdio>
 #include <utility>  // before Asio
 
 #include "src/server.h"
@@ -786,6 +787,13 @@ ServerStats Server::stats() const noexcept {
   st.requests = s.requests->value();
   st.responses = s.responses->value();
   return st;
+}
+
+void log_refusal(const char* program, const RequestContext& ctx, const std::string& meter,
+                 const char* code_name, const std::string& reason) {
+  std::fprintf(stderr, "%s: refused client=\"%s\" peer=%s meter=%s code=%s: %s\n", program,
+               ctx.client_identity.c_str(), ctx.peer.c_str(), meter.c_str(), code_name,
+               reason.c_str());
 }
 
 }  // namespace gs::server

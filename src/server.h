@@ -70,6 +70,11 @@ struct RequestContext {
   std::chrono::steady_clock::time_point received;
 };
 
+// One stderr line for a refused request: program, client identity, peer, meter, response
+// code and reason. Callers pass no key material or PINs.
+void log_refusal(const char* program, const RequestContext& ctx, const std::string& meter,
+                 const char* code_name, const std::string& reason);
+
 // Hands a response back; call exactly once, from any thread. Responses are written in request
 // order. An empty response closes the connection after the earlier responses are written
 // (for a client that must be cut off); a Done dropped without being called does the same.
