@@ -61,6 +61,39 @@ CREATE TABLE receipts (
   PRIMARY KEY (meter, invocation_id)
 ) WITHOUT ROWID;
 )sql",
+    // v3: key-rollover campaigns and their per-meter steps (src/rollover_store.h).
+    R"sql(
+CREATE TABLE rollover_campaigns (
+  id          INTEGER PRIMARY KEY,
+  state       TEXT NOT NULL CHECK (state IN ('running','aborted','done')),
+  reason      TEXT NOT NULL CHECK (reason IN ('operator','revocation')),
+  rate        REAL NOT NULL,
+  created_by  TEXT NOT NULL,
+  created_at  INTEGER NOT NULL,
+  changed_at  INTEGER NOT NULL,
+  total       INTEGER NOT NULL
+);
+CREATE TABLE rollover_steps (
+  campaign         INTEGER NOT NULL REFERENCES rollover_campaigns(id),
+  meter            INTEGER NOT NULL REFERENCES meters(row),
+  state            TEXT NOT NULL CHECK (state IN
+                     ('queued','prepared','confirmed','failed','aborted')),
+  target_slot      INTEGER,
+  key_version      INTEGER,
+  ephemeral_point  BLOB,
+  seal_slot        INTEGER,
+  attempts         INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at  INTEGER NOT NULL DEFAULT 0,
+  last_error       TEXT NOT NULL DEFAULT '',
+  changed_at       INTEGER NOT NULL,
+  confirmed_at     INTEGER,
+  PRIMARY KEY (campaign, meter)
+) WITHOUT ROWID;
+CREATE INDEX rollover_steps_by_state ON rollover_steps (state, next_attempt_at);
+CREATE INDEX rollover_steps_by_meter ON rollover_steps (meter);
+CREATE UNIQUE INDEX rollover_one_live_step ON rollover_steps (meter)
+  WHERE state IN ('queued','prepared','failed');
+)sql",
 };
 
 constexpr int kMigrationCount = static_cast<int>(sizeof kMigrations / sizeof kMigrations[0]);
