@@ -1,5 +1,5 @@
 // gridseal-dkusd configuration: the shared config (base_oid, [hsm], [store]) plus the daemon's
-// own [server] and [dkus] tables, parsed and validated here with every key named in errors.
+// own [server], [dkus] and [rollover] tables, validated here with every key named in errors.
 #pragma once
 
 #include <chrono>
@@ -9,11 +9,40 @@
 #include "c1222/oid.h"
 #include "gridseal/bytes.h"
 #include "gridseal/result.h"
+#include "src/client.h"
 #include "src/config.h"
 #include "src/metrics.h"
 #include "src/server.h"
 
 namespace gs::dkus {
+
+// Invocation-id blocks of the rollover engine are abandoned after this many seconds.
+inline constexpr std::uint64_t kRolloverIdBlockAgeS = 60;
+
+// [rollover]: the key-rollover engine (dkus/rollover_engine.h), run by worker 0 only.
+struct RolloverConfig {
+  bool enabled = false;  // rollover.enabled
+  // The collection engine's relay endpoint the key updates go to (C12.22, TLS 1.3 with this
+  // client certificate, or plain TCP): relay_address (an IP), relay_port, relay_tls_ca,
+  // relay_tls_cert, relay_tls_key, relay_server_name, relay_plain_tcp. relay.timeout is
+  // answer_timeout_ms (per connect, send and answer).
+  server::ClientConfig relay;
+  bool relay_plain_tcp_remote = false;  // rollover.relay_plain_tcp_remote
+  std::uint8_t command_key_id = 1;      // rollover.command_key: gs-cmd-<n>, MT-2040 signer id
+  std::uint32_t validity_s = 300;       // rollover.validity_s: class-4 window length
+  std::uint32_t clock_skew_s = 60;      // rollover.clock_skew_s: not_before = now - skew
+  std::uint32_t id_peak_rate = 50000;   // rollover.id_peak_rate: wrap-horizon check (ids/s)
+  std::uint32_t id_block_size = 1024;   // rollover.id_block_size
+  std::uint32_t connections = 2;        // rollover.connections to the relay
+  std::uint32_t pipeline_depth = 16;    // rollover.pipeline_depth: per connection
+  std::uint32_t batch = 256;            // rollover.batch: steps per transaction
+  std::uint32_t max_attempts = 8;       // rollover.max_attempts: sends before a step fails
+  std::chrono::milliseconds backoff_initial{1000};  // rollover.backoff_initial_ms
+  std::chrono::milliseconds backoff_max{60000};     // rollover.backoff_max_ms
+  std::chrono::milliseconds poll{500};              // rollover.poll_ms
+  std::uint32_t standby_retention_s = 604800;       // rollover.standby_retention_s
+  std::uint32_t key_cache = 1024;  // rollover.key_cache: unwrapped meter keys kept by the engine
+};
 
 struct DkusConfig {
   config::Config base;             // base_oid, [hsm], [store]
@@ -38,6 +67,8 @@ struct DkusConfig {
   std::uint32_t max_pending = 65536;         // dkus.max_pending: updates awaiting commit
   // Meters whose MAC fails this many times in a row are flagged (metric + log line).
   std::uint32_t mac_failure_threshold = 5;   // dkus.mac_failure_threshold
+  // The calling AP title of the rollover engine's key updates is head_end_title (DESIGN §2).
+  RolloverConfig rollover;
 };
 
 // Reads and validates the whole file. Relative paths resolve against the file's directory.

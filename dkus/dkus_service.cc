@@ -11,6 +11,7 @@
 #include "gridseal/clock.h"
 #include "hsm/ops.h"
 #include "src/host_ecdsa.h"
+#include "src/rollover_store.h"
 
 namespace gs::dkus {
 
@@ -61,6 +62,57 @@ Result<Bytes> error_response(const c1222::ApTitle& called, ByteView request_invo
   return c1222::encode(m);
 }
 
+ReceiptCheck check_receipts(const store::Meter& meter, const c1222::Message& opened,
+                            std::uint64_t message_id, std::int64_t received_at) {
+  ReceiptCheck out;
+  auto oe = c1222::split_epsem(opened.epsem, opened.epsem_offset);
+  auto services = oe.ok() ? c1222::split_services(oe->body, opened.epsem_offset)
+                          : Result<std::vector<c1222::ServiceSpan>>(oe.error());
+  if (!services.ok()) return out;
+  for (const c1222::ServiceSpan& s : *services) {
+    if (!receipt_shaped(s.bytes)) continue;
+    auto r = c1222::decode_receipt_response(s.bytes);
+    if (!r.ok()) continue;  // not a receipt (other table, other version): claims nothing
+    auto forged = [&](std::string why) {
+      out.receipts.clear();
+      out.forged = true;
+      out.command_id = r->invocation_id;
+      out.why = std::move(why);
+      return out;
+    };
+    if (meter.public_key.size() != c1222::kPublicPointSize) {
+      return forged("the meter has no registered public key");
+    }
+    if (opened.called_ap_invocation_id) {
+      auto a4 = c1222::invocation_id_value(*opened.called_ap_invocation_id);
+      if (!a4.ok() || *a4 != r->invocation_id) {
+        return forged("it is for invocation id " + std::to_string(r->invocation_id) +
+                      ", the response answers another");
+      }
+    }
+    auto signed_bytes = c1222::receipt_signed_bytes(meter.ap_title, *r);
+    if (!signed_bytes.ok()) return forged(signed_bytes.error().message());
+    auto digest = sha256(*signed_bytes);
+    auto pub = HostEcKey::from_public(meter.public_key);
+    if (!digest.ok() || !pub.ok()) return forged("cannot check it");
+    if (auto st = pub->verify(*digest, r->signature); !st.ok()) {
+      return forged("signature does not verify with the registered key");
+    }
+    if (out.receipts.size() >= c1222::kMaxServices) break;
+    store::Receipt rec;
+    rec.meter_row = meter.row;
+    rec.invocation_id = r->invocation_id;
+    rec.result = r->result;
+    rec.executed_at = r->executed_at;
+    rec.command_digest.assign(r->command_digest.begin(), r->command_digest.end());
+    rec.signature.assign(r->signature.begin(), r->signature.end());
+    rec.message_id = message_id;
+    rec.received_at = received_at;
+    out.receipts.push_back(std::move(rec));
+  }
+  return out;
+}
+
 DkusService::DkusService(const DkusConfig& cfg, HsmContext& hsm, metrics::Registry& registry,
                          std::unique_ptr<store::KeyStore> id_store, ids::InvocationIdAllocator ids,
                          std::unique_ptr<GroupCommitter> committer, std::uint32_t started_at)
@@ -82,7 +134,9 @@ DkusService::DkusService(const DkusConfig& cfg, HsmContext& hsm, metrics::Regist
       flagged_(registry.counter("gridseal_dkus_meters_flagged_total",
                                 "Meters whose MAC failed mac_failure_threshold times in a row")),
       receipts_(registry.counter("gridseal_dkus_receipts_stored_total",
-                                 "MT-2042 signed receipts verified and stored")) {}
+                                 "MT-2042 signed receipts verified and stored")),
+      confirmations_(registry.counter("gridseal_rollover_confirmations_total",
+                                      kRolloverConfirmationsHelp, {{"via", "message"}})) {}
 
 DkusService::~DkusService() {
   stop();
@@ -209,6 +263,24 @@ void DkusService::handle(const server::RequestContext& ctx, Bytes request, serve
   if (o.response) finish(*req, std::move(*o.response), o.result);
 }
 
+void DkusService::confirm_pending(const store::Meter& meter, const store::KeySlot& slot,
+                                  ThreadState& w, ByteView title_abs,
+                                  const std::string& meter_name) {
+  store::RolloverStore rollover(*w.store);
+  auto confirmed = rollover.confirm(meter.row, static_cast<std::uint8_t>(slot.slot),
+                                    slot.key_version);
+  w.meters.invalidate(title_abs);  // the slot states changed (here or in another process)
+  if (!confirmed.ok()) {
+    // Not fatal for this message: the key stays pending (usable), the engine confirms later.
+    std::fprintf(stderr,
+                 "gridseal-dkusd: rollover confirm failed meter=%s meter_id=%s slot=%d: %s\n",
+                 meter_name.c_str(), meter.meter_id.c_str(), slot.slot,
+                 confirmed.error().message().c_str());
+    return;
+  }
+  if (*confirmed) confirmations_.inc();
+}
+
 DkusService::Outcome DkusService::process(const server::RequestContext& ctx, ByteView request,
                                           ThreadState& w, const std::shared_ptr<Request>& req) {
   c1222::DecodeLimits limits;
@@ -232,20 +304,26 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
     store_ok_ = false;
     return refuse(ctx, &m, meter_name, c1222::kRespBsy, "store_error", st.error().message());
   }
-  auto cached = w.meters.by_title(*w.store, m.calling_ap_title->absolute(cfg_.base_oid));
+  const Bytes title_abs = m.calling_ap_title->absolute(cfg_.base_oid);
+  const std::uint64_t hits_before = w.meters.hits();
+  auto cached = w.meters.by_title(*w.store, title_abs);
   if (!cached.ok()) {
     store_ok_ = false;
     return refuse(ctx, &m, meter_name, c1222::kRespBsy, "store_error", cached.error().message());
   }
   store_ok_ = true;
-  const std::shared_ptr<const store::Meter> meter = *cached;  // alive for the whole request
+  const bool from_cache = w.meters.hits() != hits_before;
+  std::shared_ptr<const store::Meter> meter = *cached;  // alive for the whole request
   if (meter == nullptr) {
     return refuse(ctx, &m, meter_name, c1222::kRespUat, "unknown_meter", "unknown meter");
   }
-  if (meter->state != store::MeterState::active) {
+  // A quarantined meter (its key revoked, a rekey under way) is heard only under its new,
+  // pending key: that message confirms the rekey (below). Anything else from it is refused.
+  auto meter_refused = [&] {
     return refuse(ctx, &m, meter_name, c1222::kRespIsc, "meter_refused",
                   std::string("meter ") + meter->meter_id + " is " + store::to_string(meter->state));
-  }
+  };
+  if (meter->state == store::MeterState::compromised) return meter_refused();
 
   // Cheap checks first: security mode, AC, invocation id, IV time, the in-memory mark.
   auto epsem = c1222::split_epsem(m.epsem, m.epsem_offset);
@@ -279,33 +357,60 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
     return sme("replay", "invocation id " + std::to_string(*id) + " not above the last accepted");
   }
 
-  // The key by key id: active, or pending/standby during a rollover.
-  const store::KeySlot* slot = meter->slot_for_key_id(key_id);
-  if (slot == nullptr || !usable_for_decryption(slot->state) || slot->wrapped.empty()) {
-    return sme("bad_key_id", "no usable key for key id " + std::to_string(key_id) +
-                                 (slot != nullptr ? std::string(" (") +
-                                                        store::to_string(slot->state) + ")"
-                                                  : std::string()));
-  }
-
-  // MAC (constant time, in the codec) and decryption, under the key in the HSM.
+  // The key by key id: active, or pending/standby during a rollover. A record from the meter
+  // cache may predate a rollover step (a new pending slot, a slot reused for a new key): when
+  // the key id or the MAC does not fit it, the record is read from the store once more.
   auto hsm_refusal = [&](const std::string& why) {
     hsm_errors_.inc();
     hsm_ok_ = false;
     w.drop_hsm();  // rebuilt (session, handles, key cache) on the next request
     return refuse(ctx, &m, meter_name, c1222::kRespBsy, "hsm_error", why);
   };
-  if (auto st = w.ensure_hsm(hsm_, cfg_.base.hsm.key_cache); !st.ok()) return hsm_refusal(st.error().message());
-  const std::uint64_t key_ref = static_cast<std::uint64_t>(meter->row) * store::kSlotsPerMeter +
-                                static_cast<std::uint64_t>(slot->slot);
-  hsm::KeyAux* aux = nullptr;
-  auto handle = w.keys->get(key_ref, slot->wrapped, &aux);
-  if (!handle.ok()) return hsm_refusal(handle.error().message());
-  auto eax = eax_for_key(*w.aes, *handle, aux);
-  if (!eax.ok()) return hsm_refusal(eax.error().message());
+  auto usable = [&meter](const store::KeySlot* k) {
+    return k != nullptr && usable_for_decryption(k->state) && !k->wrapped.empty() &&
+           (meter->state == store::MeterState::active || k->state == store::KeyState::pending);
+  };
   c1222::SealOptions sopt;
   sopt.base_oid = cfg_.base_oid;
-  auto opened = c1222::open(m, [&](std::uint8_t) { return &*eax; }, sopt);
+  const store::KeySlot* slot = meter->slot_for_key_id(key_id);
+  Result<c1222::Opened> opened = Error(Errc::bad_mac, "MAC does not verify");
+  for (bool reread = !from_cache;;) {
+    if (usable(slot)) {
+      // MAC (constant time, in the codec) and decryption, under the key in the HSM.
+      if (auto st = w.ensure_hsm(hsm_, cfg_.base.hsm.key_cache); !st.ok()) {
+        return hsm_refusal(st.error().message());
+      }
+      const std::uint64_t key_ref =
+          static_cast<std::uint64_t>(meter->row) * store::kSlotsPerMeter +
+          static_cast<std::uint64_t>(slot->slot);
+      hsm::KeyAux* aux = nullptr;
+      auto handle = w.keys->get(key_ref, slot->wrapped, &aux);
+      if (!handle.ok()) return hsm_refusal(handle.error().message());
+      auto eax = eax_for_key(*w.aes, *handle, aux);
+      if (!eax.ok()) return hsm_refusal(eax.error().message());
+      opened = c1222::open(m, [&](std::uint8_t) { return &*eax; }, sopt);
+      if (opened.ok() || opened.error().code != Errc::bad_mac) break;
+    }
+    if (reread) break;
+    reread = true;
+    w.meters.invalidate(title_abs);
+    auto fresh = w.meters.by_title(*w.store, title_abs);
+    if (!fresh.ok() || *fresh == nullptr || (*fresh)->state == store::MeterState::compromised) {
+      break;
+    }
+    const bool was_usable = usable(slot);
+    const Bytes was_wrapped = slot != nullptr ? slot->wrapped : Bytes{};
+    meter = *fresh;
+    slot = meter->slot_for_key_id(key_id);
+    if (!usable(slot) || (was_usable && slot->wrapped == was_wrapped)) break;  // nothing new
+  }
+  if (!usable(slot)) {
+    if (meter->state != store::MeterState::active) return meter_refused();
+    return sme("bad_key_id", "no usable key for key id " + std::to_string(key_id) +
+                                 (slot != nullptr ? std::string(" (") +
+                                                        store::to_string(slot->state) + ")"
+                                                  : std::string()));
+  }
   if (!opened.ok()) {
     const Errc e = opened.error().code;
     if (e == Errc::bad_mac) {
@@ -328,59 +433,27 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
   }
   hsm_ok_ = true;
   mac_failures_.success(meter->row);
+  // A good MAC under a pending key: the meter proved it derived the new key (DESIGN §3.2, only
+  // its private key and the HSM can), so its rollover step is confirmed. Rare (once per meter
+  // and rollover, usually the engine confirms first), so it commits here on its own.
+  if (slot->state == store::KeyState::pending) {
+    confirm_pending(*meter, *slot, w, title_abs, meter_name);
+  }
 
   // MT-2042 signed receipts in the cleartext: each one must verify with the meter's own key.
-  std::vector<store::Receipt> receipts;
   auto om = c1222::decode(opened->wire, limits);
   if (!om.ok()) {
     return refuse(ctx, &m, meter_name, c1222::kRespErr, "malformed", om.error().message());
   }
-  auto oe = c1222::split_epsem(om->epsem, om->epsem_offset);
-  auto services = oe.ok() ? c1222::split_services(oe->body, om->epsem_offset)
-                          : Result<std::vector<c1222::ServiceSpan>>(oe.error());
-  if (services.ok()) {
-    for (const c1222::ServiceSpan& s : *services) {
-      if (!receipt_shaped(s.bytes)) continue;
-      auto r = c1222::decode_receipt_response(s.bytes);
-      if (!r.ok()) continue;  // not a receipt (other table, other version): claims nothing
-      auto forged = [&](const std::string& why) {
-        std::fprintf(stderr,
-                     "gridseal-dkusd: forged receipt meter=%s meter_id=%s command_id=%llu: %s\n",
-                     meter_name.c_str(), meter->meter_id.c_str(),
-                     static_cast<unsigned long long>(r->invocation_id), why.c_str());
-        return sme("forged_receipt", "MT-2042 receipt refused: " + why);
-      };
-      if (meter->public_key.size() != c1222::kPublicPointSize) {
-        return forged("the meter has no registered public key");
-      }
-      if (m.called_ap_invocation_id) {
-        auto a4 = c1222::invocation_id_value(*m.called_ap_invocation_id);
-        if (!a4.ok() || *a4 != r->invocation_id) {
-          return forged("it is for invocation id " + std::to_string(r->invocation_id) +
-                        ", the response answers another");
-        }
-      }
-      auto signed_bytes = c1222::receipt_signed_bytes(meter->ap_title, *r);
-      if (!signed_bytes.ok()) return forged(signed_bytes.error().message());
-      auto digest = sha256(*signed_bytes);
-      auto pub = HostEcKey::from_public(meter->public_key);
-      if (!digest.ok() || !pub.ok()) return forged("cannot check it");
-      if (auto st = pub->verify(*digest, r->signature); !st.ok()) {
-        return forged("signature does not verify with the registered key");
-      }
-      if (receipts.size() >= c1222::kMaxServices) break;
-      store::Receipt rec;
-      rec.meter_row = meter->row;
-      rec.invocation_id = r->invocation_id;
-      rec.result = r->result;
-      rec.executed_at = r->executed_at;
-      rec.command_digest.assign(r->command_digest.begin(), r->command_digest.end());
-      rec.signature.assign(r->signature.begin(), r->signature.end());
-      rec.message_id = *id;
-      rec.received_at = now;
-      receipts.push_back(std::move(rec));
-    }
+  ReceiptCheck rc = check_receipts(*meter, *om, *id, now);
+  if (rc.forged) {
+    std::fprintf(stderr,
+                 "gridseal-dkusd: forged receipt meter=%s meter_id=%s command_id=%llu: %s\n",
+                 meter_name.c_str(), meter->meter_id.c_str(),
+                 static_cast<unsigned long long>(rc.command_id), rc.why.c_str());
+    return sme("forged_receipt", "MT-2042 receipt refused: " + rc.why);
   }
+  std::vector<store::Receipt> receipts = std::move(rc.receipts);
 
   // Claim the id in memory, then make it durable; the answer leaves after the commit.
   std::uint64_t previous = 0;

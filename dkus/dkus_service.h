@@ -78,6 +78,9 @@ class DkusService {
                  const std::string& reason);
   Bytes error_pdu(const c1222::ApTitle* called, ByteView request_id, std::uint8_t code);
   void finish(const Request& req, Bytes response, const char* result);
+  // The rollover hook: a message opened under the pending `slot` confirms the meter's step.
+  void confirm_pending(const store::Meter& meter, const store::KeySlot& slot, ThreadState& w,
+                       ByteView title_abs, const std::string& meter_name);
 
   const DkusConfig& cfg_;
   HsmContext& hsm_;
@@ -96,9 +99,30 @@ class DkusService {
   metrics::Counter& hsm_errors_;
   metrics::Counter& flagged_;
   metrics::Counter& receipts_;
+  metrics::Counter& confirmations_;  // rollover steps confirmed by a meter message
   std::atomic<bool> hsm_ok_{true};
   std::atomic<bool> store_ok_{true};
 };
+
+// HELP of gridseal_rollover_confirmations_total, registered by the service (via="message")
+// and the rollover engine (via="answer").
+inline constexpr const char* kRolloverConfirmationsHelp =
+    "Rollover steps confirmed: by the meter's answer to its key update (via=answer), or by a "
+    "meter message under the new key (via=message)";
+
+// The MT-2042 signed receipts in an opened (mode-0) meter message (DESIGN §3.3), each verified
+// with the meter's registered ECC key and checked to be for the command the message answers
+// (A4), in the form the DKUS stores them. One receipt that fails makes the whole message
+// forged: then `forged`, with that receipt's command id and why (for the log and the refusal).
+// Read responses of another shape claim nothing and are skipped.
+struct ReceiptCheck {
+  std::vector<store::Receipt> receipts;
+  bool forged = false;
+  std::uint64_t command_id = 0;
+  std::string why;
+};
+ReceiptCheck check_receipts(const store::Meter& meter, const c1222::Message& opened,
+                            std::uint64_t message_id, std::int64_t received_at);
 
 // The error PDU: from `dkus_title` to `called` (the collection engine: the request's called
 // title, or the configured head-end title), A4 = the request's A8 when it has one, one

@@ -1,13 +1,16 @@
 // gridseal-dkusd: the Decryption and Key Update Server. The process started by the operator (or
 // systemd) is the supervisor: it validates the configuration and starts server.processes
 // workers (this same binary with --worker), each with its own HSM sessions, SQLite connections,
-// replay-state writer and listening socket on the shared port.
+// replay-state writer and listening socket on the shared port. Worker 0 also runs the key-rollover
+// engine when [rollover] enabled is set (dkus/rollover_engine.h).
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <utility>
 
 #include "dkus/dkus_config.h"
 #include "dkus/dkus_service.h"
+#include "dkus/rollover_engine.h"
 #include "src/daemon_main.h"
 
 namespace {
@@ -30,6 +33,11 @@ int check(const gs::dkus::DkusConfig& cfg) {
   auto service = gs::dkus::DkusService::create(cfg, *hsm, registry, 1, gs::utc_now());
   if (!service.ok()) return fail(service.error().message());
   if (auto st = (*service)->warm_up(); !st.ok()) return fail(st.error().message());
+  if (cfg.rollover.enabled) {
+    auto engine = gs::dkus::RolloverEngine::create(cfg, *hsm, registry);
+    if (!engine.ok()) return fail(engine.error().message());
+    if (auto st = (*engine)->warm_up(); !st.ok()) return fail("rollover: " + st.error().message());
+  }
   std::printf("gridseal-dkusd: configuration ok\n");
   return 0;
 }
@@ -38,7 +46,9 @@ int run_worker(const gs::dkus::DkusConfig& cfg, const gs::daemon::Args& a) {
   gs::daemon::block_worker_signals();
   const std::string me = kName + ": worker " + std::to_string(a.worker);
   const std::size_t threads = gs::dkus::handler_threads(cfg);
-  auto hsm = gs::daemon::open_worker_hsm(cfg.base.hsm, threads, me);
+  // The rollover engine runs in exactly one process, worker 0, with a session of its own.
+  const bool rollover_here = cfg.rollover.enabled && a.worker == 0;
+  auto hsm = gs::daemon::open_worker_hsm(cfg.base.hsm, threads + (rollover_here ? 1 : 0), me);
   if (!hsm.ok()) return gs::daemon::fail(me, hsm.error().message());
 
   gs::metrics::Registry registry;
@@ -46,8 +56,18 @@ int run_worker(const gs::dkus::DkusConfig& cfg, const gs::daemon::Args& a) {
                                                static_cast<std::uint32_t>(a.extra[0]));
   if (!service.ok()) return gs::daemon::fail(me, service.error().message());
   if (auto st = (*service)->warm_up(); !st.ok()) return gs::daemon::fail(me, st.error().message());
+  std::unique_ptr<gs::dkus::RolloverEngine> engine;
+  if (rollover_here) {
+    auto e = gs::dkus::RolloverEngine::create(cfg, *hsm, registry);
+    if (!e.ok()) return gs::daemon::fail(me, e.error().message());
+    if (auto st = (*e)->warm_up(); !st.ok()) {
+      return gs::daemon::fail(me, "rollover: " + st.error().message());
+    }
+    engine = std::move(e).value();
+  }
   gs::dkus::DkusService* svc = service->get();
   svc->start();
+  if (engine) engine->start();
 
   gs::daemon::WorkerSpec spec;
   spec.name = kName;
@@ -61,10 +81,15 @@ int run_worker(const gs::dkus::DkusConfig& cfg, const gs::daemon::Args& a) {
     svc->handle(ctx, std::move(request), std::move(done));
   };
   spec.registry = &registry;
-  spec.health = [svc] { return svc->health(); };
+  spec.health = [svc, eng = engine.get()] {
+    gs::metrics::Health h = svc->health();
+    if (h.ok && eng != nullptr) h = eng->health();
+    return h;
+  };
   // SIGHUP: nothing to reload yet (meter and key state are read from the store).
   // Drain: answers in flight wait for their commit, so the writer stops only after the server.
   const int rc = gs::daemon::serve_worker(std::move(spec));
+  if (engine) engine->stop();  // its answers in flight come back at most answer_timeout_ms late
   svc->stop();
   return rc;
 }

@@ -256,6 +256,38 @@ Result<KeyPair> generate_ec_p256(Session& s, std::string_view label, EcKeyUse us
   return kp;
 }
 
+Result<KeyPair> generate_ephemeral_ec_p256(Session& s) {
+  GS_TRY(need_open(s));
+  CK_ATTRIBUTE pub[] = {
+      attr_bool(CKA_TOKEN, false),
+      attr_bool(CKA_PRIVATE, false),
+      attr_bytes(CKA_EC_PARAMS, kP256Params, sizeof kP256Params),
+      attr_bool(CKA_VERIFY, false),
+      attr_bool(CKA_DERIVE, false),
+      attr_bool(CKA_ENCRYPT, false),
+      attr_bool(CKA_WRAP, false),
+      attr_bool(CKA_MODIFIABLE, false),
+  };
+  CK_ATTRIBUTE priv[] = {
+      attr_bool(CKA_TOKEN, false),
+      attr_bool(CKA_PRIVATE, true),
+      attr_bool(CKA_SENSITIVE, true),
+      attr_bool(CKA_EXTRACTABLE, false),
+      attr_bool(CKA_SIGN, false),
+      attr_bool(CKA_SIGN_RECOVER, false),
+      attr_bool(CKA_DERIVE, true),
+      attr_bool(CKA_DECRYPT, false),
+      attr_bool(CKA_UNWRAP, false),
+      attr_bool(CKA_MODIFIABLE, false),  // last
+  };
+  CK_MECHANISM mech{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  KeyPair kp;
+  GS_TRY(s.check("C_GenerateKeyPair(ephemeral)",
+                 F(s)->C_GenerateKeyPair(s.handle(), &mech, pub, std::size(pub), priv,
+                                         std::size(priv), &kp.public_key, &kp.private_key)));
+  return kp;
+}
+
 Result<ObjectHandle> copy_to_session(Session& s, ObjectHandle token_key) {
   GS_TRY(need_open(s));
   CK_ATTRIBUTE t[] = {attr_bool(CKA_TOKEN, false), attr_bool(CKA_MODIFIABLE, false)};

@@ -82,6 +82,12 @@ Result<EcPoint> export_ec_point(Session& s, ObjectHandle public_key);
 Result<ObjectHandle> import_ec_public(Session& s, ByteView point);
 // A session private-key object from a 32-byte scalar (tests and simulations only).
 Result<ObjectHandle> import_ec_private(Session& s, ByteView scalar, EcKeyUse use);
+// An ephemeral P-256 key pair for one key update (DESIGN §3.2), both halves SESSION objects
+// (CKA_TOKEN=false, no label): the private key CKA_PRIVATE, CKA_SENSITIVE,
+// CKA_EXTRACTABLE=false, CKA_DERIVE only; the public key only carries its point (read it with
+// export_ec_point). The caller destroys both once the new key is derived; they also vanish
+// with the session.
+Result<KeyPair> generate_ephemeral_ec_p256(Session& s);
 
 // ---- AES --------------------------------------------------------------------------------------
 

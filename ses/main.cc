@@ -10,6 +10,7 @@
 
 #include "ses/ses_config.h"
 #include "ses/ses_service.h"
+#include "src/audit.h"
 #include "src/daemon_main.h"
 #include "src/policy.h"
 
@@ -24,17 +25,29 @@ const std::vector<gs::daemon::IntFlag> kWorkerFlags = {{"--limiter-fd", 3, 1 << 
 
 int fail(const std::string& what) { return gs::daemon::fail(kName, what); }
 
-// --check: everything a worker opens, in this process, then exit.
+// --check: everything a worker opens, in this process, then exit. The audit trail is checked
+// against the HSM anchor but not written to.
 int check(const gs::ses::SesConfig& cfg, gs::policy::Policy pol) {
   auto hsm = gs::open_hsm(cfg.base.hsm);
   if (!hsm.ok()) return fail(hsm.error().message());
   auto limiter = gs::policy::RateLimiter::create(pol.meter_rate_slots, false);
   if (!limiter.ok()) return fail(limiter.error().message());
   gs::metrics::Registry registry;
-  auto service = gs::ses::SesService::create(cfg, *hsm, std::move(pol), std::move(limiter).value(),
-                                             registry, 1);
+  gs::ses::SesConfig no_audit = cfg;
+  no_audit.audit.enabled = false;
+  auto service = gs::ses::SesService::create(no_audit, *hsm, std::move(pol),
+                                             std::move(limiter).value(), registry, 1);
   if (!service.ok()) return fail(service.error().message());
   if (auto st = (*service)->warm_up(); !st.ok()) return fail(st.error().message());
+  if (cfg.audit.enabled) {
+    auto db = gs::db::Db::open(cfg.base.store.path, {.create = false});
+    if (!db.ok()) return fail(db.error().message());
+    auto audit = gs::audit::check_store(*db, *hsm);
+    if (!audit.ok()) return fail("audit trail: " + audit.error().message());
+    if (!audit->ok()) return fail("audit trail check failed: " + audit->message);
+    std::printf("gridseal-sesd: audit trail %s: %s\n", gs::audit::anchor_state_name(audit->state),
+                audit->message.c_str());
+  }
   std::printf("gridseal-sesd: configuration ok\n");
   return 0;
 }
@@ -46,7 +59,8 @@ int run_worker(gs::ses::SesConfig cfg, gs::policy::Policy pol, const gs::daemon:
       gs::policy::RateLimiter::attach(static_cast<int>(a.extra[0]), pol.meter_rate_slots);
   if (!limiter.ok()) return gs::daemon::fail(me, limiter.error().message());
   const std::size_t threads = cfg.server.worker_threads;
-  auto hsm = gs::daemon::open_worker_hsm(cfg.base.hsm, threads, me);
+  // One more session for the audit writer (anchor updates, checkpoint signatures).
+  auto hsm = gs::daemon::open_worker_hsm(cfg.base.hsm, threads + (cfg.audit.enabled ? 1 : 0), me);
   if (!hsm.ok()) return gs::daemon::fail(me, hsm.error().message());
 
   gs::metrics::Registry registry;
@@ -54,6 +68,9 @@ int run_worker(gs::ses::SesConfig cfg, gs::policy::Policy pol, const gs::daemon:
                                              registry, threads);
   if (!service.ok()) return gs::daemon::fail(me, service.error().message());
   if (auto st = (*service)->warm_up(); !st.ok()) return gs::daemon::fail(me, st.error().message());
+  if (auto st = (*service)->record_start(a.worker); !st.ok()) {
+    return gs::daemon::fail(me, "audit start record: " + st.error().message());
+  }
 
   gs::ses::SesService* svc = service->get();
   gs::daemon::WorkerSpec spec;
@@ -63,10 +80,10 @@ int run_worker(gs::ses::SesConfig cfg, gs::policy::Policy pol, const gs::daemon:
   spec.server = cfg.server;
   spec.server.port = static_cast<std::uint16_t>(a.port);
   spec.drain = cfg.drain;
-  spec.handler = gs::server::make_handler(
-      [svc](const gs::server::RequestContext& ctx, gs::Bytes request) {
-        return svc->handle(ctx, request);
-      });
+  spec.handler = [svc](const gs::server::RequestContext& ctx, gs::Bytes request,
+                       gs::server::Done done) {
+    svc->handle(ctx, std::move(request), std::move(done));
+  };
   spec.registry = &registry;
   spec.health = [svc] { return svc->health(); };
   spec.on_sighup = [svc, &cfg, &me] {
@@ -80,7 +97,11 @@ int run_worker(gs::ses::SesConfig cfg, gs::policy::Policy pol, const gs::daemon:
                    st.error().message().c_str());
     }
   };
-  return gs::daemon::serve_worker(std::move(spec));
+  // Drain first (responses in flight wait for their audit records), then the stop record, the
+  // final checkpoint and the sealed anchor.
+  const int rc = gs::daemon::serve_worker(std::move(spec));
+  svc->record_stop(a.worker);
+  return rc;
 }
 
 int run_supervisor(const gs::ses::SesConfig& cfg, const gs::policy::Policy& pol,

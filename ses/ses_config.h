@@ -15,6 +15,16 @@
 
 namespace gs::ses {
 
+// [audit]: the tamper-evident audit trail (src/audit.h).
+struct AuditConfig {
+  bool enabled = true;                      // audit.enabled
+  std::uint32_t checkpoint_interval_s = 60; // audit.checkpoint_interval_s (0: every transaction)
+  std::uint32_t anchor_interval_ms = 1000;  // audit.anchor_interval_ms (0: every transaction)
+  std::uint32_t batch_max = 512;            // audit.batch_max: records per transaction
+  std::uint32_t batch_delay_us = 1000;      // audit.batch_delay_us: wait for more records
+  std::uint32_t max_pending = 65536;        // audit.max_pending: queued records (then bsy)
+};
+
 struct SesConfig {
   config::Config base;             // base_oid, [hsm], [store]
   Bytes base_oid;                  // absolute OID content of base.base_oid
@@ -30,6 +40,7 @@ struct SesConfig {
   std::uint32_t meter_cache = 100000;  // ses.meter_cache: meter records cached per worker thread
   std::uint32_t meter_cache_ttl_ms = 5000;  // ses.meter_cache_ttl_ms
   std::uint32_t id_block_size = 1024;  // ses.id_block_size: invocation ids reserved per DB write
+  AuditConfig audit;                   // [audit]
 };
 
 // Reads and validates the whole file. Relative paths resolve against the file's directory.

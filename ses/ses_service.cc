@@ -1,6 +1,8 @@
 // The SES request path: see ses_service.h.
 #include "ses/ses_service.h"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 
@@ -43,9 +45,12 @@ SesService::SesService(const SesConfig& cfg, HsmContext& hsm, policy::Policy pol
                                   "Time from request decoded to response built",
                                   metrics::latency_buckets())),
       hsm_errors_(registry.counter("gridseal_ses_hsm_errors_total",
-                                   "HSM operations that failed")) {}
+                                   "HSM operations that failed")),
+      audit_failures_(registry.counter("gridseal_ses_audit_failures_total",
+                                       "Requests whose audit record could not be written")) {}
 
 SesService::~SesService() {
+  if (audit_) audit_->stop();
   states_.drain([this](WorkerState& w) { drop_hsm(w); });
 }
 
@@ -75,6 +80,18 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
   SesService* raw = s.get();
   registry.gauge_fn("gridseal_ses_invocation_ids_issued", "Invocation ids issued", {},
                     [raw] { return static_cast<double>(raw->ids_.stats().ids_issued); });
+  if (cfg.audit.enabled) {
+    audit::WriterOptions wo;
+    wo.max_batch = cfg.audit.batch_max;
+    wo.max_delay = std::chrono::microseconds(cfg.audit.batch_delay_us);
+    wo.max_pending = cfg.audit.max_pending;
+    wo.checkpoint_interval = std::chrono::seconds(cfg.audit.checkpoint_interval_s);
+    wo.anchor_interval = std::chrono::milliseconds(cfg.audit.anchor_interval_ms);
+    wo.program = "gridseal-sesd";
+    auto w = audit::Writer::open(cfg.base.store.path, hsm, wo, &registry);
+    if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
+    s->audit_ = std::move(w).value();
+  }
   return s;
 }
 
@@ -107,6 +124,7 @@ Status SesService::warm_up() {
 metrics::Health SesService::health() const {
   if (!hsm_ok_.load()) return {false, "HSM operations failing"};
   if (!store_ok_.load()) return {false, "database failing"};
+  if (audit_ && !audit_->healthy()) return {false, "audit trail failing"};
   return {true, "ok"};
 }
 
@@ -130,12 +148,21 @@ SesService::Outcome SesService::refuse(const server::RequestContext& ctx,
   server::log_refusal("gridseal-sesd", ctx, meter, c1222::response_code_name(code), reason);
   Outcome o;
   o.result = result;
+  o.code = code;
+  o.reason = reason;
+  if (request != nullptr) {
+    if (request->called_ap_title) o.title = meter;
+    if (request->calling_ap_invocation_id) {
+      o.request_id = to_hex(*request->calling_ap_invocation_id);
+    }
+  }
   const Bytes ses_abs = cfg_.ses_title.view().absolute(cfg_.base_oid);
   auto id = ids_.next(ses_abs, static_cast<std::int64_t>(utc_now()));
   if (!id.ok()) {
     store_ok_ = false;
     return o;  // empty: the connection closes
   }
+  o.invocation_id = *id;
   auto pdu = error_response(request, cfg_.ses_title.view(), cfg_.head_end_title.view(), code, *id);
   if (pdu.ok()) o.response = std::move(pdu).value();
   return o;
@@ -221,6 +248,11 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
     }
     hsm_ok_ = true;
     o.response = std::move(out).value();
+    o.secured = true;
+    o.subject = group->name;
+    o.title = m.called_ap_title->dotted();
+    o.invocation_id = params.invocation_id;
+    if (m.calling_ap_invocation_id) o.request_id = to_hex(*m.calling_ap_invocation_id);
     return o;
   }
 
@@ -292,22 +324,117 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
   }
   hsm_ok_ = true;
   o.response = std::move(out).value();
+  o.secured = true;
+  o.subject = meter->meter_id;
+  o.title = m.called_ap_title->dotted();
+  o.invocation_id = params.invocation_id;
+  o.key_id = choice.slot->slot;
+  if (m.calling_ap_invocation_id) o.request_id = to_hex(*m.calling_ap_invocation_id);
   return o;
 }
 
-Bytes SesService::handle(const server::RequestContext& ctx, ByteView request) {
-  const auto t0 = std::chrono::steady_clock::now();
-  auto w = states_.take();
-  const std::shared_ptr<const policy::Policy> policy = current_policy();
-  Outcome o = process(ctx, request, *w, *policy);
-  states_.give(std::move(w));
+// What the audit keeps of a request: who (the TLS client subject), the meter or group, and for a
+// secured command its class and invocation id, for a refusal its code and reason. Never key
+// material: the request's cleartext and the response are not recorded.
+audit::Event SesService::audit_event(const server::RequestContext& ctx, const Outcome& o) const {
+  audit::Event e;
+  e.actor = audit::clip(ctx.client_identity.empty() ? "-" : ctx.client_identity, audit::kMaxActor);
+  e.event = o.secured ? "command" : "refusal";
+  e.subject = audit::clip(o.subject.empty() ? o.title : o.subject, audit::kMaxSubject);
+  audit::Detail d;
+  if (!o.title.empty()) d.add("title", o.title);
+  if (o.cls) d.add("class", c1222::command_class_name(*o.cls));
+  if (o.secured) {
+    d.add("invocation_id", std::uint64_t{o.invocation_id});
+    if (o.key_id >= 0) d.add("key_id", o.key_id);
+    d.add("signer", "gs-cmd-" + std::to_string(cfg_.command_key_id));
+  } else {
+    d.add("code", c1222::response_code_name(o.code)).add("result", o.result);
+    d.add("reason", o.reason);
+    if (o.response.empty()) {
+      d.add("connection", "closed");
+    } else {
+      d.add("response_id", std::uint64_t{o.invocation_id});
+    }
+  }
+  if (!o.request_id.empty()) d.add("request_id", o.request_id);
+  d.add("peer", ctx.peer);
+  if (!ctx.client_cert_sha256.empty()) d.add("client_cert_sha256", ctx.client_cert_sha256);
+  e.detail = d.str();
+  return e;
+}
+
+struct SesService::Pending {
+  server::RequestContext ctx;
+  Bytes request;
+  Outcome outcome;
+  std::chrono::steady_clock::time_point t0;
+  server::Done done;
+};
+
+void SesService::finish(Outcome& o, std::chrono::steady_clock::time_point t0,
+                        server::Done& done) {
   latency_.observe(std::chrono::steady_clock::now() - t0);
   registry_
       .counter("gridseal_ses_requests_total", "Requests by command class and result",
                {{"class", o.cls ? c1222::command_class_name(*o.cls) : "none"},
                 {"result", o.result}})
       .inc();
-  return std::move(o.response);
+  done(std::move(o.response));
+}
+
+void SesService::recorded(Pending& p, const Status& st) {
+  if (!st.ok()) {
+    audit_failures_.inc();
+    if (p.outcome.secured) {
+      // The command must not leave without its record: a bsy error instead (not recorded
+      // either: the trail is failing; the refusal log line says why).
+      auto m = c1222::decode(p.request);
+      const std::optional<c1222::CommandClass> cls = p.outcome.cls;
+      p.outcome = refuse(p.ctx, m.ok() ? &*m : nullptr, c1222::kRespBsy, "audit_error",
+                         "audit record not written: " + st.error().message());
+      p.outcome.cls = cls;
+    }
+  }
+  finish(p.outcome, p.t0, p.done);
+}
+
+void SesService::handle(const server::RequestContext& ctx, Bytes request, server::Done done) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto w = states_.take();
+  const std::shared_ptr<const policy::Policy> policy = current_policy();
+  Outcome o = process(ctx, request, *w, *policy);
+  states_.give(std::move(w));
+  if (!audit_) {
+    finish(o, t0, done);
+    return;
+  }
+  audit::Item item;
+  item.event = audit_event(ctx, o);
+  auto pending = std::make_shared<Pending>(
+      Pending{ctx, o.secured ? std::move(request) : Bytes{}, std::move(o), t0, std::move(done)});
+  item.done = [this, pending](const Status& st) { recorded(*pending, st); };
+  if (Status st = audit_->submit(std::move(item)); !st.ok()) recorded(*pending, st);
+}
+
+Status SesService::record_start(int worker) {
+  if (!audit_) return {};
+  audit::Detail d;
+  d.add("worker", worker).add("pid", static_cast<std::int64_t>(::getpid()));
+  d.add("audit_anchor", audit::anchor_state_name(audit_->start_check().state));
+  return audit_->append({0, audit::kSystemActor, "start", "gridseal-sesd", d.str()});
+}
+
+void SesService::record_stop(int worker) {
+  if (!audit_) return;
+  audit::Detail d;
+  d.add("worker", worker).add("pid", static_cast<std::int64_t>(::getpid()));
+  if (Status st = audit_->append({0, audit::kSystemActor, "stop", "gridseal-sesd", d.str()});
+      !st.ok()) {
+    std::fprintf(stderr, "gridseal-sesd: worker %d: audit stop record: %s\n", worker,
+                 st.error().message().c_str());
+  }
+  audit_->stop();
 }
 
 }  // namespace gs::ses

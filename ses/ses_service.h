@@ -1,5 +1,6 @@
 // The SES request path (DESIGN §1.1): decode, meter lookup, policy, invocation id, MT-2040
-// signature and EAX' mode 2 through the HSM; C12.22 error responses for every refusal.
+// signature and EAX' mode 2 through the HSM; C12.22 error responses for every refusal; an audit
+// record of every secured command and every refusal, durable before the response leaves.
 #pragma once
 
 #include <atomic>
@@ -18,6 +19,7 @@
 #include "hsm/key_cache.h"
 #include "hsm/session.h"
 #include "ses/ses_config.h"
+#include "src/audit.h"
 #include "src/command_signer.h"
 #include "src/handler_state.h"
 #include "src/hsm_context.h"
@@ -54,8 +56,17 @@ class SesService {
   // Opens one worker state now (HSM session, keys, store) so that start-up fails loudly.
   Status warm_up();
 
-  // One framed request in, one framed response out (secured command or C12.22 error).
-  Bytes handle(const server::RequestContext& ctx, ByteView request);
+  // One framed request in, one framed response out (secured command or C12.22 error), handed
+  // to `done`. With the audit on, the response is handed over only once the request's audit
+  // record is durable (from the audit writer's thread); a secured command whose record cannot
+  // be written is replaced by a `bsy` error, so no command leaves unrecorded.
+  void handle(const server::RequestContext& ctx, Bytes request, server::Done done);
+
+  // Audit records of this worker's start and stop ("system", gridseal-sesd). record_stop also
+  // flushes the audit writer, signs a final checkpoint and seals the anchor; call it after the
+  // server drained (responses in flight wait for their records).
+  Status record_start(int worker);
+  void record_stop(int worker);
 
   metrics::Health health() const;
 
@@ -72,7 +83,20 @@ class SesService {
     Bytes response;
     const char* result = "ok";  // metrics label
     std::optional<c1222::CommandClass> cls;
+    // For the audit record.
+    bool secured = false;            // a signed command is in `response`
+    std::string subject;             // meter id or DR group name; empty when unknown
+    std::string title;               // called AP title, dotted
+    std::string request_id;          // the request's calling-AP-invocation-id, hex
+    std::uint32_t invocation_id = 0; // of the secured command, or of the error response
+    int key_id = -1;                 // meter key slot of a secured command
+    std::uint8_t code = 0;           // refusals: the C12.22 response code
+    std::string reason;              // refusals
   };
+  struct Pending;
+  audit::Event audit_event(const server::RequestContext& ctx, const Outcome& o) const;
+  void recorded(Pending& p, const Status& st);
+  void finish(Outcome& o, std::chrono::steady_clock::time_point t0, server::Done& done);
   Outcome process(const server::RequestContext& ctx, ByteView request, WorkerState& w,
                   const policy::Policy& policy);
   // The signed-command parameters of a class and validity window (invocation id left 0).
@@ -103,8 +127,11 @@ class SesService {
 
   metrics::Histogram& latency_;
   metrics::Counter& hsm_errors_;
+  metrics::Counter& audit_failures_;
   std::atomic<bool> hsm_ok_{true};
   std::atomic<bool> store_ok_{true};
+  // Last member: stopped (its callbacks use the members above) before anything else goes.
+  std::unique_ptr<audit::Writer> audit_;
 };
 
 // The error PDU: from `ses_title` to the request's calling title (or `head_end`), A4 = the

@@ -25,7 +25,8 @@ Result<Config> load(const std::string& path) {
   c.source = path;
   const fs::path dir = fs::absolute(path).parent_path();
   GS_TRY(check_keys(root, path, "", {"base_oid", "hsm", "store", "ses", "dkus", "server",
-                                     "policy", "metrics", "tls", "log", "relay", "rollover"}));
+                                     "policy", "metrics", "tls", "log", "relay", "rollover",
+                                     "audit"}));
   GS_TRY(get_string(root, "base_oid", path, "", c.base_oid));
   if (const toml::node* h = root.get("hsm")) {
     const toml::table* t = h->as_table();

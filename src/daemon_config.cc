@@ -61,7 +61,8 @@ Result<toml::table> parse_toml_file(const std::string& path) {
 }
 
 Result<CommonConfig> load_common(const std::string& path, const std::string& program,
-                                 const char* own_table) {
+                                 const char* own_table,
+                                 std::initializer_list<const char*> also_own) {
   CommonConfig c;
   GS_ASSIGN(c.base, config::load(path));
   auto base = c1222::oid_from_dotted(c.base.base_oid);
@@ -70,7 +71,9 @@ Result<CommonConfig> load_common(const std::string& path, const std::string& pro
   GS_ASSIGN(c.root, parse_toml_file(path));
   c.dir = std::filesystem::absolute(path).parent_path();
   for (const char* foreign : {"ses", "dkus", "policy", "metrics", "tls", "relay", "rollover", "log"}) {
-    if (std::string(foreign) != own_table && c.root.get(foreign) != nullptr) {
+    bool own = std::string(foreign) == own_table;
+    for (const char* t : also_own) own = own || std::string(foreign) == t;
+    if (!own && c.root.get(foreign) != nullptr) {
       return key_error(path, foreign,
                        "not used by " + program + " (see [" + own_table + "] and [server])");
     }

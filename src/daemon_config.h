@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <initializer_list>
 #include <string>
 #include <toml++/toml.h>
 
@@ -33,7 +34,8 @@ Result<toml::table> parse_toml_file(const std::string& path);
 
 // The part of a daemon's file every program shares: base_oid, [hsm], [store] (config::load),
 // the parsed TOML and the file's directory (relative paths resolve against it). Top-level
-// tables of other programs are refused, naming the program and its own table.
+// tables of other programs are refused, naming the program and its own table; `also_own` names
+// further top-level tables that belong to this program (the DKUS's [rollover]).
 struct CommonConfig {
   config::Config base;
   Bytes base_oid;  // absolute OID content of base.base_oid
@@ -41,6 +43,7 @@ struct CommonConfig {
   std::filesystem::path dir;
 };
 Result<CommonConfig> load_common(const std::string& path, const std::string& program,
-                                 const char* own_table);
+                                 const char* own_table,
+                                 std::initializer_list<const char*> also_own = {});
 
 }  // namespace gs::daemon

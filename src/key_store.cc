@@ -94,6 +94,41 @@ CREATE INDEX rollover_steps_by_meter ON rollover_steps (meter);
 CREATE UNIQUE INDEX rollover_one_live_step ON rollover_steps (meter)
   WHERE state IN ('queued','prepared','failed');
 )sql",
+    // v4: the hash-chained audit trail and its signed checkpoints (src/audit.h). Append-only:
+    // the triggers stop gridseal's own code from changing history; tampering with the file is
+    // caught by `gridseal audit verify` and the HSM anchor.
+    R"sql(
+CREATE TABLE audit (
+  seq        INTEGER PRIMARY KEY CHECK (seq >= 1),
+  time       INTEGER NOT NULL,
+  actor      TEXT NOT NULL,
+  event      TEXT NOT NULL,
+  subject    TEXT NOT NULL,
+  detail     TEXT NOT NULL,
+  prev_hash  BLOB NOT NULL,
+  hash       BLOB NOT NULL
+);
+CREATE INDEX audit_by_time ON audit (time);
+CREATE TABLE audit_checkpoints (
+  seq        INTEGER PRIMARY KEY,
+  head       BLOB NOT NULL,
+  time       INTEGER NOT NULL,
+  signature  BLOB NOT NULL
+);
+-- The head the HSM anchor was last sealed at (a hint for writers, not evidence).
+CREATE TABLE audit_seal (
+  id   INTEGER PRIMARY KEY CHECK (id = 1),
+  seq  INTEGER NOT NULL
+);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+  BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+  BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+  BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+CREATE TRIGGER audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+  BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+)sql",
 };
 
 constexpr int kMigrationCount = static_cast<int>(sizeof kMigrations / sizeof kMigrations[0]);
@@ -159,6 +194,9 @@ const KeySlot* Meter::slot_for_key_id(std::uint8_t key_id) const noexcept {
 Result<KeyStore> KeyStore::open(const std::string& path, const db::OpenOptions& opt) {
   GS_ASSIGN(db::Db db, db::Db::open(path, opt));
   KeyStore ks(std::move(db));
+  // Freed cells are overwritten with zeros (without extra I/O), so that a destroyed or replaced
+  // wrapped key does not linger in the file's free space.
+  GS_TRY(ks.db_.exec("PRAGMA secure_delete=FAST"));
   if (!opt.read_only) GS_TRY(ks.migrate());
   GS_TRY(ks.prepare_statements());
   return ks;
@@ -189,6 +227,8 @@ Status KeyStore::prepare_statements() {
   by_title_.emplace(std::move(t));
   GS_ASSIGN(auto i, db_.prepare(std::string(kMeterColumns) + "WHERE m.meter_id = ?1 ORDER BY s.slot"));
   by_id_.emplace(std::move(i));
+  GS_ASSIGN(auto r, db_.prepare(std::string(kMeterColumns) + "WHERE m.row = ?1 ORDER BY s.slot"));
+  by_row_.emplace(std::move(r));
   return {};
 }
 
@@ -236,6 +276,11 @@ Result<std::optional<Meter>> KeyStore::meter_by_title(ByteView absolute_title) {
 Result<std::optional<Meter>> KeyStore::meter_by_id(std::string_view meter_id) {
   by_id_->bind(1, meter_id);
   return load(*by_id_);
+}
+
+Result<std::optional<Meter>> KeyStore::meter_by_row(std::int64_t row) {
+  by_row_->bind(1, row);
+  return load(*by_row_);
 }
 
 Result<std::vector<Meter>> KeyStore::list_meters(std::string_view after, std::size_t limit) {
@@ -324,6 +369,7 @@ Status KeyStore::revoke(std::string_view meter_id, std::string_view reason) {
   GS_ASSIGN(auto tx, db::Transaction::begin(db_));
   GS_ASSIGN(auto m, meter_by_id(meter_id));
   if (!m) return {Errc::not_found, "no meter " + std::string(meter_id)};
+  const std::int64_t now = now_seconds();
   GS_ASSIGN(auto up, db_.prepare("UPDATE meters SET state = 'compromised', state_reason = ?2 "
                                  "WHERE row = ?1"));
   up.bind(1, m->row).bind(2, reason);
@@ -331,8 +377,29 @@ Status KeyStore::revoke(std::string_view meter_id, std::string_view reason) {
   GS_ASSIGN(auto slots, db_.prepare("UPDATE key_slots SET state = 'compromised', changed_at = ?2 "
                                     "WHERE meter = ?1 AND state IN "
                                     "('pending','active','standby')"));
-  slots.bind(1, m->row).bind(2, now_seconds());
+  slots.bind(1, m->row).bind(2, now);
   GS_TRY(slots.run());
+  // Its live rollover step (at most one) can never finish now: aborted, and its campaign done
+  // when that was the last step in flight (the same rule as RolloverStore::confirm).
+  GS_ASSIGN(auto live, db_.prepare("SELECT campaign FROM rollover_steps WHERE meter = ?1 AND "
+                                   "state IN ('queued','prepared','failed')"));
+  live.bind(1, m->row);
+  GS_ASSIGN(db::Step ls, live.step());
+  if (ls == db::Step::row) {
+    const std::int64_t campaign = live.int64(0);
+    live.reset();
+    GS_ASSIGN(auto ab, db_.prepare("UPDATE rollover_steps SET state = 'aborted', last_error = "
+                                   "'meter revoked', changed_at = ?2 WHERE meter = ?1 AND state "
+                                   "IN ('queued','prepared','failed')"));
+    ab.bind(1, m->row).bind(2, now);
+    GS_TRY(ab.run());
+    GS_ASSIGN(auto done,
+              db_.prepare("UPDATE rollover_campaigns SET state = 'done', changed_at = ?2 WHERE "
+                          "id = ?1 AND state = 'running' AND NOT EXISTS (SELECT 1 FROM "
+                          "rollover_steps WHERE campaign = ?1 AND state IN ('queued','prepared'))"));
+    done.bind(1, campaign).bind(2, now);
+    GS_TRY(done.run());
+  }
   return tx.commit();
 }
 

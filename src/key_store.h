@@ -13,7 +13,7 @@
 namespace gs::store {
 
 inline constexpr int kSlotsPerMeter = 4;
-inline constexpr int kSchemaVersion = 3;
+inline constexpr int kSchemaVersion = 4;
 inline constexpr std::size_t kMaxMeterIdLength = 64;
 inline constexpr std::size_t kPublicKeySize = 65;  // uncompressed P-256 point
 
@@ -100,6 +100,7 @@ class KeyStore {
   // The meter with its slots, or nullopt.
   Result<std::optional<Meter>> meter_by_title(ByteView absolute_title);
   Result<std::optional<Meter>> meter_by_id(std::string_view meter_id);
+  Result<std::optional<Meter>> meter_by_row(std::int64_t row);
   // Up to `limit` meters ordered by meter id, starting after `after`.
   Result<std::vector<Meter>> list_meters(std::string_view after, std::size_t limit);
   Result<std::int64_t> count_meters();
@@ -108,7 +109,9 @@ class KeyStore {
   // one that differs (title, public key, slot, key) is Errc::conflict naming the meter.
   Result<ImportOutcome> import_meters(std::span<const NewMeter> batch);
 
-  // Marks the meter compromised and every live key slot compromised (never used again).
+  // Marks the meter compromised and every live key slot compromised (never used again), and
+  // aborts its live rollover step if any (a permanent revocation: the meter is never served
+  // again). RolloverStore::revoke_key is the key-compromise variant that rekeys the meter.
   Status revoke(std::string_view meter_id, std::string_view reason);
 
   // Reserves `count` consecutive values of the invocation counter of `calling_title`, durably,
@@ -141,6 +144,7 @@ class KeyStore {
   db::Db db_;
   std::optional<db::Stmt> by_title_;
   std::optional<db::Stmt> by_id_;
+  std::optional<db::Stmt> by_row_;
   std::optional<db::Stmt> raise_mark_;     // prepared on first use
   std::optional<db::Stmt> insert_receipt_;
 };

@@ -15,10 +15,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "gridseal/bytes.h"
@@ -39,6 +41,15 @@ std::optional<StepState> step_state_from(std::string_view s) noexcept;
 // (`gridseal meters revoke`), whose update is sealed under the compromised key (the only one the
 // meter holds; the update reveals nothing to whoever knows that key, DESIGN §3.2).
 enum class CampaignReason : std::uint8_t { operator_request, revocation };
+// "operator" / "revocation", as stored.
+const char* to_string(CampaignReason r) noexcept;
+std::optional<CampaignReason> campaign_reason_from(std::string_view s) noexcept;
+
+// Bounds on what callers hand in (operator input, engine errors).
+inline constexpr std::size_t kMaxSkippedListed = 1000;  // StartOutcome::skipped entries kept
+inline constexpr std::size_t kMaxCreatedByLength = 128;
+inline constexpr std::size_t kMaxStepErrorLength = 256;  // longer last_error text is cut
+inline constexpr double kMaxCampaignRate = 1e6;         // meters per second
 
 struct CampaignSpec {
   CampaignReason reason = CampaignReason::operator_request;
@@ -71,6 +82,18 @@ struct StartOutcome {
   // Meters named that could not join: already in a live step of another campaign, revoked
   // (compromised meter), no registered public key, no active key. Each with the reason.
   std::vector<std::pair<std::string, std::string>> skipped;
+  // How many were skipped in all: `skipped` keeps only the first kMaxSkippedListed. With `all`,
+  // the active meters that could not join are reported the same way.
+  std::int64_t skipped_total = 0;
+};
+
+// What RolloverStore::revoke_key did.
+struct RevokeOutcome {
+  std::int64_t campaign = 0;       // the one-meter revocation campaign created
+  std::uint8_t seal_slot = 0;      // the compromised key that will seal the update
+  std::int64_t superseded = 0;     // campaign whose live step for this meter was aborted, or 0
+  std::int64_t slots_compromised = 0;
+  std::int64_t slots_destroyed = 0;  // pending keys of an unfinished rollover, erased
 };
 
 // What the engine needs to work on one step.
@@ -163,6 +186,10 @@ class RolloverStore {
   // Gives up on steps (-> failed with the error); their pending slot stays (the meter may hold
   // the key, so its messages stay decryptable).
   Status fail(std::span<const Attempt> steps);
+  // Gives up on queued steps that can never be prepared (the meter has no usable key slot, no
+  // public key, was revoked...): queued -> aborted with the error, in one transaction, then the
+  // same done rule as confirm. Steps no longer queued are left alone.
+  Status drop_queued(std::span<const Attempt> steps);
 
   // The meter proved it holds the pending key `slot`/`key_version` (its OK answer, or any
   // message under that key id with a good MAC). In one transaction: that slot -> active, every
@@ -177,8 +204,25 @@ class RolloverStore {
   // wrapped key erased. Returns how many.
   Result<std::int64_t> retire_standby(std::int64_t older_than);
 
+  // ---- key compromise (`gridseal meters revoke` without --permanent) -----------------------
+  // In one transaction: the meter's active and standby slots -> compromised, its pending slots
+  // (keys of an unfinished rollover, never confirmed) -> destroyed with the wrapped key erased,
+  // its live rollover step (if any) -> aborted, the meter -> quarantined with `reason`, and a
+  // one-meter campaign with reason revocation whose update is sealed under the compromised key
+  // that was active (choose_rollover_slot(m, revocation) picks it: the compromised slot with the
+  // highest key version). Errc::not_found for an unknown meter; Errc::conflict for a meter
+  // already revoked permanently or without an active key; Errc::invalid_argument for a meter
+  // without a registered public key (it cannot be rekeyed). Revoking a quarantined meter again
+  // restarts its revocation rollover (the previous step is superseded).
+  Result<RevokeOutcome> revoke_key(std::string_view meter_id, std::string_view reason,
+                                   std::string_view created_by);
+
  private:
+  // The engine's statements, prepared once on this connection and kept (reset after each use).
+  Result<db::Stmt*> stmt(const char* sql);
+
   KeyStore& ks_;
+  std::unordered_map<const char*, std::shared_ptr<db::Stmt>> stmts_;
 };
 
 }  // namespace gs::store

@@ -1,6 +1,7 @@
 // End-to-end tests of `gridseal hsm` and `gridseal meters` against a real SoftHSM2 token created
 // in a temp dir: idempotent init, attributes, import idempotence/conflicts/line numbers, no key
-// bytes in any output, clear errors, and kill -9 during a large import.
+// bytes in any output, clear errors, kill -9 during a large import, and revocation (key
+// compromise with a rekey, or permanent).
 #include <gtest/gtest.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -17,6 +18,7 @@
 #include <thread>
 
 #include "gridseal/bytes.h"
+#include "src/host_ecdsa.h"
 #include "tests/unit/run_command.h"
 
 namespace {
@@ -168,10 +170,108 @@ TEST_F(CliHsm, ImportIsIdempotentNamesBadLinesAndNeverPrintsKeys) {
   std::string hexdb = gs::to_hex(gs::as_bytes(raw.str()));
   EXPECT_EQ(hexdb.find(keys[0]), std::string::npos);
 
-  CmdResult rv = run("meters revoke M7 --reason stolen" + cfg());
+  // Without a registered public key the meter cannot be rekeyed: only --permanent works.
+  CmdResult nk = run("meters revoke M7 --reason stolen" + cfg());
+  EXPECT_EQ(nk.code, 1) << nk.out;
+  EXPECT_NE(nk.out.find("no registered public key"), std::string::npos) << nk.out;
+  EXPECT_NE(nk.out.find("--permanent"), std::string::npos) << nk.out;
+  EXPECT_NE(run("meters show M7" + cfg()).out.find("state       active"), std::string::npos);
+  CmdResult rv = run("meters revoke M7 --reason stolen --permanent" + cfg());
   ASSERT_EQ(rv.code, 0) << rv.out;
   CmdResult after = run("meters show M7" + cfg());
   EXPECT_NE(after.out.find("compromised: stolen"), std::string::npos) << after.out;
+  EXPECT_NE(after.out.find("version 1, compromised"), std::string::npos) << after.out;
+}
+
+// `meters revoke` of a meter with a registered public key: a key compromise by default
+// (quarantine + a one-meter rollover under the compromised key), --permanent for a meter that
+// must never be served again.
+class CliHsmMetersRevoke : public CliHsm {
+ protected:
+  void SetUp() override {
+    CliHsm::SetUp();
+    CmdResult init = run("hsm init" + cfg());
+    ASSERT_EQ(init.code, 0) << init.out;
+    std::ofstream f(dir_ + "/fleet.csv");
+    f << "meter_id,ap_title,ecc_public_key,key_slot,key\n";
+    for (int i = 1; i <= 3; ++i) {
+      auto k = gs::HostEcKey::generate();
+      ASSERT_TRUE(k.ok());
+      f << "M" << i << ",.7." << i << "," << gs::to_hex(k->public_point())
+        << ",0,plain:00112233445566778899aabbccddee0" << i << "\n";
+    }
+    f << "N1,.8.1,,0,plain:ffeeddccbbaa99887766554433221100\n";
+    f.close();
+    CmdResult imp = run("meters import " + dir_ + "/fleet.csv" + cfg());
+    ASSERT_EQ(imp.code, 0) << imp.out;
+  }
+};
+
+TEST_F(CliHsmMetersRevoke, KeyCompromiseQuarantinesAndStartsARevocationRollover) {
+  CmdResult rv = run("meters revoke M1 --reason \"key seen on a laptop\"" + cfg());
+  ASSERT_EQ(rv.code, 0) << rv.out;
+  EXPECT_NE(rv.out.find("meter M1 quarantined: 1 key compromised"), std::string::npos) << rv.out;
+  EXPECT_NE(rv.out.find("rollover campaign 1 rekeys it"), std::string::npos) << rv.out;
+  EXPECT_NE(rv.out.find("compromised key (slot 0)"), std::string::npos) << rv.out;
+  CmdResult show = run("meters show M1 --json" + cfg());
+  ASSERT_EQ(show.code, 0) << show.out;
+  EXPECT_NE(show.out.find("\"state\":\"quarantined\",\"state_reason\":\"key seen on a laptop\""),
+            std::string::npos)
+      << show.out;
+  EXPECT_NE(show.out.find("\"slot\":0,\"key_id\":0,\"state\":\"compromised\""),
+            std::string::npos)
+      << show.out;
+  CmdResult list = run("rollover list --json" + cfg());
+  ASSERT_EQ(list.code, 0) << list.out;
+  EXPECT_NE(list.out.find("\"id\":1,\"state\":\"running\",\"reason\":\"revocation\""),
+            std::string::npos)
+      << list.out;
+  EXPECT_NE(list.out.find("\"total\":1},\"queued\":1"), std::string::npos) << list.out;
+  // A quarantined meter joins no operator campaign.
+  CmdResult st = run("rollover start --meters M1" + cfg());
+  EXPECT_EQ(st.code, 1) << st.out;
+  EXPECT_NE(st.out.find("already in campaign 1"), std::string::npos) << st.out;
+
+  // Revoked again: the revocation rollover restarts (campaign 2 supersedes 1).
+  CmdResult again = run("meters revoke M1 --reason again --json" + cfg());
+  ASSERT_EQ(again.code, 0) << again.out;
+  EXPECT_NE(again.out.find("\"state\":\"quarantined\",\"permanent\":false,\"campaign\":2,"
+                           "\"seal_slot\":0,\"slots_compromised\":0,\"slots_destroyed\":0,"
+                           "\"superseded_campaign\":1"),
+            std::string::npos)
+      << again.out;
+  CmdResult s1 = run("rollover status 1" + cfg());
+  EXPECT_NE(s1.out.find("campaign 1: done (revocation of a compromised key)"), std::string::npos) << s1.out;
+}
+
+TEST_F(CliHsmMetersRevoke, PermanentAndRefusals) {
+  CmdResult p = run("meters revoke M2 --reason destroyed --permanent" + cfg());
+  ASSERT_EQ(p.code, 0) << p.out;
+  EXPECT_NE(p.out.find("revoked permanently"), std::string::npos) << p.out;
+  EXPECT_NE(run("meters show M2" + cfg()).out.find("compromised: destroyed"), std::string::npos);
+  EXPECT_NE(run("rollover list" + cfg()).out.find("no rollover campaigns"), std::string::npos);
+  // A permanently revoked meter is never rekeyed.
+  CmdResult k = run("meters revoke M2 --reason oops" + cfg());
+  EXPECT_EQ(k.code, 1) << k.out;
+  EXPECT_NE(k.out.find("already revoked permanently"), std::string::npos) << k.out;
+  // Unknown meter, no public key, bad reason.
+  CmdResult u = run("meters revoke nope --reason x" + cfg());
+  EXPECT_EQ(u.code, 1) << u.out;
+  EXPECT_NE(u.out.find("no meter nope"), std::string::npos) << u.out;
+  CmdResult n = run("meters revoke N1 --reason x" + cfg());
+  EXPECT_EQ(n.code, 1) << n.out;
+  EXPECT_NE(n.out.find("use --permanent"), std::string::npos) << n.out;
+  EXPECT_EQ(run("meters revoke M3 --reason \"\"" + cfg()).code, 2);
+  EXPECT_EQ(run("meters revoke M3 --reason " + std::string(300, 'r') + cfg()).code, 2);
+  EXPECT_EQ(run("meters revoke M3" + cfg()).code, 2);
+  CmdResult m3 = run("meters show M3" + cfg());
+  EXPECT_NE(m3.out.find("state       active"), std::string::npos) << m3.out;
+  // A permanent revocation of a meter in a rollover aborts its step.
+  ASSERT_EQ(run("rollover start --meters M3" + cfg()).code, 0);
+  ASSERT_EQ(run("meters revoke M3 --reason stolen --permanent" + cfg()).code, 0);
+  CmdResult s = run("rollover status 1 --json" + cfg());
+  EXPECT_NE(s.out.find("\"state\":\"done\""), std::string::npos) << s.out;
+  EXPECT_NE(s.out.find("\"aborted\":1"), std::string::npos) << s.out;
 }
 
 TEST_F(CliHsm, KillDuringLargeImportThenReimportCompletes) {

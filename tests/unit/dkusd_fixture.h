@@ -2,9 +2,15 @@
 // dir, SoftHSM2 token (`gridseal hsm init`), a fleet of meters with plain keys and host-generated
 // ECC key pairs (`gridseal meters import`), dkus.toml, start / SIGTERM / SIGKILL of the whole
 // process group with bounded waits, and messages sealed by the codec as a meter would seal them.
+// RolloverRig: the same daemon with its key-rollover engine pointed at a gridseal-metersim relay
+// whose fleet (`gridseal-metersim export`) is imported into the store.
 #pragma once
 
+#include "src/invocation_ids.h"
+#include "src/key_store.h"
+#include "src/rollover_store.h"
 #include "tests/unit/sesd_fixture.h"
+#include "tools/metersim/fleet.h"
 
 namespace gs::test {
 
@@ -234,6 +240,212 @@ class DkusdDaemon {
   std::string dir_, conf_;
   std::vector<TestMeter> meters_;
   DaemonProcess proc_;
+};
+
+// ---- key rollover against the simulated fleet ---------------------------------------------------
+
+struct RolloverRigOptions {
+  std::size_t meters = 10;  // metersim fleet .7.1 .. .7.N, ids SIM00000001 ..
+  bool tls = false;         // DKUS -> relay over TLS 1.3 (test PKI) instead of plain TCP
+  // gridseal-metersim serve options.
+  double loss = 0;
+  std::uint32_t loss_timeout_ms = 50;
+  std::uint32_t save_every_s = 0;
+  std::uint64_t relay_seed = 1;
+  std::uint32_t processes = 2;  // DKUS worker processes
+  // Extra lines in [rollover] / [dkus]; a key set here replaces the rig's default.
+  std::vector<std::string> rollover_lines;
+  std::vector<std::string> dkus_lines;
+  std::chrono::seconds start_timeout{30};
+};
+
+// A temp dir with a SoftHSM2 token, a metersim fleet trusting gs-cmd-1 imported into the store,
+// the metersim relay, and gridseal-dkusd with [rollover] enabled towards that relay.
+class RolloverRig {
+ public:
+  explicit RolloverRig(RolloverRigOptions o = {}) : opt_(std::move(o)) {}
+  ~RolloverRig() {
+    dkusd_.kill_group();
+    relay_.stop(std::chrono::milliseconds(20000));
+    if (!dir_.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(dir_, ec);
+    }
+  }
+  RolloverRig(const RolloverRig&) = delete;
+  RolloverRig& operator=(const RolloverRig&) = delete;
+
+  static std::string bin(const std::string& name) { return std::string(GS_BIN_DIR) + "/" + name; }
+
+  // Token, fleet export + import, relay started (its port goes into dkus.toml).
+  Status setup() {
+    char tmpl[] = "/tmp/gs-rollover-XXXXXX";
+    if (mkdtemp(tmpl) == nullptr) return Error(Errc::storage_failure, "mkdtemp");
+    dir_ = tmpl;
+    conf_ = dir_ + "/dkus.toml";
+    if (opt_.tls) {
+      GS_ASSIGN(pki_, pki::make_test_pki(dir_ + "/pki"));
+    }
+    write_config(1);  // a placeholder relay port until the relay runs
+    auto r = gridseal("hsm init");
+    if (r.code != 0) return Error(Errc::hsm_failure, "hsm init: " + r.out);
+    auto cmd1 = gridseal("hsm export-pubkey gs-cmd-1 --hex");
+    if (cmd1.code != 0) return Error(Errc::hsm_failure, "export-pubkey: " + cmd1.out);
+    r = run_command(bin("gridseal-metersim") + " export --meters " +
+                    std::to_string(opt_.meters) + " --trust-cmd1 " + trim(cmd1.out) +
+                    " --seed 7 --out " + dir_ + "/fleet.csv --state " + state_path());
+    if (r.code != 0) return Error(Errc::invalid_argument, "metersim export: " + r.out);
+    r = gridseal("meters import " + dir_ + "/fleet.csv");
+    if (r.code != 0) return Error(Errc::storage_failure, "meters import: " + r.out);
+    GS_TRY(start_relay());
+    write_config(relay_.port());
+    return {};
+  }
+
+  Status start_relay() {
+    std::vector<std::string> argv = {bin("gridseal-metersim"), "serve", "--state", state_path(),
+                                     "--listen", "127.0.0.1:0", "--seed",
+                                     std::to_string(opt_.relay_seed)};
+    if (opt_.tls) {
+      for (const std::string& a : {std::string("--tls-ca"), pki_.ca_cert,
+                                   std::string("--tls-cert"), pki_.server_cert,
+                                   std::string("--tls-key"), pki_.server_key}) {
+        argv.push_back(a);
+      }
+    } else {
+      argv.push_back("--plain");
+    }
+    if (opt_.loss > 0) {
+      argv.insert(argv.end(), {"--loss", std::to_string(opt_.loss), "--loss-timeout-ms",
+                               std::to_string(opt_.loss_timeout_ms)});
+    }
+    if (opt_.save_every_s > 0) {
+      argv.insert(argv.end(), {"--save-every", std::to_string(opt_.save_every_s)});
+    }
+    return relay_.start(argv, dir_ + "/metersim.out", dir_ + "/metersim.err",
+                        std::chrono::seconds(60), true);
+  }
+  // SIGTERM: the relay drains and writes the state file back. Its exit code.
+  int stop_relay() { return relay_.stop(std::chrono::milliseconds(30000)); }
+
+  Status start_dkusd() {
+    return dkusd_.start({bin("gridseal-dkusd"), "--config", conf_}, dir_ + "/dkusd.out",
+                        dir_ + "/dkusd.err", opt_.start_timeout, true);
+  }
+  int stop_dkusd() { return dkusd_.stop(); }
+  // kill -9 of the supervisor and every worker at once.
+  void kill_dkusd() { dkusd_.kill_group(); }
+  bool dkusd_running() { return dkusd_.running(); }
+
+  CmdResult gridseal(const std::string& args) const {
+    return run_gridseal(args + " --config " + conf_);
+  }
+
+  // A store connection of the test's own (the daemons keep theirs).
+  Result<store::KeyStore> store() const {
+    db::OpenOptions o;
+    o.create = false;
+    return store::KeyStore::open(dir_ + "/gridseal.db", o);
+  }
+  // The fleet as the relay last saved it.
+  Result<std::unique_ptr<metersim::Fleet>> fleet() const {
+    return metersim::Fleet::load(state_path());
+  }
+
+  // Polls the store (bounded) until no step of campaign `id` is queued or prepared.
+  Result<store::CampaignProgress> wait_campaign(std::int64_t id, std::chrono::milliseconds limit) {
+    GS_ASSIGN(auto ks, store());
+    store::RolloverStore rs(ks);
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    for (;;) {
+      GS_ASSIGN(auto p, rs.progress(id));
+      if (p.queued == 0 && p.prepared == 0) return p;
+      if (std::chrono::steady_clock::now() > deadline) {
+        return Error(Errc::busy, "campaign " + std::to_string(id) + " not finished: queued " +
+                                     std::to_string(p.queued) + ", prepared " +
+                                     std::to_string(p.prepared) + ", confirmed " +
+                                     std::to_string(p.confirmed) + ", failed " +
+                                     std::to_string(p.failed));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+
+  server::ClientConfig dkus_client() const {
+    server::ClientConfig cc;
+    cc.port = dkusd_.port();
+    cc.plain_tcp = true;
+    cc.timeout = std::chrono::milliseconds(5000);
+    return cc;
+  }
+
+  std::string metrics() const { return http_get(dkusd_.metrics_port(), "/metrics"); }
+  std::string logs() const {
+    return "\n--- dkusd.err (tail)\n" + tail(slurp(dir_ + "/dkusd.err")) +
+           "\n--- metersim.err (tail)\n" + tail(slurp(dir_ + "/metersim.err"));
+  }
+  const std::string& dir() const { return dir_; }
+  const std::string& conf() const { return conf_; }
+  std::string state_path() const { return dir_ + "/fleet.state"; }
+  std::uint16_t relay_port() const { return relay_.port(); }
+
+ private:
+  static std::string trim(std::string s) {
+    while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ')) s.pop_back();
+    return s;
+  }
+  static std::string tail(const std::string& s) {
+    return s.size() > 6000 ? s.substr(s.size() - 6000) : s;
+  }
+  static bool sets_key(const std::vector<std::string>& lines, const std::string& key) {
+    for (const std::string& l : lines) {
+      const auto b = l.find_first_not_of(" \t");
+      if (b == std::string::npos || l.compare(b, key.size(), key) != 0) continue;
+      const auto after = l.find_first_not_of(" \t", b + key.size());
+      if (after != std::string::npos && l[after] == '=') return true;
+    }
+    return false;
+  }
+
+  void write_config(std::uint16_t relay_port) const {
+    std::ofstream f(conf_);
+    f << "[hsm]\nsofthsm_dir = \"hsm\"\ntoken_label = \"gs-rollover\"\n"
+         "pin_file = \"hsm/user.pin\"\nso_pin_file = \"hsm/so.pin\"\n"
+         "[store]\npath = \"gridseal.db\"\n"
+         "[server]\naddress = \"127.0.0.1\"\nport = 0\nplain_tcp = true\nprocesses = "
+      << opt_.processes << "\ndrain_ms = 2000\n";
+    f << "[dkus]\n";
+    auto def = [&](const std::vector<std::string>& lines, const std::string& key,
+                   const std::string& value) {
+      if (!sets_key(lines, key)) f << key << " = " << value << '\n';
+    };
+    def(opt_.dkus_lines, "dkus_title", "\".1.11\"");
+    def(opt_.dkus_lines, "head_end_title", "\".1.9\"");
+    def(opt_.dkus_lines, "metrics_port", "0");
+    for (const std::string& l : opt_.dkus_lines) f << l << '\n';
+    f << "[rollover]\nenabled = true\nrelay_address = \"127.0.0.1\"\nrelay_port = " << relay_port
+      << '\n';
+    if (opt_.tls) {
+      f << "relay_tls_ca = \"" << pki_.ca_cert << "\"\nrelay_tls_cert = \"" << pki_.client_cert
+        << "\"\nrelay_tls_key = \"" << pki_.client_key << "\"\n";
+    } else {
+      f << "relay_plain_tcp = true\n";
+    }
+    const std::vector<std::string>& r = opt_.rollover_lines;
+    def(r, "answer_timeout_ms", "3000");
+    def(r, "backoff_initial_ms", "100");
+    def(r, "backoff_max_ms", "1000");
+    def(r, "poll_ms", "50");
+    def(r, "max_attempts", "20");
+    def(r, "standby_retention_s", "3600");
+    for (const std::string& l : r) f << l << '\n';
+  }
+
+  RolloverRigOptions opt_;
+  std::string dir_, conf_;
+  pki::TestPki pki_;
+  DaemonProcess relay_;
+  DaemonProcess dkusd_;
 };
 
 }  // namespace gs::test

@@ -178,7 +178,7 @@ TEST_F(Sesd, RevokedMeterIsRefusedAndBroadcastIsSignedOnce) {
   auto client = connect();
   ASSERT_TRUE(client->call(request(".7.2", 0x41, kRead)).ok());
   int code = -1;
-  std::string out = run_cli("meters revoke M2 --reason test --config " + conf_, &code);
+  std::string out = run_cli("meters revoke M2 --reason test --permanent --config " + conf_, &code);
   ASSERT_EQ(code, 0) << out;
   auto r = client->call(request(".7.2", 0x42, kRead));
   ASSERT_TRUE(r.ok());

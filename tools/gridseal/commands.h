@@ -16,5 +16,7 @@ void register_c1222(CLI::App& app, int& exit_code);
 void register_hsm(CLI::App& app, int& exit_code);
 void register_meters(CLI::App& app, int& exit_code);
 void register_receipts(CLI::App& app, int& exit_code);
+void register_audit(CLI::App& app, int& exit_code);
+void register_rollover(CLI::App& app, int& exit_code);
 
 }  // namespace gs::cli

@@ -13,6 +13,8 @@ int main(int argc, char** argv) {
   gs::cli::register_hsm(app, exit_code);
   gs::cli::register_meters(app, exit_code);
   gs::cli::register_receipts(app, exit_code);
+  gs::cli::register_audit(app, exit_code);
+  gs::cli::register_rollover(app, exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

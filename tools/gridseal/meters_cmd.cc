@@ -1,4 +1,5 @@
 // `gridseal meters import|list|show|revoke`: the meter registry.
+#include <pwd.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -8,6 +9,7 @@
 
 #include "src/hsm_context.h"
 #include "src/meter_import.h"
+#include "src/rollover_store.h"
 #include "tools/gridseal/commands.h"
 #include "tools/gridseal/json.h"
 
@@ -166,15 +168,76 @@ int run_show(const std::string& config_path, const std::string& id, bool json) {
   return kExitOk;
 }
 
-int run_revoke(const std::string& config_path, const std::string& id, const std::string& reason) {
+// Who revoked: the operator's login on this host (kept with the revocation campaign).
+std::string operator_identity() {
+  struct passwd pw {};
+  struct passwd* found = nullptr;
+  char buf[1024];
+  if (getpwuid_r(::geteuid(), &pw, buf, sizeof buf, &found) == 0 && found != nullptr) {
+    return std::string("cli:") + found->pw_name;
+  }
+  return "cli:uid " + std::to_string(::geteuid());
+}
+
+int run_revoke(const std::string& config_path, const std::string& id, const std::string& reason,
+               bool permanent, bool json) {
   auto o = load(config_path);
   if (!o.ok()) return fail(o.error().message());
   auto store = store::KeyStore::open(o->cfg.store.path, {.create = false});
   if (!store.ok()) return fail(store.error().message());
-  auto st = store->revoke(id, reason);
-  if (!st.ok()) return fail(st.error().message());
-  std::printf("meter %s revoked: state compromised, its keys will never be used again\n",
-              id.c_str());
+  if (permanent) {
+    auto st = store->revoke(id, reason);
+    if (!st.ok()) return fail(st.error().message());
+    if (json) {
+      JsonWriter w;
+      w.begin_object().key("meter_id").value(id).key("state").value("compromised");
+      w.key("permanent").value(true).end_object();
+      std::printf("%s\n", w.str().c_str());
+      return kExitOk;
+    }
+    std::printf("meter %s revoked permanently: state compromised, it is never served again and "
+                "its keys are never used again\n",
+                id.c_str());
+    return kExitOk;
+  }
+  // Key compromise: quarantine and rekey under the compromised key (a one-meter campaign).
+  store::RolloverStore rs(*store);
+  auto r = rs.revoke_key(id, reason, operator_identity());
+  if (!r.ok()) {
+    if (r.error().code == Errc::invalid_argument) {
+      return fail(r.error().detail + "; use --permanent to revoke it for good");
+    }
+    return fail(r.error().detail.empty() ? r.error().message() : r.error().detail);
+  }
+  if (json) {
+    JsonWriter w;
+    w.begin_object().key("meter_id").value(id).key("state").value("quarantined");
+    w.key("permanent").value(false).key("campaign").value(r->campaign);
+    w.key("seal_slot").value(unsigned{r->seal_slot});
+    w.key("slots_compromised").value(r->slots_compromised);
+    w.key("slots_destroyed").value(r->slots_destroyed);
+    w.key("superseded_campaign").value(r->superseded).end_object();
+    std::printf("%s\n", w.str().c_str());
+    return kExitOk;
+  }
+  std::printf("meter %s quarantined: %lld key%s compromised and never used again",
+              id.c_str(), static_cast<long long>(r->slots_compromised),
+              r->slots_compromised == 1 ? "" : "s");
+  if (r->slots_destroyed > 0) {
+    std::printf(", %lld pending key%s destroyed", static_cast<long long>(r->slots_destroyed),
+                r->slots_destroyed == 1 ? "" : "s");
+  }
+  std::printf("\n");
+  if (r->superseded != 0) {
+    std::printf("its step in rollover campaign %lld is superseded\n",
+                static_cast<long long>(r->superseded));
+  }
+  std::printf("rollover campaign %lld rekeys it: gridseal-dkusd sends the key update sealed under "
+              "the compromised key (slot %u), the only one the meter holds; the meter is served "
+              "again once it answers under its new key. Until then commands to it are refused. "
+              "Follow it with: gridseal rollover status %lld\n",
+              static_cast<long long>(r->campaign), unsigned{r->seal_slot},
+              static_cast<long long>(r->campaign));
   return kExitOk;
 }
 
@@ -215,12 +278,23 @@ void register_meters(CLI::App& app, int& exit_code) {
   show->add_flag("--json", *json, "machine-readable output");
   show->callback([=, &exit_code] { exit_code = run_show(*config, *id, *json); });
 
-  auto* revoke = meters->add_subcommand("revoke", "mark a meter compromised");
+  auto* revoke = meters->add_subcommand(
+      "revoke", "revoke a meter's key: quarantine and rekey it (--permanent: never serve it again)");
   auto reason = std::make_shared<std::string>();
+  auto permanent = std::make_shared<bool>(false);
   revoke->add_option("ID", *id, "meter id")->required();
-  revoke->add_option("--reason", *reason, "why")->required();
+  revoke->add_option("--reason", *reason, "why")
+      ->required()
+      ->check([](const std::string& r) -> std::string {
+        return r.empty() || r.size() > 256 ? "the reason must be 1..256 characters" : "";
+      });
+  revoke->add_flag("--permanent", *permanent,
+                   "the meter itself is stolen or destroyed: mark it compromised, never rekey it");
   revoke->add_option("--config", *config, "configuration file")->capture_default_str();
-  revoke->callback([=, &exit_code] { exit_code = run_revoke(*config, *id, *reason); });
+  revoke->add_flag("--json", *json, "machine-readable output");
+  revoke->callback([=, &exit_code] {
+    exit_code = run_revoke(*config, *id, *reason, *permanent, *json);
+  });
 }
 
 }  // namespace gs::cli
