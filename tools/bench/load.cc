@@ -44,6 +44,8 @@ struct Shared {
   std::atomic<std::uint64_t> ok{0};      // every ok response (progress)
   std::atomic<std::uint64_t> errors{0};  // every error response (progress)
   std::atomic<std::int64_t> in_flight{0};
+  std::atomic<std::size_t> ran_out{0};     // connections with no more requests
+  std::atomic<std::size_t> lost_conns{0};  // connections lost before they ran out
   std::atomic<bool> stop_sending{false};
   Clock::time_point start, count_from, end;
 };
@@ -51,6 +53,7 @@ struct Shared {
 // Per generator thread; touched only by that thread until it is joined.
 struct ThreadStats {
   std::uint64_t ok = 0, answered = 0, sent = 0, late = 0, lost = 0, conn_errors = 0;
+  std::uint64_t exhausted = 0;
   std::map<int, std::uint64_t> errors;
   std::vector<std::uint64_t> latency_ns;
 };
@@ -91,17 +94,35 @@ class Conn : public std::enable_shared_from_this<Conn> {
   void go() {
     if (dead_) return;
     const double rate = sh_.opt->rate;
-    if (rate <= 0) {
+    if (rate <= 0 || closed_phase()) {
       const auto now = Clock::now();
       for (std::size_t i = 0; i < sh_.opt->depth; ++i) pending_.push_back(now);
       maybe_write();
+      if (rate <= 0) return;
+      // Closed-loop warm-up: pacing starts with the measured part.
+      auto self = shared_from_this();
+      pace_.expires_at(sh_.count_from);
+      pace_.async_wait([self](error_code ec) {
+        if (!ec) self->start_pacing(self->sh_.count_from);
+      });
       return;
     }
-    // Each connection offers rate / C, staggered so that the sends spread evenly.
-    const double per_conn = rate / static_cast<double>(sh_.opt->connections);
+    start_pacing(sh_.start);
+  }
+
+  // Each connection offers rate / C from `from`, staggered so that the sends spread evenly.
+  void start_pacing(Clock::time_point from) {
+    if (dead_ || exhausted_) return;
+    pending_.clear();  // warm-up requests not yet written: dropped
+    const double per_conn = sh_.opt->rate / static_cast<double>(sh_.opt->connections);
     interval_ = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(1.0 / per_conn));
-    next_due_ = sh_.start + interval_ * static_cast<long>(index_) / static_cast<long>(sh_.opt->connections);
+    next_due_ = from + interval_ * static_cast<long>(index_) / static_cast<long>(sh_.opt->connections);
     tick();
+  }
+
+  // True while an open-loop run's warm-up runs closed loop.
+  bool closed_phase() const {
+    return sh_.opt->rate > 0 && sh_.opt->closed_warmup && Clock::now() < sh_.count_from;
   }
 
   // Stops offering new requests (those in flight are still read).
@@ -137,7 +158,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   }
 
   void tick() {
-    if (dead_ || sh_.stop_sending.load(std::memory_order_relaxed)) return;
+    if (dead_ || exhausted_ || sh_.stop_sending.load(std::memory_order_relaxed)) return;
     const auto now = Clock::now();
     while (next_due_ <= now) {
       if (pending_.size() < kMaxPending) pending_.push_back(next_due_);
@@ -157,14 +178,26 @@ class Conn : public std::enable_shared_from_this<Conn> {
     const auto now = Clock::now();
     std::size_t n = 0;
     while (!pending_.empty() && in_flight_.size() < sh_.opt->depth) {
-      const Bytes req = sh_.opt->make_request(index_, seq_++);
+      Bytes built;
+      ByteView req;
+      if (sh_.opt->request_view) {
+        req = sh_.opt->request_view(index_, seq_);
+      } else {
+        built = sh_.opt->make_request(index_, seq_);
+        req = built;
+      }
+      if (req.empty()) {
+        run_out();
+        break;
+      }
       wbuf_.insert(wbuf_.end(), req.begin(), req.end());
       const auto intended = pending_.front();
       pending_.pop_front();
       if (now - intended > std::chrono::milliseconds(1)) ++st_.late;
-      in_flight_.push_back(intended);
+      in_flight_.push_back(Sent{intended, seq_++});
       ++n;
     }
+    if (n == 0) return;
     st_.sent += n;
     sh_.in_flight.fetch_add(static_cast<std::int64_t>(n), std::memory_order_relaxed);
     writing_ = true;
@@ -228,16 +261,20 @@ class Conn : public std::enable_shared_from_this<Conn> {
   bool on_frame(ByteView frame) {
     if (in_flight_.empty()) return false;  // an answer to nothing
     const auto now = Clock::now();
-    const auto intended = in_flight_.front();
+    const Sent sent = in_flight_.front();
+    const auto intended = sent.intended;
     in_flight_.pop_front();
     sh_.in_flight.fetch_sub(1, std::memory_order_relaxed);
-    const Verdict v = sh_.opt->judge(frame);
+    const Verdict v = sh_.opt->judge_request ? sh_.opt->judge_request(index_, sent.seq, frame)
+                                             : sh_.opt->judge(frame);
     if (v == kVerdictOk) {
       sh_.ok.fetch_add(1, std::memory_order_relaxed);
     } else {
       sh_.errors.fetch_add(1, std::memory_order_relaxed);
     }
-    if (now >= sh_.count_from && now <= sh_.end) {
+    // Counted: answered in the measured part; with a closed-loop warm-up, also due in it.
+    if (now >= sh_.count_from && now <= sh_.end &&
+        (!sh_.opt->closed_warmup || sh_.opt->rate <= 0 || intended >= sh_.count_from)) {
       ++st_.answered;
       st_.latency_ns.push_back(static_cast<std::uint64_t>(
           std::chrono::duration_cast<std::chrono::nanoseconds>(now - intended).count()));
@@ -247,15 +284,31 @@ class Conn : public std::enable_shared_from_this<Conn> {
         ++st_.errors[v];
       }
     }
-    if (sh_.opt->rate <= 0 && !sh_.stop_sending.load(std::memory_order_relaxed)) {
+    if ((sh_.opt->rate <= 0 || closed_phase()) && !exhausted_ &&
+        !sh_.stop_sending.load(std::memory_order_relaxed)) {
       pending_.push_back(now);
     }
     return true;
   }
 
+  // The scenario has no more requests for this connection: stop offering (those in flight are
+  // still read). Counted when it happens before the end of the run.
+  void run_out() {
+    if (!exhausted_) {
+      ++sh_.ran_out;
+      if (!sh_.opt->until_done && !sh_.stop_sending.load(std::memory_order_relaxed)) {
+        ++st_.exhausted;
+      }
+    }
+    exhausted_ = true;
+    pending_.clear();
+    pace_.cancel();
+  }
+
   void fail() {
     if (dead_) return;
     if (!sh_.stop_sending.load()) ++st_.conn_errors;
+    if (!exhausted_) ++sh_.lost_conns;
     st_.lost += in_flight_.size();
     sh_.in_flight.fetch_sub(static_cast<std::int64_t>(in_flight_.size()));
     in_flight_.clear();
@@ -270,10 +323,14 @@ class Conn : public std::enable_shared_from_this<Conn> {
   std::optional<tcp::socket> plain_;
   asio::steady_timer timer_;  // connect timeout
   asio::steady_timer pace_;   // open-loop pacing
-  bool ready_ = false, dead_ = false, writing_ = false;
+  struct Sent {
+    Clock::time_point intended;  // intended send time
+    std::uint64_t seq;           // request number on this connection
+  };
+  bool ready_ = false, dead_ = false, writing_ = false, exhausted_ = false;
   std::uint64_t seq_ = 0;
-  std::deque<Clock::time_point> pending_;    // intended send times not yet written
-  std::deque<Clock::time_point> in_flight_;  // intended send times of unanswered requests
+  std::deque<Clock::time_point> pending_;  // intended send times not yet written
+  std::deque<Sent> in_flight_;             // unanswered requests, in order
   Clock::duration interval_{};
   Clock::time_point next_due_{};
   Bytes wbuf_, rx_;
@@ -298,6 +355,7 @@ void post_all(std::vector<std::unique_ptr<Worker>>& ws, void (Conn::*fn)()) {
 
 const char* code_name(int v) {
   if (v == kVerdictMalformed) return "malformed";
+  if (v == kVerdictUnexpected) return "unexpected";
   return c1222::response_code_name(static_cast<std::uint8_t>(v));
 }
 
@@ -317,7 +375,8 @@ double LoadResult::percentile_ms(double q) const {
 }
 
 Result<LoadResult> run_load(const LoadOptions& o) {
-  if (o.connections == 0 || o.depth == 0 || o.io_threads == 0 || !o.make_request || !o.judge) {
+  if (o.connections == 0 || o.depth == 0 || o.io_threads == 0 ||
+      (!o.make_request && !o.request_view) || (!o.judge && !o.judge_request)) {
     return Error(Errc::invalid_argument, "connections, depth, threads, requests and judge needed");
   }
   Shared sh;
@@ -392,8 +451,19 @@ Result<LoadResult> run_load(const LoadOptions& o) {
   const bool tty = isatty(2) != 0;
   std::uint64_t last_ok = 0, last_err = 0;
   auto next_line = sh.start + std::chrono::seconds(1);
+  auto stopped = sh.end;
+  auto all_done = [&] {
+    return sh.ran_out.load() + sh.lost_conns.load() >= sh.connected.load() &&
+           sh.in_flight.load() == 0;
+  };
   while (Clock::now() < sh.end) {
-    std::this_thread::sleep_until(std::min(next_line, sh.end));
+    auto wake = std::min(next_line, sh.end);
+    if (o.until_done) wake = std::min(wake, Clock::now() + std::chrono::milliseconds(20));
+    std::this_thread::sleep_until(wake);
+    if (o.until_done && all_done()) {
+      stopped = Clock::now();
+      break;
+    }
     if (Clock::now() < next_line) continue;
     if (o.progress) {
       const std::uint64_t okn = sh.ok.load(), errn = sh.errors.load();
@@ -420,13 +490,14 @@ Result<LoadResult> run_load(const LoadOptions& o) {
   r.unanswered = static_cast<std::uint64_t>(std::max<std::int64_t>(0, sh.in_flight.load()));
   finish();
 
-  r.measured_s = std::chrono::duration<double>(sh.end - sh.count_from).count();
+  r.measured_s = std::max(0.0, std::chrono::duration<double>(stopped - sh.count_from).count());
   for (auto& w : ws) {
     const ThreadStats& s = w->stats;
     r.ok += s.ok;
     r.answered += s.answered;
     r.sent += s.sent;
     r.late += s.late;
+    r.exhausted += s.exhausted;
     r.unanswered += s.lost;
     r.connection_errors += s.conn_errors;
     for (const auto& [code, n] : s.errors) r.errors[code_name(code)] += n;

@@ -19,6 +19,7 @@ namespace gs::bench {
 // What a scenario makes of one response.
 inline constexpr int kVerdictOk = -1;         // the expected answer (e.g. a secured command)
 inline constexpr int kVerdictMalformed = 256;  // does not decode
+inline constexpr int kVerdictUnexpected = 257;  // decodes, but is not the expected answer
 // 0..255: a C12.22 error response with that response code.
 using Verdict = int;
 
@@ -36,14 +37,26 @@ struct LoadOptions {
   double duration_s = 10;            // measured part
   double warmup_s = 1;               // before it (sent, answered, not counted)
   double rate = 0;                   // offered requests/s over all connections; 0: closed loop
+  // Open loop: run the warm-up closed loop (as fast as the server answers, e.g. to fill its
+  // caches), then pace from the start of the measured part; only requests due in the measured
+  // part are counted.
+  bool closed_warmup = false;
   std::size_t io_threads = 1;        // event-loop threads of the generator
   bool progress = true;              // one line a second on stderr
+  // End as soon as every connection ran out of requests and every answer is in (or at the end
+  // of the duration); running out is then the plan, not counted in LoadResult::exhausted.
+  bool until_done = false;
   std::chrono::milliseconds connect_timeout{10000};
   std::chrono::milliseconds drain_timeout{5000};  // after the end, for the requests in flight
   // Request number `seq` (0, 1, ...) of connection `conn`; called on that connection's thread.
+  // Either make_request (built on demand) or request_view (prepared before the run, the view
+  // valid until run_load returns). An empty request: this connection has no more to send.
   std::function<Bytes(std::size_t conn, std::uint64_t seq)> make_request;
-  // The verdict on a response; called on the connection's thread.
+  std::function<ByteView(std::size_t conn, std::uint64_t seq)> request_view;
+  // The verdict on a response; called on the connection's thread. judge_request, when set, is
+  // used instead and also gets which request (connection, seq) the response answers.
   std::function<Verdict(ByteView response)> judge;
+  std::function<Verdict(std::size_t conn, std::uint64_t seq, ByteView response)> judge_request;
 };
 
 struct LoadResult {
@@ -56,6 +69,7 @@ struct LoadResult {
   std::uint64_t connect_failures = 0;
   std::uint64_t connection_errors = 0;  // connections lost during the run
   std::uint64_t late = 0;          // open loop: requests sent after their intended time + 1 ms
+  std::uint64_t exhausted = 0;     // connections that ran out of requests before the end
   double connect_s = 0;            // time to open (and hand-shake) every connection
   std::vector<std::uint64_t> latency_ns;  // one per counted response, sorted
   double ok_per_s() const { return measured_s > 0 ? static_cast<double>(ok) / measured_s : 0; }

@@ -15,6 +15,8 @@ using gs::bench::Subcommand;
 const Subcommand kCommands[] = {
     {"ses", "secured commands/s and latency of gridseal-sesd (+ raw HSM composite)",
      gs::bench::run_ses, gs::bench::usage_ses},
+    {"dkus", "opened meter messages/s and latency of gridseal-dkusd (+ raw HSM EAX' open)",
+     gs::bench::run_dkus, gs::bench::usage_dkus},
     {"make-pki", "write a throw-away TLS test PKI (CA, server and client certificates)",
      gs::bench::run_make_pki, gs::bench::usage_make_pki},
     {"make-fleet", "write a fleet CSV of N meters with plain keys for `gridseal meters import`",

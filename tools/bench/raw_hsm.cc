@@ -1,4 +1,4 @@
-// gridseal-bench: raw HSM composite (see raw_hsm.h).
+// gridseal-bench: raw HSM rates (see raw_hsm.h).
 #include "tools/bench/raw_hsm.h"
 
 #include <sys/wait.h>
@@ -12,6 +12,10 @@
 #include <vector>
 
 #include "c1222/eax_prime.h"
+#include "c1222/message.h"
+#include "c1222/oid.h"
+#include "c1222/security.h"
+#include "c1222/services.h"
 #include "hsm/hsm_aes.h"
 #include "hsm/ops.h"
 #include "hsm/session.h"
@@ -30,14 +34,42 @@ struct Count {
   double per_s = 0;
 };
 
-// One thread: its own session, the command key, one unwrapped meter key; composites from `start`
-// (or when its set-up is done, if later) until the deadline.
+// The canonified cleartext and the EPSEM (control byte first) of a typical meter message: from
+// meter .7.123456 to the head-end .1.9, a 4-byte invocation id, key id 0, one read response
+// service, `epsem_bytes` long in all.
+Result<std::pair<Bytes, Bytes>> sample_meter_message(std::size_t epsem_bytes) {
+  if (epsem_bytes < 16) return Error(Errc::invalid_argument, "EPSEM of at least 16 bytes");
+  GS_ASSIGN(auto called, c1222::OwnedApTitle::parse(".1.9"));
+  GS_ASSIGN(auto calling, c1222::OwnedApTitle::parse(".7.123456"));
+  c1222::Message m;
+  m.called_ap_title = called.view();
+  m.calling_ap_title = calling.view();
+  const Bytes a8{0x12, 0x34, 0x56, 0x78};
+  m.calling_ap_invocation_id = ByteView(a8);
+  c1222::AuthValue av;
+  av.key_id = 0;
+  av.iv = std::array<std::uint8_t, 4>{0x68, 0x00, 0x00, 0x00};
+  m.auth = av;
+  Bytes epsem(epsem_bytes, 0x5A);
+  epsem[0] = 0x80;
+  m.epsem = epsem;
+  GS_ASSIGN(const Bytes wire, c1222::encode(m));
+  GS_ASSIGN(const c1222::Message decoded, c1222::decode(wire));  // canonify needs the wire form
+  GS_ASSIGN(Bytes cleartext, c1222::canonify(decoded, c1222::default_base_oid()));
+  return std::make_pair(std::move(cleartext), std::move(epsem));
+}
+
+// One thread: its own session, the command key, one unwrapped meter key; composites (or opens)
+// from `start` (or when its set-up is done, if later) until the deadline.
 Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, Clock::time_point start,
                              Clock::time_point deadline) {
   GS_ASSIGN(auto lease, hsm.pool->acquire());
   hsm::Session& s = lease.session();
-  const std::string label = "gs-cmd-" + std::to_string(o.command_key);
-  GS_ASSIGN(const hsm::ObjectHandle cmd, hsm::find_object(s, hsm::ObjectClass::private_key, label));
+  hsm::ObjectHandle cmd = 0;
+  if (o.op == RawOp::ses_composite) {
+    const std::string label = "gs-cmd-" + std::to_string(o.command_key);
+    GS_ASSIGN(cmd, hsm::find_object(s, hsm::ObjectClass::private_key, label));
+  }
   GS_ASSIGN(const hsm::ObjectHandle kek, hsm::find_object(s, hsm::ObjectClass::secret_key, kLabelKek));
   // A meter key as the SES holds it: stored wrapped under gs-kek, unwrapped as a session object.
   Bytes plain(16);
@@ -51,11 +83,53 @@ Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, Clock::tim
     resident.push_back(h);
   }
 
+  std::uint64_t n = 0;
+  auto cleanup = [&] {
+    (void)hsm::destroy_object(s, meter_key);
+    for (const hsm::ObjectHandle h : resident) (void)hsm::destroy_object(s, h);
+  };
+
+  if (o.op == RawOp::eax_open) {
+    // The message sealed once under the meter key; then opened over and over, each time on a
+    // fresh copy of the ciphertext, with the EAX' subkeys kept with the key as the DKUS keeps
+    // them (hsm::KeyAux): no token call but the three CBC-MAC/CTR operations.
+    GS_ASSIGN(auto sample, sample_meter_message(o.epsem_bytes));
+    const Bytes& cleartext = sample.first;
+    Bytes ciphertext(sample.second.begin() + 1, sample.second.end());
+    hsm::KeyAux aux;
+    c1222::Mac mac{};
+    {
+      GS_ASSIGN(auto eax, eax_for_key(*aes, meter_key, &aux));
+      GS_ASSIGN(mac, eax.encrypt(cleartext, ciphertext));
+    }
+    Bytes data(ciphertext.size());
+    std::this_thread::sleep_until(start);
+    const auto begun = Clock::now();
+    while (Clock::now() < deadline) {
+      std::copy(ciphertext.begin(), ciphertext.end(), data.begin());
+      auto eax = eax_for_key(*aes, meter_key, &aux);
+      if (!eax.ok()) {
+        cleanup();
+        return eax.error();
+      }
+      if (auto st = eax->decrypt(cleartext, data, mac); !st.ok()) {
+        cleanup();
+        return Error(st.error().code, "EAX' open: " + st.error().message());
+      }
+      ++n;
+    }
+    const double secs = std::chrono::duration<double>(Clock::now() - begun).count();
+    cleanup();
+    if (n > 0 && data != Bytes(sample.second.begin() + 1, sample.second.end())) {
+      return Error(Errc::crypto_failure, "EAX' open: decrypted bytes differ from the sealed ones");
+    }
+    return Count{n, secs > 0 ? static_cast<double>(n) / secs : 0};
+  }
+
   const Bytes epsem(o.epsem_bytes, 0x33);
   const Bytes cleartext(60, 0x60);  // a typical canonified cleartext header
   Bytes signing_input(o.epsem_bytes + 100, 0x5A);
   Bytes data;
-  std::uint64_t n = 0;
   std::this_thread::sleep_until(start);
   const auto begun = Clock::now();
   while (Clock::now() < deadline) {
@@ -71,8 +145,7 @@ Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, Clock::tim
     if (!mac.ok()) return Error(mac.error().code, "EAX': " + mac.error().message());
     ++n;
   }
-  (void)hsm::destroy_object(s, meter_key);
-  for (const hsm::ObjectHandle h : resident) (void)hsm::destroy_object(s, h);
+  cleanup();
   const double secs = std::chrono::duration<double>(Clock::now() - begun).count();
   return Count{n, secs > 0 ? static_cast<double>(n) / secs : 0};
 }
@@ -82,7 +155,15 @@ Result<Count> one_process(const RawHsmOptions& o, Clock::time_point start,
                           Clock::time_point deadline) {
   GS_ASSIGN(auto cfg, config::load(o.config));
   if (cfg.hsm.sessions < o.threads) cfg.hsm.sessions = static_cast<std::uint32_t>(o.threads);
-  GS_ASSIGN(auto hsm, open_hsm(cfg.hsm));
+  // SoftHSM2 can fail a token scan (C_GetTokenInfo: CKR_GENERAL_ERROR) while another process
+  // writes the token directory, e.g. a sibling starting at the same instant: retry a few times.
+  auto opened = open_hsm(cfg.hsm);
+  for (int attempt = 1; !opened.ok() && attempt < 5; ++attempt) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100 * attempt));
+    opened = open_hsm(cfg.hsm);
+  }
+  if (!opened.ok()) return opened.error();
+  HsmContext hsm = std::move(opened).value();
   std::vector<std::thread> ts;
   std::vector<Result<Count>> results(o.threads, Count{});
   for (std::size_t t = 0; t < o.threads; ++t) {

@@ -1,7 +1,11 @@
-// gridseal-bench: the raw HSM composite of one secured command, measured on the daemon's own
-// token: one ECDSA P-256 C_Sign with gs-cmd-<n> plus one EAX' seal of a 200-byte EPSEM through
-// PKCS#11 (HsmAes on an unwrapped meter key, L = E_K(0) included as the SES computes it per
-// request). The ceiling the SES request path is compared with.
+// gridseal-bench: raw HSM rates measured on the daemon's own token, the ceilings the daemons'
+// request paths are compared with.
+// - SES composite: one ECDSA P-256 C_Sign with gs-cmd-<n> plus one EAX' seal of a 200-byte EPSEM
+//   through PKCS#11 (HsmAes on an unwrapped meter key, L = E_K(0) included as the SES computes
+//   it per request).
+// - DKUS EAX' open: one EAX' verify + decrypt of a 200-byte meter message through PKCS#11 on an
+//   unwrapped meter key whose handle and EAX' subkeys are cached, as the DKUS's key cache holds
+//   them (two CBC-MACs and one CTR pass: three C_EncryptInit + C_Encrypt pairs).
 #pragma once
 
 #include <cstdint>
@@ -11,12 +15,15 @@
 
 namespace gs::bench {
 
+enum class RawOp : std::uint8_t { ses_composite, eax_open };
+
 struct RawHsmOptions {
-  std::string config;          // ses.toml / gridseal.toml ([hsm] is used)
+  RawOp op = RawOp::ses_composite;
+  std::string config;          // ses.toml / dkus.toml / gridseal.toml ([hsm] is used)
   std::size_t threads = 2;     // per process, each with its own session
   std::size_t processes = 1;   // >1: forked, each with its own PKCS#11 module (as SES workers)
   double seconds = 3;
-  std::size_t epsem_bytes = 200;
+  std::size_t epsem_bytes = 200;  // EPSEM sealed (ses_composite) or opened (eax_open)
   std::uint8_t command_key = 1;
   // Meter keys each thread unwraps into its session first and keeps (as the SES's per-session
   // key cache holds them at steady state): SoftHSM2 gets slower with many session objects.
@@ -24,7 +31,7 @@ struct RawHsmOptions {
 };
 
 struct RawHsmResult {
-  std::uint64_t composites = 0;
+  std::uint64_t composites = 0;  // operations done (composites or opens)
   double per_s = 0;  // sum over threads and processes of each one's rate
 };
 

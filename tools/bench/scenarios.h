@@ -1,6 +1,5 @@
 // gridseal-bench subcommands: each takes the arguments after its name and returns an exit code
-// (0 ok, 1 the run failed or saw errors, 2 usage). Later scenarios (read, disconnect, dr,
-// rollover, mixed through SES -> meter simulator relay -> DKUS) are added here and in main.cc.
+// (0 ok, 1 the run failed or saw errors, 2 usage). The chain scenarios are in chain.h.
 #pragma once
 
 #include <string>
@@ -18,6 +17,11 @@ struct Subcommand {
 // raw HSM composite of the same token.
 int run_ses(int argc, char** argv);
 void usage_ses();
+
+// DKUS alone: secured meter readings opened/s, latency percentiles, errors by response code,
+// optionally the raw HSM EAX' open rate of the same token.
+int run_dkus(int argc, char** argv);
+void usage_dkus();
 
 // Set-up helpers for measurements: a throw-away test PKI, and a fleet CSV with plain keys.
 int run_make_pki(int argc, char** argv);

@@ -18,16 +18,11 @@
 #include "tools/bench/load.h"
 #include "tools/bench/raw_hsm.h"
 #include "tools/bench/scenarios.h"
+#include "tools/bench/util.h"
 
 namespace gs::bench {
 
 namespace {
-
-int usage_error(const std::string& what, void (*usage)()) {
-  std::fprintf(stderr, "gridseal-bench: %s\n", what.c_str());
-  usage();
-  return 2;
-}
 
 std::uint64_t mix64(std::uint64_t x) {  // splitmix64 finalizer
   x += 0x9E3779B97F4A7C15ULL;
@@ -112,23 +107,6 @@ Verdict judge_secured(ByteView wire) {
   auto s = c1222::split_services(e->body);
   if (s.ok() && s->size() == 1 && s->front().bytes.size() == 1) return s->front().bytes[0];
   return kVerdictMalformed;
-}
-
-double cpu_seconds() {
-  rusage ru{};
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-}
-
-std::string json_escape(const std::string& s) {
-  std::string o;
-  for (char c : s) {
-    if (c == '"' || c == '\\') o += '\\';
-    if (static_cast<unsigned char>(c) < 0x20) continue;
-    o += c;
-  }
-  return o;
 }
 
 }  // namespace
@@ -218,12 +196,7 @@ int run_ses(int argc, char** argv) {
   o.make_request = [&requests](std::size_t c, std::uint64_t s) { return requests.make(c, s); };
   o.judge = judge_secured;
 
-  // Descriptors for C connections.
-  rlimit rl{};
-  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < o.connections + 64) {
-    rl.rlim_cur = std::min<rlim_t>(rl.rlim_max, o.connections + 64);
-    setrlimit(RLIMIT_NOFILE, &rl);
-  }
+  raise_fd_limit(o.connections);
 
   if (a.has("hsm-only")) {
     if (!a.has("hsm-config")) return usage_error("--hsm-only needs --hsm-config", usage_ses);
