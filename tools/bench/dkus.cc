@@ -606,25 +606,7 @@ int run_dkus(int argc, char** argv) {
                 n_meters, a.str("fleet").c_str(), static_cast<unsigned long long>(*epsem),
                 static_cast<unsigned long long>(total_msgs), seal_s);
     std::printf("  %.1f s measured after %.1f s warm-up\n", r.measured_s, o.warmup_s);
-    std::printf("  %-26s %12.1f\n", "opened messages/s", r.ok_per_s());
-    std::printf("  %-26s %12llu\n", "opened (counted)", static_cast<unsigned long long>(r.ok));
-    std::printf("  %-26s %12.3f ms\n", "latency p50", r.percentile_ms(0.5));
-    std::printf("  %-26s %12.3f ms\n", "latency p99", r.percentile_ms(0.99));
-    std::printf("  %-26s %12.3f ms\n", "latency p999", r.percentile_ms(0.999));
-    std::printf("  %-26s %12.3f ms\n", "latency max", r.percentile_ms(1.0));
-    std::printf("  %-26s %12llu\n", "errors", static_cast<unsigned long long>(r.error_count()));
-    for (const auto& [k, v] : r.errors) {
-      std::printf("    %-24s %12llu\n", k.c_str(), static_cast<unsigned long long>(v));
-    }
-    std::printf("  %-26s %12llu\n", "unanswered", static_cast<unsigned long long>(r.unanswered));
-    std::printf("  %-26s %12llu\n", "connect failures", static_cast<unsigned long long>(r.connect_failures));
-    std::printf("  %-26s %12llu\n", "connections lost", static_cast<unsigned long long>(r.connection_errors));
-    std::printf("  %-26s %12llu\n", "connections ran out", static_cast<unsigned long long>(r.exhausted));
-    if (o.rate > 0) {
-      std::printf("  %-26s %12llu\n", "sent > 1 ms late", static_cast<unsigned long long>(r.late));
-    }
-    std::printf("  %-26s %12.1f %%  (of one core; shares the machine with the daemon)\n",
-                "generator CPU", 100.0 * gen_cpu / wall);
+    print_load_rows(r, "opened messages/s", "opened (counted)", o.rate > 0, true, gen_cpu / wall);
     if (raw) {
       std::printf("  %-26s %12.1f /s  (%zu process(es) x %zu thread(s))\n", "raw HSM EAX' open",
                   raw->per_s, ro->processes, ro->threads);

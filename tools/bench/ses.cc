@@ -302,24 +302,8 @@ int run_ses(int argc, char** argv) {
     std::printf("  meters %llu (%s.1..), EPSEM %zu bytes, %.1f s measured after %.1f s warm-up\n",
                 static_cast<unsigned long long>(*meters), a.str("title-prefix", ".7").c_str(),
                 requests.epsem_size(), r.measured_s, o.warmup_s);
-    std::printf("  %-26s %12.1f\n", "secured commands/s", r.ok_per_s());
-    std::printf("  %-26s %12llu\n", "secured (counted)", static_cast<unsigned long long>(r.ok));
-    std::printf("  %-26s %12.3f ms\n", "latency p50", r.percentile_ms(0.5));
-    std::printf("  %-26s %12.3f ms\n", "latency p99", r.percentile_ms(0.99));
-    std::printf("  %-26s %12.3f ms\n", "latency p999", r.percentile_ms(0.999));
-    std::printf("  %-26s %12.3f ms\n", "latency max", r.percentile_ms(1.0));
-    std::printf("  %-26s %12llu\n", "errors", static_cast<unsigned long long>(r.error_count()));
-    for (const auto& [k, v] : r.errors) {
-      std::printf("    %-24s %12llu\n", k.c_str(), static_cast<unsigned long long>(v));
-    }
-    std::printf("  %-26s %12llu\n", "unanswered", static_cast<unsigned long long>(r.unanswered));
-    std::printf("  %-26s %12llu\n", "connect failures", static_cast<unsigned long long>(r.connect_failures));
-    std::printf("  %-26s %12llu\n", "connections lost", static_cast<unsigned long long>(r.connection_errors));
-    if (o.rate > 0) {
-      std::printf("  %-26s %12llu\n", "sent > 1 ms late", static_cast<unsigned long long>(r.late));
-    }
-    std::printf("  %-26s %12.1f %%  (of one core; shares the machine with the daemon)\n",
-                "generator CPU", 100.0 * gen_cpu / wall);
+    print_load_rows(r, "secured commands/s", "secured (counted)", o.rate > 0, false,
+                    gen_cpu / wall);
     if (raw) {
       std::printf("  %-26s %12.1f /s  (%llu process(es) x %llu thread(s))\n", "raw HSM composite",
                   raw->per_s, static_cast<unsigned long long>(*hsm_procs),

@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <string>
 
+#include "tools/bench/load.h"
+
 namespace gs::bench {
 
 // Prints "gridseal-bench: <what>" and the usage; the exit code of a usage error.
@@ -42,6 +44,28 @@ inline void raise_fd_limit(std::size_t connections) {
     rl.rlim_cur = std::min<rlim_t>(rl.rlim_max, connections + 64);
     setrlimit(RLIMIT_NOFILE, &rl);
   }
+}
+
+// The rows of a load run's human table that every scenario prints: rate, count, latency
+// percentiles, errors by code, unanswered, connection trouble, lateness (open loop), generator CPU.
+inline void print_load_rows(const LoadResult& r, const char* rate_label, const char* count_label,
+                            bool open_loop, bool show_exhausted, double cpu_share) {
+  const auto u = [](std::uint64_t v) { return static_cast<unsigned long long>(v); };
+  std::printf("  %-26s %12.1f\n", rate_label, r.ok_per_s());
+  std::printf("  %-26s %12llu\n", count_label, u(r.ok));
+  std::printf("  %-26s %12.3f ms\n", "latency p50", r.percentile_ms(0.5));
+  std::printf("  %-26s %12.3f ms\n", "latency p99", r.percentile_ms(0.99));
+  std::printf("  %-26s %12.3f ms\n", "latency p999", r.percentile_ms(0.999));
+  std::printf("  %-26s %12.3f ms\n", "latency max", r.percentile_ms(1.0));
+  std::printf("  %-26s %12llu\n", "errors", u(r.error_count()));
+  for (const auto& [k, v] : r.errors) std::printf("    %-24s %12llu\n", k.c_str(), u(v));
+  std::printf("  %-26s %12llu\n", "unanswered", u(r.unanswered));
+  std::printf("  %-26s %12llu\n", "connect failures", u(r.connect_failures));
+  std::printf("  %-26s %12llu\n", "connections lost", u(r.connection_errors));
+  if (show_exhausted) std::printf("  %-26s %12llu\n", "connections ran out", u(r.exhausted));
+  if (open_loop) std::printf("  %-26s %12llu\n", "sent > 1 ms late", u(r.late));
+  std::printf("  %-26s %12.1f %%  (of one core; shares the machine with the daemon)\n",
+              "generator CPU", 100.0 * cpu_share);
 }
 
 }  // namespace gs::bench
