@@ -194,7 +194,10 @@ class Delayer {
         continue;
       }
       if (!stopping_ && q_.top().due > Clock::now()) {
-        cv_.wait_until(lock, q_.top().due);
+        // A copy: schedule() may grow the queue's vector while the lock is released, and
+        // wait_until keeps reading the deadline it was given.
+        const Clock::time_point due = q_.top().due;
+        cv_.wait_until(lock, due);
         continue;
       }
       Item it = std::move(const_cast<Item&>(q_.top()));
