@@ -1,4 +1,4 @@
-// Parsing and validation of gridseal-dkusd's [server], [dkus] and [rollover] tables.
+// Parsing and validation of gridseal-dkusd's [server], [dkus], [audit] and [rollover] tables.
 #include "dkus/dkus_config.h"
 
 #include <arpa/inet.h>
@@ -9,6 +9,7 @@
 
 #include "src/daemon_config.h"
 #include "src/invocation_ids.h"
+#include "src/key_store.h"
 #include "src/toml_fields.h"
 
 namespace gs::dkus {
@@ -48,7 +49,7 @@ Status parse_rollover(const toml::table& root, const std::string& path, const fs
                      "clock_skew_s", "id_peak_rate", "id_block_size", "connections",
                      "pipeline_depth", "batch", "answer_timeout_ms", "max_attempts",
                      "backoff_initial_ms", "backoff_max_ms", "poll_ms", "standby_retention_s",
-                     "key_cache"}));
+                     "key_cache", "challenge_ttl_s"}));
   GS_TRY(get_bool(*t, "enabled", path, p, r.enabled));
   r.relay.host.clear();
   GS_TRY(get_string(*t, "relay_address", path, p, r.relay.host));
@@ -79,6 +80,7 @@ Status parse_rollover(const toml::table& root, const std::string& path, const fs
   GS_TRY(get_ms(*t, "poll_ms", path, p, 10, 60000, r.poll));
   GS_TRY(get_int(*t, "standby_retention_s", path, p, 0, 315360000, r.standby_retention_s));
   GS_TRY(get_int(*t, "key_cache", path, p, 16, 1000000, r.key_cache));
+  GS_TRY(get_int(*t, "challenge_ttl_s", path, p, 1, 86400, r.challenge_ttl_s));
   if (r.backoff_max < r.backoff_initial) {
     return key_error(path, p + "backoff_max_ms", "must be at least rollover.backoff_initial_ms");
   }
@@ -123,15 +125,16 @@ Status parse_rollover(const toml::table& root, const std::string& path, const fs
 
 Result<DkusConfig> load_dkus_config(const std::string& path) {
   DkusConfig c;
-  GS_ASSIGN(auto common, daemon::load_common(path, "gridseal-dkusd", "dkus", {"rollover"}));
+  GS_ASSIGN(auto common,
+            daemon::load_common(path, "gridseal-dkusd", "dkus", {"rollover", "audit"}));
   c.base = std::move(common.base);
   c.base_oid = std::move(common.base_oid);
   const toml::table& root = common.root;
   const fs::path& dir = common.dir;
 
   // DKUS defaults: handlers run on the event-loop threads (worker_threads = 0), so the messages
-  // of one connection are processed in arrival order (a meter's ids must rise strictly; a
-  // handler pool could reorder two pipelined messages of one meter and refuse the later one).
+  // of one connection are processed in arrival order (a handler pool could reorder two
+  // pipelined messages of one meter: harmless only within dkus.reorder_window).
   daemon::ProcessModel pm;
   pm.server.worker_threads = 0;
   pm.server.io_threads = 2;
@@ -146,7 +149,7 @@ Result<DkusConfig> load_dkus_config(const std::string& path) {
   GS_TRY(check_keys(*dk, path, p,
                     {"dkus_title", "head_end_title", "metrics", "metrics_address",
                      "metrics_port", "meter_cache", "meter_cache_ttl_ms", "id_block_size",
-                     "iv_window_s", "refuse_sealed_before_start", "replay_marks",
+                     "iv_window_s", "refuse_sealed_before_start", "replay_marks", "reorder_window",
                      "commit_max_delay_us", "commit_max_batch", "max_pending",
                      "mac_failure_threshold"}));
   GS_TRY(get_title(*dk, "dkus_title", path, p, c.dkus_title, true));
@@ -160,10 +163,12 @@ Result<DkusConfig> load_dkus_config(const std::string& path) {
   GS_TRY(get_int(*dk, "iv_window_s", path, p, 1, 86400, c.iv_window_s));
   GS_TRY(get_bool(*dk, "refuse_sealed_before_start", path, p, c.refuse_sealed_before_start));
   GS_TRY(get_int(*dk, "replay_marks", path, p, 1024, 100000000, c.replay_marks));
+  GS_TRY(get_int(*dk, "reorder_window", path, p, 0, store::kMaxReplayWindow, c.reorder_window));
   GS_TRY(get_int(*dk, "commit_max_delay_us", path, p, 0, 100000, c.commit_max_delay_us));
   GS_TRY(get_int(*dk, "commit_max_batch", path, p, 1, 100000, c.commit_max_batch));
   GS_TRY(get_int(*dk, "max_pending", path, p, 1, 10000000, c.max_pending));
   GS_TRY(get_int(*dk, "mac_failure_threshold", path, p, 1, 1000000, c.mac_failure_threshold));
+  GS_TRY(daemon::parse_audit_table(root, path, c.audit));
   GS_TRY(parse_rollover(root, path, dir, c.rollover));
   c.rollover.relay.max_frame = c.server.max_frame;
   return c;

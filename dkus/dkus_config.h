@@ -1,5 +1,6 @@
 // gridseal-dkusd configuration: the shared config (base_oid, [hsm], [store]) plus the daemon's
-// own [server], [dkus] and [rollover] tables, validated here with every key named in errors.
+// own [server], [dkus], [audit] and [rollover] tables, validated here with every key named in
+// errors.
 #pragma once
 
 #include <chrono>
@@ -11,6 +12,7 @@
 #include "gridseal/result.h"
 #include "src/client.h"
 #include "src/config.h"
+#include "src/daemon_config.h"
 #include "src/metrics.h"
 #include "src/server.h"
 
@@ -42,6 +44,9 @@ struct RolloverConfig {
   std::chrono::milliseconds poll{500};              // rollover.poll_ms
   std::uint32_t standby_retention_s = 604800;       // rollover.standby_retention_s
   std::uint32_t key_cache = 1024;  // rollover.key_cache: unwrapped meter keys kept by the engine
+  // rollover.challenge_ttl_s: an MT-2043 challenge (DESIGN §3.4) answered later than this after
+  // it was issued is refused (a retry issues a fresh one).
+  std::uint32_t challenge_ttl_s = 300;
 };
 
 struct DkusConfig {
@@ -62,11 +67,15 @@ struct DkusConfig {
   std::uint32_t iv_window_s = 300;           // dkus.iv_window_s: |IV time - now| allowed
   bool refuse_sealed_before_start = true;    // dkus.refuse_sealed_before_start
   std::uint32_t replay_marks = 1000000;      // dkus.replay_marks: in-memory marks per worker
+  // dkus.reorder_window: ids per meter in the replay window (store::ReplayMark): an id up to
+  // reorder_window-1 below the highest accepted one is still accepted once. 0: strictly rising.
+  std::uint32_t reorder_window = 64;
   std::uint32_t commit_max_delay_us = 2000;  // dkus.commit_max_delay_us
   std::uint32_t commit_max_batch = 4096;     // dkus.commit_max_batch
   std::uint32_t max_pending = 65536;         // dkus.max_pending: updates awaiting commit
-  // Meters whose MAC fails this many times in a row are flagged (metric + log line).
+  // Meters whose MAC fails this many times in a row are flagged (metric, log line, audit record).
   std::uint32_t mac_failure_threshold = 5;   // dkus.mac_failure_threshold
+  daemon::AuditConfig audit;                 // [audit]: as gridseal-sesd's
   // The calling AP title of the rollover engine's key updates is head_end_title (DESIGN §2).
   RolloverConfig rollover;
 };

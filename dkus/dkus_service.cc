@@ -1,6 +1,8 @@
 // The DKUS request path: see dkus_service.h; replay defence in replay.h.
 #include "dkus/dkus_service.h"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <unordered_map>
@@ -10,6 +12,7 @@
 #include "c1222/services.h"
 #include "gridseal/clock.h"
 #include "hsm/ops.h"
+#include "src/audit_recorder.h"
 #include "src/host_ecdsa.h"
 #include "src/rollover_store.h"
 
@@ -17,6 +20,18 @@ namespace gs::dkus {
 
 namespace {
 
+// The result label (metrics, audit) and the reason of a replay refusal (store::ReplayMark).
+const char* replay_result(store::ReplayVerdict v) {
+  return v == store::ReplayVerdict::too_old ? "too_old" : "replay";
+}
+
+std::string replay_why(std::uint64_t id, store::ReplayVerdict v, std::uint32_t window) {
+  if (v == store::ReplayVerdict::too_old) {
+    return "invocation id " + std::to_string(id) + " older than the reorder window (" +
+           std::to_string(window) + " ids)";
+  }
+  return "invocation id " + std::to_string(id) + " replayed";
+}
 
 // A read response of exactly the MT-2042 shape: `00 006E <110 data bytes> <checksum>`.
 bool receipt_shaped(ByteView service) {
@@ -40,9 +55,11 @@ struct DkusService::Request {
   std::optional<c1222::OwnedApTitle> called;  // the request's called title (error addressing)
   Bytes request_id;                           // its A8 content (A4 of an error response)
   std::string meter = "-";                    // dotted calling title, for logs
+  std::string meter_id;                       // once the meter is known (audit subject)
   std::int64_t meter_row = 0;
+  bool has_id = false;  // invocation_id was read from the message
+  int key_id = -1;
   std::uint64_t invocation_id = 0;
-  std::uint64_t previous_mark = 0;
   Bytes opened;  // the mode-0 answer, released after the commit
 };
 
@@ -124,8 +141,8 @@ DkusService::DkusService(const DkusConfig& cfg, HsmContext& hsm, metrics::Regist
       committer_(std::move(committer)),
       started_at_(started_at),
       dkus_title_abs_(cfg.dkus_title.view().absolute(cfg.base_oid)),
-      marks_(cfg.replay_marks),
-      mac_failures_(cfg.replay_marks),
+      marks_(cfg.replay_marks, cfg.reorder_window),
+      mac_failures_(cfg.replay_marks, cfg.mac_failure_threshold),
       latency_(registry.histogram("gridseal_dkus_request_seconds",
                                   "Time from request received to response released",
                                   metrics::latency_buckets())),
@@ -136,10 +153,15 @@ DkusService::DkusService(const DkusConfig& cfg, HsmContext& hsm, metrics::Regist
       receipts_(registry.counter("gridseal_dkus_receipts_stored_total",
                                  "MT-2042 signed receipts verified and stored")),
       confirmations_(registry.counter("gridseal_rollover_confirmations_total",
-                                      kRolloverConfirmationsHelp, {{"via", "message"}})) {}
+                                      kRolloverConfirmationsHelp, {{"via", "message"}})),
+      unflagged_(registry.counter("gridseal_dkus_meters_unflagged_total",
+                                  "Flagged meters whose next message had a good MAC")),
+      audit_failures_(registry.counter("gridseal_dkus_audit_failures_total",
+                                       "Audit records (refusals, flags) not written")) {}
 
 DkusService::~DkusService() {
   stop();
+  if (audit_) audit_->stop();
   states_.drain([](ThreadState& w) { w.drop_hsm(); });
 }
 
@@ -166,7 +188,11 @@ Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, 
   copt.max_delay = std::chrono::microseconds(cfg.commit_max_delay_us);
   copt.max_batch = cfg.commit_max_batch;
   copt.max_pending = cfg.max_pending;
+  copt.reorder_window = cfg.reorder_window;
   auto committer = std::make_unique<GroupCommitter>(std::move(writer_store), copt, registry);
+  if (cfg.audit.enabled) {
+    GS_TRY(committer->enable_audit(hsm, std::chrono::milliseconds(cfg.audit.anchor_interval_ms)));
+  }
   std::unique_ptr<DkusService> s(new DkusService(cfg, hsm, registry, std::move(id_store),
                                                  std::move(alloc), std::move(committer),
                                                  started_at));
@@ -179,6 +205,22 @@ Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, 
                     [raw] { return static_cast<double>(raw->committer_->pending()); });
   registry.gauge_fn("gridseal_dkus_replay_marks", "Meters with an in-memory replay mark", {},
                     [raw] { return static_cast<double>(raw->marks_.size()); });
+  registry.gauge_fn("gridseal_dkus_meters_flagged",
+                    "Meters flagged now: MAC failed mac_failure_threshold times in a row (this "
+                    "worker), no good MAC since",
+                    {}, [raw] { return static_cast<double>(raw->mac_failures_.flagged()); });
+  if (cfg.audit.enabled) {
+    audit::WriterOptions wo;
+    wo.max_batch = cfg.audit.batch_max;
+    wo.max_delay = std::chrono::microseconds(cfg.audit.batch_delay_us);
+    wo.max_pending = cfg.audit.max_pending;
+    wo.checkpoint_interval = std::chrono::seconds(cfg.audit.checkpoint_interval_s);
+    wo.anchor_interval = std::chrono::milliseconds(cfg.audit.anchor_interval_ms);
+    wo.program = "gridseal-dkusd";
+    auto w = audit::Writer::open(cfg.base.store.path, hsm, wo, &registry);
+    if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
+    s->audit_ = std::move(w).value();
+  }
   return s;
 }
 
@@ -198,7 +240,119 @@ Status DkusService::warm_up() {
 metrics::Health DkusService::health() const {
   if (!hsm_ok_.load()) return {false, "HSM operations failing"};
   if (!store_ok_.load() || !committer_->healthy()) return {false, "database failing"};
+  if (audit_ && !audit_->healthy()) return {false, "audit trail failing"};
   return {true, "ok"};
+}
+
+Status DkusService::record_start(int worker) {
+  if (!audit_) return {};
+  audit::Detail d;
+  d.add("worker", worker).add("pid", static_cast<std::int64_t>(::getpid()));
+  d.add("audit_anchor", audit::anchor_state_name(audit_->start_check().state));
+  return audit_->append({0, audit::kSystemActor, "start", "gridseal-dkusd", d.str()});
+}
+
+void DkusService::record_stop(int worker) {
+  if (!audit_) return;
+  audit::Detail d;
+  d.add("worker", worker).add("pid", static_cast<std::int64_t>(::getpid()));
+  if (Status st = audit_->append({0, audit::kSystemActor, "stop", "gridseal-dkusd", d.str()});
+      !st.ok()) {
+    std::fprintf(stderr, "gridseal-dkusd: worker %d: audit stop record: %s\n", worker,
+                 st.error().message().c_str());
+  }
+  audit_->stop();
+}
+
+// What the audit keeps of a request: who (the TLS client subject of the collection engine), the
+// meter, and what the message claimed (invocation id, key id). Never key material or message
+// contents.
+audit::Event DkusService::event(const Request& req, const char* name) const {
+  audit::Event e;
+  e.actor = audit::clip(req.ctx.client_identity.empty() ? "-" : req.ctx.client_identity,
+                        audit::kMaxActor);
+  e.event = name;
+  e.subject = audit::clip(req.meter_id.empty() ? req.meter : req.meter_id, audit::kMaxSubject);
+  return e;
+}
+
+void DkusService::record(audit::Event e) {
+  if (!audit_) return;
+  audit::Item item;
+  item.event = std::move(e);
+  item.done = [this](const Status& st) {
+    if (!st.ok()) audit_failures_.inc();
+  };
+  if (Status st = audit_->submit(std::move(item)); !st.ok()) audit_failures_.inc();
+}
+
+void DkusService::answer_refusal(const std::shared_ptr<Request>& req, Bytes response,
+                                 const char* result, std::uint8_t code,
+                                 const std::string& reason) {
+  if (!audit_) {
+    finish(*req, std::move(response), result);
+    return;
+  }
+  audit::Event e = event(*req, "refusal");
+  audit::Detail d;
+  if (req->meter != "-") d.add("title", req->meter);
+  d.add("code", c1222::response_code_name(code)).add("result", result).add("reason", reason);
+  if (req->has_id) d.add("invocation_id", req->invocation_id);
+  if (req->key_id >= 0) d.add("key_id", req->key_id);
+  if (response.empty()) d.add("connection", "closed");
+  d.add("peer", req->ctx.peer);
+  if (!req->ctx.client_cert_sha256.empty()) {
+    d.add("client_cert_sha256", req->ctx.client_cert_sha256);
+  }
+  e.detail = d.str();
+  // The response waits in the item (shared: submit() may refuse the item, keeping nothing).
+  auto answer = std::make_shared<Bytes>(std::move(response));
+  audit::Item item;
+  item.event = std::move(e);
+  item.done = [this, req, answer, result](const Status& st) {
+    if (!st.ok()) audit_failures_.inc();
+    finish(*req, std::move(*answer), result);
+  };
+  if (Status st = audit_->submit(std::move(item)); !st.ok()) {
+    audit_failures_.inc();
+    finish(*req, std::move(*answer), result);
+  }
+}
+
+void DkusService::mac_failed(const Request& req, const store::Meter& meter, std::uint32_t fails) {
+  if (fails != cfg_.mac_failure_threshold) return;  // once per run of failures
+  flagged_.inc();
+  std::fprintf(stderr,
+               "gridseal-dkusd: meter flagged meter=%s meter_id=%s mac_failures=%u: MAC "
+               "failed %u times in a row\n",
+               req.meter.c_str(), meter.meter_id.c_str(), fails, fails);
+  audit::Event e = event(req, "meter_flagged");
+  audit::Detail d;
+  d.add("title", req.meter).add("mac_failures", fails);
+  d.add("threshold", cfg_.mac_failure_threshold);
+  if (req.has_id) d.add("invocation_id", req.invocation_id);
+  if (req.key_id >= 0) d.add("key_id", req.key_id);
+  d.add("peer", req.ctx.peer).add("pid", static_cast<std::int64_t>(::getpid()));
+  e.detail = d.str();
+  record(std::move(e));
+}
+
+void DkusService::mac_good(const Request& req, const store::Meter& meter,
+                           std::uint32_t had_failed) {
+  if (had_failed < cfg_.mac_failure_threshold) return;
+  unflagged_.inc();
+  std::fprintf(stderr,
+               "gridseal-dkusd: meter flag cleared meter=%s meter_id=%s: good MAC after %u "
+               "failures in a row\n",
+               req.meter.c_str(), meter.meter_id.c_str(), had_failed);
+  audit::Event e = event(req, "meter_flag_cleared");
+  audit::Detail d;
+  d.add("title", req.meter).add("mac_failures", had_failed);
+  if (req.has_id) d.add("invocation_id", req.invocation_id);
+  if (req.key_id >= 0) d.add("key_id", req.key_id);
+  d.add("peer", req.ctx.peer).add("pid", static_cast<std::int64_t>(::getpid()));
+  e.detail = d.str();
+  record(std::move(e));
 }
 
 Bytes DkusService::error_pdu(const c1222::ApTitle* called, ByteView request_id,
@@ -220,6 +374,8 @@ DkusService::Outcome DkusService::refuse(const server::RequestContext& ctx,
   server::log_refusal("gridseal-dkusd", ctx, meter, c1222::response_code_name(code), reason);
   Outcome o;
   o.result = result;
+  o.code = code;
+  o.reason = reason;
   const c1222::ApTitle* called = nullptr;
   ByteView request_id;
   if (request != nullptr) {
@@ -260,13 +416,32 @@ void DkusService::handle(const server::RequestContext& ctx, Bytes request, serve
   auto w = states_.take();
   Outcome o = process(ctx, request, *w, req);
   states_.give(std::move(w));
-  if (o.response) finish(*req, std::move(*o.response), o.result);
+  if (o.response) answer_refusal(req, std::move(*o.response), o.result, o.code, o.reason);
 }
 
 void DkusService::confirm_pending(const store::Meter& meter, const store::KeySlot& slot,
                                   ThreadState& w, ByteView title_abs,
                                   const std::string& meter_name) {
   store::RolloverStore rollover(*w.store);
+  // The key-state change and its audit record in one transaction, as the rollover engine does
+  // (rare: once per meter and rollover, so a recorder of its own each time).
+  std::optional<audit::TxRecorder> rec;
+  if (cfg_.audit.enabled) {
+    auto r = audit::TxRecorder::over(
+        w.store->db(),
+        [&w]() -> Result<hsm::Session*> {
+          if (!w.hsm_ready()) return Error(Errc::hsm_failure, "audit: HSM session lost");
+          return &w.lease->session();
+        },
+        std::chrono::milliseconds(cfg_.audit.anchor_interval_ms));
+    if (!r.ok()) {
+      std::fprintf(stderr, "gridseal-dkusd: rollover confirm not recorded meter=%s: %s\n",
+                   meter_name.c_str(), r.error().message().c_str());
+      return;  // the key stays pending (usable); the engine confirms later
+    }
+    rec.emplace(std::move(r).value());
+    rollover.set_audit(&*rec);
+  }
   auto confirmed = rollover.confirm(meter.row, static_cast<std::uint8_t>(slot.slot),
                                     slot.key_version);
   w.meters.invalidate(title_abs);  // the slot states changed (here or in another process)
@@ -295,6 +470,14 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
     return refuse(ctx, &m, "-", c1222::kRespUat, "unknown_meter", "no calling AP title");
   }
   const std::string meter_name = m.calling_ap_title->dotted();
+  req->meter = meter_name;
+  if (audit_ && m.calling_ap_invocation_id) {  // for the record of an early refusal
+    auto claimed = c1222::invocation_id_value(*m.calling_ap_invocation_id);
+    if (claimed.ok()) {
+      req->invocation_id = *claimed;
+      req->has_id = true;
+    }
+  }
   auto sme = [&](const char* result, const std::string& why) {
     return refuse(ctx, &m, meter_name, c1222::kRespSme, result, why);
   };
@@ -317,6 +500,7 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
   if (meter == nullptr) {
     return refuse(ctx, &m, meter_name, c1222::kRespUat, "unknown_meter", "unknown meter");
   }
+  if (audit_) req->meter_id = meter->meter_id;
   // A quarantined meter (its key revoked, a rekey under way) is heard only under its new,
   // pending key: that message confirms the rekey (below). Anything else from it is refused.
   auto meter_refused = [&] {
@@ -335,10 +519,13 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
   }
   if (!m.auth || !m.auth->iv) return sme("bad_security", "no IV in calling-authentication-value");
   const std::uint8_t key_id = m.auth->key_id.value_or(0);
+  req->key_id = key_id;
   auto id = c1222::invocation_id_value(*m.calling_ap_invocation_id);
   if (!id.ok() || *id > static_cast<std::uint64_t>(INT64_MAX)) {
     return sme("bad_security", "calling-AP-invocation-id not usable");
   }
+  req->invocation_id = *id;
+  req->has_id = true;
   const auto& iv = *m.auth->iv;
   const std::uint32_t iv_time = (std::uint32_t{iv[0]} << 24) | (std::uint32_t{iv[1]} << 16) |
                                 (std::uint32_t{iv[2]} << 8) | std::uint32_t{iv[3]};
@@ -353,8 +540,9 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
     return sme("stale", "sealed before this DKUS started (IV time " + std::to_string(iv_time) +
                             ")");
   }
-  if (marks_.refuses(meter->row, *id)) {
-    return sme("replay", "invocation id " + std::to_string(*id) + " not above the last accepted");
+  if (const store::ReplayVerdict v = marks_.check(meter->row, *id);
+      v != store::ReplayVerdict::accepted) {
+    return sme(replay_result(v), replay_why(*id, v, cfg_.reorder_window));
   }
 
   // The key by key id: active, or pending/standby during a rollover. A record from the meter
@@ -414,14 +602,8 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
   if (!opened.ok()) {
     const Errc e = opened.error().code;
     if (e == Errc::bad_mac) {
-      const std::uint32_t fails = mac_failures_.fail(meter->row);
-      if (fails == cfg_.mac_failure_threshold) {
-        flagged_.inc();
-        std::fprintf(stderr,
-                     "gridseal-dkusd: meter flagged meter=%s meter_id=%s mac_failures=%u: MAC "
-                     "failed %u times in a row\n",
-                     meter_name.c_str(), meter->meter_id.c_str(), fails, fails);
-      }
+      req->meter_id = meter->meter_id;
+      mac_failed(*req, *meter, mac_failures_.fail(meter->row));
       return sme("bad_mac", "MAC does not verify");
     }
     if (e == Errc::short_cleartext) return sme("bad_security", opened.error().message());
@@ -432,7 +614,10 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
     return refuse(ctx, &m, meter_name, c1222::kRespErr, "malformed", opened.error().message());
   }
   hsm_ok_ = true;
-  mac_failures_.success(meter->row);
+  if (const std::uint32_t had = mac_failures_.success(meter->row); had > 0) {
+    req->meter_id = meter->meter_id;
+    mac_good(*req, *meter, had);
+  }
   // A good MAC under a pending key: the meter proved it derived the new key (DESIGN §3.2, only
   // its private key and the HSM can), so its rollover step is confirmed. Rare (once per meter
   // and rollover, usually the engine confirms first), so it commits here on its own.
@@ -454,11 +639,25 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
     return sme("forged_receipt", "MT-2042 receipt refused: " + rc.why);
   }
   std::vector<store::Receipt> receipts = std::move(rc.receipts);
+  // Their audit records, appended in the transaction that stores them (replay.h).
+  std::vector<audit::Event> receipt_records;
+  if (audit_) {
+    for (const store::Receipt& r : receipts) {
+      audit::Event e = event(*req, "receipt");
+      audit::Detail d;
+      d.add("title", meter_name).add("invocation_id", r.invocation_id);
+      d.add("result", std::uint64_t{r.result}).add("executed_at", r.executed_at);
+      d.add("command_digest", to_hex(r.command_digest)).add("signature", to_hex(r.signature));
+      d.add("message_id", r.message_id).add("key_id", key_id).add("peer", ctx.peer);
+      e.detail = d.str();
+      receipt_records.push_back(std::move(e));
+    }
+  }
 
   // Claim the id in memory, then make it durable; the answer leaves after the commit.
-  std::uint64_t previous = 0;
-  if (!marks_.claim(meter->row, *id, &previous)) {
-    return sme("replay", "invocation id " + std::to_string(*id) + " not above the last accepted");
+  if (const store::ReplayVerdict v = marks_.claim(meter->row, *id);
+      v != store::ReplayVerdict::accepted) {
+    return sme(replay_result(v), replay_why(*id, v, cfg_.reorder_window));
   }
   req->called.reset();
   if (m.called_ap_title) {
@@ -467,10 +666,8 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
                                             m.called_ap_title->oid.end())};
   }
   req->request_id.assign(m.calling_ap_invocation_id->begin(), m.calling_ap_invocation_id->end());
-  req->meter = meter_name;
   req->meter_row = meter->row;
   req->invocation_id = *id;
-  req->previous_mark = previous;
   req->opened = std::move(opened->wire);
   const std::size_t n_receipts = receipts.size();
 
@@ -479,6 +676,7 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
   u.invocation_id = *id;
   u.iv_time = iv_time;
   u.receipts = std::move(receipts);
+  u.receipt_records = std::move(receipt_records);
   u.done = [this, req, n_receipts](CommitOutcome c) {
     const c1222::ApTitle called_view = req->called ? req->called->view() : c1222::ApTitle{};
     const c1222::ApTitle* called = req->called ? &called_view : nullptr;
@@ -487,25 +685,35 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
         if (n_receipts > 0) receipts_.inc(n_receipts);
         finish(*req, std::move(req->opened), "ok");
         return;
-      case CommitOutcome::replay:
-        server::log_refusal("gridseal-dkusd", req->ctx, req->meter, "sme",
-                    "invocation id " + std::to_string(req->invocation_id) +
-                        " not above the stored mark");
-        finish(*req, error_pdu(called, req->request_id, c1222::kRespSme), "replay");
+      case CommitOutcome::replayed:
+      case CommitOutcome::too_old: {
+        // The claim stays: the stored window refuses this id from now on too (replay.h).
+        const store::ReplayVerdict v = c == CommitOutcome::replayed
+                                           ? store::ReplayVerdict::replayed
+                                           : store::ReplayVerdict::too_old;
+        const std::string why = replay_why(req->invocation_id, v, cfg_.reorder_window);
+        server::log_refusal("gridseal-dkusd", req->ctx, req->meter, "sme", why);
+        answer_refusal(req, error_pdu(called, req->request_id, c1222::kRespSme),
+                       replay_result(v), c1222::kRespSme, why);
         return;
-      case CommitOutcome::failed:
-        marks_.release(req->meter_row, req->invocation_id, req->previous_mark);
+      }
+      case CommitOutcome::failed: {
+        marks_.release(req->meter_row, req->invocation_id);
         store_ok_ = false;
-        server::log_refusal("gridseal-dkusd", req->ctx, req->meter, "bsy", "replay state not committed");
-        finish(*req, error_pdu(called, req->request_id, c1222::kRespBsy), "store_error");
+        const std::string why = n_receipts > 0 ? "replay state (and receipts) not committed"
+                                               : "replay state not committed";
+        server::log_refusal("gridseal-dkusd", req->ctx, req->meter, "bsy", why);
+        answer_refusal(req, error_pdu(called, req->request_id, c1222::kRespBsy), "store_error",
+                       c1222::kRespBsy, why);
         return;
+      }
     }
   };
   if (auto st = committer_->submit(std::move(u)); !st.ok()) {
-    marks_.release(meter->row, *id, previous);
+    marks_.release(meter->row, *id);
     return refuse(ctx, &m, meter_name, c1222::kRespBsy, "busy", st.error().message());
   }
-  return Outcome{std::nullopt, "ok"};
+  return Outcome{};  // answered by the replay-state writer
 }
 
 }  // namespace gs::dkus

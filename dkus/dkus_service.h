@@ -1,6 +1,15 @@
 // The DKUS request path (DESIGN §1.2): a secured message from a meter in, the same message in
 // mode 0 out (MAC verified in the HSM, EPSEM decrypted, replay defended durably, MT-2042
 // receipts verified and stored), or a C12.22 error response from the DKUS AP title.
+//
+// Audit (issue 7, [audit] in dkus.toml): each refusal (code, result, reason) is appended by the
+// batching audit::Writer and answered once its record committed (the handler thread does not
+// wait: the writer thread answers, as the replay-state writer does for accepted messages); each
+// stored MT-2042 receipt is recorded in the replay-state transaction that stores it
+// (GroupCommitter); a meter flagged for failed MACs and its flag cleared by a good MAC are
+// recorded; each worker's start and stop. A refusal whose record cannot be queued or written
+// is still answered (counted in gridseal_dkus_audit_failures_total, health fails with the
+// writer): refusing to refuse would keep nothing safer.
 #pragma once
 
 #include <atomic>
@@ -20,6 +29,7 @@
 #include "hsm/hsm_aes.h"
 #include "hsm/key_cache.h"
 #include "hsm/session.h"
+#include "src/audit.h"
 #include "src/hsm_context.h"
 #include "src/invocation_ids.h"
 #include "src/handler_state.h"
@@ -52,6 +62,11 @@ class DkusService {
   void start();
   // Commits what is queued and stops the writer (after the server drained).
   void stop();
+  // The worker's start and stop records (no-ops with the audit off). record_stop: after stop();
+  // appends the stop record, then flushes the audit writer, signs a final checkpoint and seals
+  // the anchor.
+  Status record_start(int worker);
+  void record_stop(int worker);
 
   // One framed request in; `done` gets the response, possibly later from the writer thread
   // (an accepted message is answered only once its replay mark is durable).
@@ -69,6 +84,8 @@ class DkusService {
   struct Outcome {
     std::optional<Bytes> response;
     const char* result = "ok";
+    std::uint8_t code = 0;  // of a refusal, with its reason (for the audit record)
+    std::string reason;
   };
   struct Request;
   Outcome process(const server::RequestContext& ctx, ByteView request, ThreadState& w,
@@ -78,6 +95,16 @@ class DkusService {
                  const std::string& reason);
   Bytes error_pdu(const c1222::ApTitle* called, ByteView request_id, std::uint8_t code);
   void finish(const Request& req, Bytes response, const char* result);
+  // Answers a refusal once its audit record is durable (at once with the audit off, or when
+  // the record cannot be queued).
+  void answer_refusal(const std::shared_ptr<Request>& req, Bytes response, const char* result,
+                      std::uint8_t code, const std::string& reason);
+  audit::Event event(const Request& req, const char* name) const;
+  // Queues a record nobody waits for (flags); counts a failure to queue it.
+  void record(audit::Event e);
+  // After the count of MAC failures in a row of the meter changed: flag at the threshold.
+  void mac_failed(const Request& req, const store::Meter& meter, std::uint32_t fails);
+  void mac_good(const Request& req, const store::Meter& meter, std::uint32_t had_failed);
   // The rollover hook: a message opened under the pending `slot` confirms the meter's step.
   void confirm_pending(const store::Meter& meter, const store::KeySlot& slot, ThreadState& w,
                        ByteView title_abs, const std::string& meter_name);
@@ -100,8 +127,13 @@ class DkusService {
   metrics::Counter& flagged_;
   metrics::Counter& receipts_;
   metrics::Counter& confirmations_;  // rollover steps confirmed by a meter message
+  metrics::Counter& unflagged_;
+  metrics::Counter& audit_failures_;
   std::atomic<bool> hsm_ok_{true};
   std::atomic<bool> store_ok_{true};
+  // Last: destroyed first, after the replay-state writer (whose callbacks record refusals) is
+  // stopped.
+  std::unique_ptr<audit::Writer> audit_;
 };
 
 // HELP of gridseal_rollover_confirmations_total, registered by the service (via="message")

@@ -11,7 +11,9 @@
 #include "dkus/dkus_config.h"
 #include "dkus/dkus_service.h"
 #include "dkus/rollover_engine.h"
+#include "src/audit.h"
 #include "src/daemon_main.h"
+#include "src/sqlite.h"
 
 namespace {
 
@@ -25,14 +27,26 @@ const std::vector<gs::daemon::IntFlag> kWorkerFlags = {{"--started-at", 0, 0xFFF
 
 int fail(const std::string& what) { return gs::daemon::fail(kName, what); }
 
-// --check: everything a worker opens, in this process, then exit.
+// --check: everything a worker opens, in this process, then exit. The audit trail is checked
+// against the HSM anchor but not written to.
 int check(const gs::dkus::DkusConfig& cfg) {
   auto hsm = gs::open_hsm(cfg.base.hsm);
   if (!hsm.ok()) return fail(hsm.error().message());
   gs::metrics::Registry registry;
-  auto service = gs::dkus::DkusService::create(cfg, *hsm, registry, 1, gs::utc_now());
+  gs::dkus::DkusConfig no_audit = cfg;
+  no_audit.audit.enabled = false;
+  auto service = gs::dkus::DkusService::create(no_audit, *hsm, registry, 1, gs::utc_now());
   if (!service.ok()) return fail(service.error().message());
   if (auto st = (*service)->warm_up(); !st.ok()) return fail(st.error().message());
+  if (cfg.audit.enabled) {
+    auto db = gs::db::Db::open(cfg.base.store.path, {.create = false});
+    if (!db.ok()) return fail(db.error().message());
+    auto audit = gs::audit::check_store(*db, *hsm);
+    if (!audit.ok()) return fail("audit trail: " + audit.error().message());
+    if (!audit->ok()) return fail("audit trail check failed: " + audit->message);
+    std::printf("gridseal-dkusd: audit trail %s: %s\n",
+                gs::audit::anchor_state_name(audit->state), audit->message.c_str());
+  }
   if (cfg.rollover.enabled) {
     auto engine = gs::dkus::RolloverEngine::create(cfg, *hsm, registry);
     if (!engine.ok()) return fail(engine.error().message());
@@ -48,7 +62,10 @@ int run_worker(const gs::dkus::DkusConfig& cfg, const gs::daemon::Args& a) {
   const std::size_t threads = gs::dkus::handler_threads(cfg);
   // The rollover engine runs in exactly one process, worker 0, with a session of its own.
   const bool rollover_here = cfg.rollover.enabled && a.worker == 0;
-  auto hsm = gs::daemon::open_worker_hsm(cfg.base.hsm, threads + (rollover_here ? 1 : 0), me);
+  // One more session for the audit writer (anchor updates, checkpoint signatures), which the
+  // replay-state writer borrows for the batches that record receipts.
+  auto hsm = gs::daemon::open_worker_hsm(
+      cfg.base.hsm, threads + (rollover_here ? 1 : 0) + (cfg.audit.enabled ? 1 : 0), me);
   if (!hsm.ok()) return gs::daemon::fail(me, hsm.error().message());
 
   gs::metrics::Registry registry;
@@ -56,6 +73,9 @@ int run_worker(const gs::dkus::DkusConfig& cfg, const gs::daemon::Args& a) {
                                                static_cast<std::uint32_t>(a.extra[0]));
   if (!service.ok()) return gs::daemon::fail(me, service.error().message());
   if (auto st = (*service)->warm_up(); !st.ok()) return gs::daemon::fail(me, st.error().message());
+  if (auto st = (*service)->record_start(a.worker); !st.ok()) {
+    return gs::daemon::fail(me, "audit start record: " + st.error().message());
+  }
   std::unique_ptr<gs::dkus::RolloverEngine> engine;
   if (rollover_here) {
     auto e = gs::dkus::RolloverEngine::create(cfg, *hsm, registry);
@@ -91,6 +111,8 @@ int run_worker(const gs::dkus::DkusConfig& cfg, const gs::daemon::Args& a) {
   const int rc = gs::daemon::serve_worker(std::move(spec));
   if (engine) engine->stop();  // its answers in flight come back at most answer_timeout_ms late
   svc->stop();
+  // Then the stop record, the final checkpoint and the sealed anchor.
+  svc->record_stop(a.worker);
   return rc;
 }
 

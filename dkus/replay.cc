@@ -1,6 +1,7 @@
 // DKUS replay defence: in-memory marks and the group-commit writer (see replay.h).
 #include "dkus/replay.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <ctime>
 
@@ -8,40 +9,41 @@
 
 namespace gs::dkus {
 
-ReplayMarks::ReplayMarks(std::size_t capacity) : per_shard_(capacity / kShards + 1) {}
+ReplayMarks::ReplayMarks(std::size_t capacity, unsigned window)
+    : per_shard_(capacity / kShards + 1), window_(std::min(window, store::kMaxReplayWindow)) {}
 
-bool ReplayMarks::refuses(std::int64_t meter, std::uint64_t id) const {
+store::ReplayVerdict ReplayMarks::check(std::int64_t meter, std::uint64_t id) const {
   Shard& s = shard(meter);
   std::lock_guard<std::mutex> lock(s.mu);
   auto it = s.marks.find(meter);
-  return it != s.marks.end() && id <= it->second;
+  return it == s.marks.end() ? store::ReplayVerdict::accepted : it->second.judge(id, window_);
 }
 
-bool ReplayMarks::claim(std::int64_t meter, std::uint64_t id, std::uint64_t* previous) {
+store::ReplayVerdict ReplayMarks::claim(std::int64_t meter, std::uint64_t id) {
   Shard& s = shard(meter);
   std::lock_guard<std::mutex> lock(s.mu);
   auto it = s.marks.find(meter);
   if (it != s.marks.end()) {
-    if (id <= it->second) return false;
-    *previous = it->second;
-    it->second = id;
-    return true;
+    const store::ReplayVerdict v = it->second.judge(id, window_);
+    if (v == store::ReplayVerdict::accepted) it->second.accept(id, 0, window_);
+    return v;
   }
   if (s.marks.size() >= per_shard_) s.marks.clear();  // bounded; the database still decides
-  *previous = 0;
-  s.marks.emplace(meter, id);
-  return true;
+  s.marks.emplace(meter, store::ReplayMark::first(id, 0, window_));
+  return store::ReplayVerdict::accepted;
 }
 
-void ReplayMarks::release(std::int64_t meter, std::uint64_t id, std::uint64_t previous) {
+void ReplayMarks::release(std::int64_t meter, std::uint64_t id) {
   Shard& s = shard(meter);
   std::lock_guard<std::mutex> lock(s.mu);
   auto it = s.marks.find(meter);
-  if (it == s.marks.end() || it->second != id) return;  // a higher id was claimed since
-  if (previous == 0) {
+  if (it == s.marks.end()) return;
+  store::ReplayMark& m = it->second;
+  if (id == m.invocation_id) {
+    // The window cannot slide back (the ids it dropped are gone): forget the meter instead.
     s.marks.erase(it);
-  } else {
-    it->second = previous;
+  } else if (id < m.invocation_id && m.invocation_id - id <= 63) {
+    m.below &= ~(std::uint64_t{1} << (m.invocation_id - id - 1));
   }
 }
 
@@ -59,17 +61,30 @@ std::uint32_t MacFailures::fail(std::int64_t meter) {
   std::lock_guard<std::mutex> lock(s.mu);
   auto it = s.counts.find(meter);
   if (it == s.counts.end()) {
-    if (s.counts.size() >= per_shard_) s.counts.clear();
+    if (s.counts.size() >= per_shard_) {
+      // Bounded: forget this shard's counts (and its flags: flagged() counts the others).
+      std::size_t dropped = 0;
+      for (const auto& [m, n] : s.counts) dropped += n >= threshold_ ? 1 : 0;
+      flagged_.fetch_sub(dropped, std::memory_order_relaxed);
+      s.counts.clear();
+    }
     it = s.counts.emplace(meter, 0).first;
   }
   if (it->second < UINT32_MAX) ++it->second;
+  if (it->second == threshold_) flagged_.fetch_add(1, std::memory_order_relaxed);
   return it->second;
 }
 
-void MacFailures::success(std::int64_t meter) {
+std::uint32_t MacFailures::success(std::int64_t meter) {
   Shard& s = shards_[static_cast<std::uint64_t>(meter) % kShards];
   std::lock_guard<std::mutex> lock(s.mu);
-  s.counts.erase(meter);
+  if (s.counts.empty()) return 0;  // the usual case: no failures in this shard
+  auto it = s.counts.find(meter);
+  if (it == s.counts.end()) return 0;
+  const std::uint32_t n = it->second;
+  if (n >= threshold_) flagged_.fetch_sub(1, std::memory_order_relaxed);
+  s.counts.erase(it);
+  return n;
 }
 
 GroupCommitter::GroupCommitter(store::KeyStore store, const CommitterOptions& opt,
@@ -92,6 +107,14 @@ GroupCommitter::GroupCommitter(store::KeyStore store, const CommitterOptions& op
 }
 
 GroupCommitter::~GroupCommitter() { stop(); }
+
+Status GroupCommitter::enable_audit(HsmContext& hsm, std::chrono::milliseconds anchor_interval) {
+  GS_ASSIGN(auto trail, audit::Trail::over(store_.db()));
+  trail_.emplace(std::move(trail));
+  hsm_ = &hsm;
+  anchor_interval_ = anchor_interval;
+  return {};
+}
 
 void GroupCommitter::start() {
   std::lock_guard<std::mutex> lock(mu_);
@@ -164,20 +187,76 @@ void GroupCommitter::run() {
 void GroupCommitter::apply(std::vector<MarkUpdate>& batch) {
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<CommitOutcome> outcome(batch.size(), CommitOutcome::failed);
-  Status st = [&]() -> Status {
+  std::vector<bool> skip(batch.size(), false);  // left out (failed) on the second attempt
+  auto attempt = [&]() -> Status {
+    std::fill(outcome.begin(), outcome.end(), CommitOutcome::failed);
+    bool audited = false;
+    for (std::size_t i = 0; i < batch.size() && trail_; ++i) {
+      audited = audited || (!skip[i] && !batch[i].receipt_records.empty());
+    }
+    // The HSM session before the write lock, in the order audit::Writer takes them.
+    std::optional<hsm::SessionPool::Lease> lease;
+    if (audited) {
+      GS_ASSIGN(auto l, hsm_->pool->acquire());
+      lease.emplace(std::move(l));
+    }
     GS_ASSIGN(auto tx, db::Transaction::begin(store_.db()));
+    std::optional<audit::Batch> records;  // begun at the first record
+    bool anchor = false;
     for (std::size_t i = 0; i < batch.size(); ++i) {
-      const MarkUpdate& u = batch[i];
-      GS_ASSIGN(bool raised, store_.raise_replay_mark(u.meter, u.invocation_id, u.iv_time));
-      if (!raised) {
-        outcome[i] = CommitOutcome::replay;
+      if (skip[i]) continue;
+      MarkUpdate& u = batch[i];
+      GS_ASSIGN(store::ReplayVerdict v, store_.raise_replay_mark(u.meter, u.invocation_id,
+                                                                  u.iv_time, opt_.reorder_window));
+      if (v != store::ReplayVerdict::accepted) {
+        outcome[i] = v == store::ReplayVerdict::replayed ? CommitOutcome::replayed
+                                                         : CommitOutcome::too_old;
         continue;
       }
-      for (const store::Receipt& r : u.receipts) GS_TRY(store_.insert_receipt(r));
+      for (std::size_t j = 0; j < u.receipts.size(); ++j) {
+        GS_ASSIGN(bool inserted, store_.insert_receipt(u.receipts[j]));
+        if (!inserted || !lease || j >= u.receipt_records.size()) continue;
+        if (!records) {
+          anchor = anchor_interval_.count() == 0 ||
+                   std::chrono::steady_clock::now() - last_anchor_ >= anchor_interval_;
+          GS_ASSIGN(auto b, trail_->begin(lease->session(), anchor));
+          records.emplace(std::move(b));
+        }
+        if (auto h = trail_->add(*records, u.receipt_records[j]); !h.ok()) {
+          return std::move(h).error();
+        }
+      }
       outcome[i] = CommitOutcome::committed;
     }
-    return tx.commit();
-  }();
+    if (records) GS_TRY(trail_->finish(lease->session(), *records, false, anchor));
+    GS_TRY(tx.commit());
+    if (records) {
+      if (records->anchored) last_anchor_ = std::chrono::steady_clock::now();
+      if (Status c = trail_->confirm(lease->session(), *records); !c.ok()) {
+        // The records are durable; the anchor stays pending (lost_batch after a crash).
+        std::fprintf(stderr, "gridseal-dkusd: audit: confirming the anchor failed: %s\n",
+                     c.error().message().c_str());
+      }
+    }
+    return {};
+  };
+  Status st = attempt();
+  if (!st.ok() && trail_) {
+    bool any = false;
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      skip[i] = !batch[i].receipt_records.empty();
+      any = any || skip[i];
+    }
+    if (any) {
+      // Maybe the trail refused: the receipts cannot be stored without their records, the
+      // other updates need none.
+      std::fprintf(stderr,
+                   "gridseal-dkusd: replay-state commit with receipt records failed (%s); "
+                   "committing the updates without receipts alone\n",
+                   st.error().message().c_str());
+      st = attempt();
+    }
+  }
   commit_seconds_.observe(std::chrono::steady_clock::now() - t0);
   if (!st.ok()) {
     // Nothing of the batch is durable: no update may be reported as committed or as a replay.
@@ -192,7 +271,7 @@ void GroupCommitter::apply(std::vector<MarkUpdate>& batch) {
   }
   healthy_ = true;
   commits_.inc();
-  rows_.inc(batch.size());
+  rows_.inc(static_cast<std::uint64_t>(std::count(skip.begin(), skip.end(), false)));
   batch_size_.observe(static_cast<double>(batch.size()));
   for (std::size_t i = 0; i < batch.size(); ++i) {
     if (batch[i].done) batch[i].done(outcome[i]);

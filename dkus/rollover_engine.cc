@@ -26,6 +26,8 @@
 #include "gridseal/clock.h"
 #include "hsm/ops.h"
 #include "src/client.h"
+#include "src/audit_recorder.h"
+#include "src/challenge_store.h"
 #include "src/command_signer.h"
 #include "src/handler_state.h"
 #include "src/host_ecdsa.h"
@@ -400,9 +402,50 @@ struct GaugeValues {
   std::atomic<std::int64_t> queued{0};
   std::atomic<std::int64_t> prepared{0};
   std::atomic<std::int64_t> connections{0};
+  std::atomic<std::int64_t> challenges_pending{0};  // queued or sent
+  std::atomic<std::int64_t> meters_flagged{0};      // current challenge failed
 };
 
+// A challenge (MT-2043) in flight: Job/Reply campaign 0 (campaign ids start at 1).
+constexpr std::int64_t kChallengeJob = 0;
+struct ChallengeTracked {
+  std::shared_ptr<const store::Meter> meter;
+  c1222::Challenge challenge{};
+  std::int64_t expires_at_ms = 0;
+  std::uint32_t invocation_id = 0;
+  std::uint32_t attempts = 0;  // sends recorded, this one included
+};
+
+// The read response of MT-2043 (ok, count 85, data, checksum), as opposed to the receipt's.
+bool challenge_answer_shaped(ByteView service) {
+  return service.size() == 1 + 2 + c1222::kChallengeAnswerDataSize + 1 &&
+         service[0] == c1222::kRespOk && service[1] == 0x00 &&
+         service[2] == c1222::kChallengeAnswerDataSize;
+}
+
 }  // namespace
+
+// Audit records the engine writes itself (issue 7), in the transaction that makes the change:
+// the receipts a meter's answer carried and the outcomes of challenges. Identities, numbers and
+// reasons only (the challenge value and signature are public, but add nothing to the record).
+audit::Event receipt_event(const store::Meter& m, const store::Receipt& r) {
+  audit::Detail d;
+  d.add("invocation_id", r.invocation_id).add("result", std::uint64_t{r.result});
+  d.add("executed_at", r.executed_at).add("command_digest", to_hex(r.command_digest));
+  d.add("signature", to_hex(r.signature)).add("message_id", r.message_id);
+  d.add("via", "rollover");
+  return audit::Event{0, audit::kSystemActor, "receipt", audit::clip(m.meter_id, audit::kMaxSubject),
+                      d.str()};
+}
+
+audit::Event challenge_event(const char* event, std::string_view meter_id, std::uint32_t attempts,
+                             std::string_view why) {
+  audit::Detail d;
+  d.add("attempts", std::uint64_t{attempts});
+  if (!why.empty()) d.add("reason", audit::clip(why, audit::kMaxDetailValue));
+  return audit::Event{0, audit::kSystemActor, event, audit::clip(meter_id, audit::kMaxSubject),
+                      d.str()};
+}
 
 struct RolloverEngine::Impl {
   Impl(const DkusConfig& c, HsmContext& h, metrics::Registry& reg)
@@ -425,7 +468,13 @@ struct RolloverEngine::Impl {
         retired_total(reg.counter("gridseal_rollover_keys_retired_total",
                                   "Standby keys destroyed after rollover.standby_retention_s")),
         errors_total(reg.counter("gridseal_rollover_engine_errors_total",
-                                 "HSM or database operations of the rollover engine that failed")) {
+                                 "HSM or database operations of the rollover engine that failed")),
+        challenges_sent(reg.counter("gridseal_challenge_sent_total",
+                                    "MT-2043 challenges sent to meters (each attempt a fresh one)")),
+        challenge_proven(challenge_counter(reg, "proven")),
+        challenge_flagged(challenge_counter(reg, "flagged")),
+        challenge_unanswered(challenge_counter(reg, "unanswered")),
+        challenge_retried(challenge_counter(reg, "retried")) {
     for (auto k : {Verdict::Kind::confirmed, Verdict::Kind::refused, Verdict::Kind::relay_error,
                    Verdict::Kind::bad_answer, Verdict::Kind::engine_error}) {
       answers[static_cast<std::size_t>(k)] =
@@ -443,6 +492,17 @@ struct RolloverEngine::Impl {
                  [g] { return static_cast<double>(g->prepared.load()); });
     reg.gauge_fn("gridseal_rollover_relay_connections", "Relay connections open", {},
                  [g] { return static_cast<double>(g->connections.load()); });
+    reg.gauge_fn("gridseal_challenge_pending", "MT-2043 challenges queued or sent, not settled",
+                 {}, [g] { return static_cast<double>(g->challenges_pending.load()); });
+    reg.gauge_fn("gridseal_challenge_flagged_meters",
+                 "Meters whose current challenge failed (wrong signature or challenge): not "
+                 "rekeyed until a new challenge passes",
+                 {}, [g] { return static_cast<double>(g->meters_flagged.load()); });
+  }
+
+  static metrics::Counter& challenge_counter(metrics::Registry& reg, const char* outcome) {
+    return reg.counter("gridseal_challenge_results_total",
+                       "MT-2043 challenges settled or retried, by outcome", {{"outcome", outcome}});
   }
 
   static metrics::Counter& step_counter(metrics::Registry& reg, const char* outcome) {
@@ -459,6 +519,20 @@ struct RolloverEngine::Impl {
       auto k = store::KeyStore::open(cfg.base.store.path, opt);
       if (!k.ok()) return Error(k.error().code, cfg.base.store.path + ": " + k.error().message());
       ks.emplace(std::move(k).value());
+    }
+    if (cfg.audit.enabled && !rec) {
+      // On the driver's connection, with the driver's HSM session (taken before each
+      // BEGIN IMMEDIATE, as audit::Writer orders them).
+      auto r = audit::TxRecorder::over(
+          ks->db(),
+          [this]() -> Result<hsm::Session*> {
+            // Not re-opened here (the signer holds the session): ready() does that.
+            if (!hs.hsm_ready()) return Error(Errc::hsm_failure, "audit: HSM session lost");
+            return &hs.lease->session();
+          },
+          std::chrono::milliseconds(cfg.audit.anchor_interval_ms));
+      if (!r.ok()) return Error(r.error().code, "audit: " + r.error().message());
+      rec.emplace(std::move(r).value());
     }
     if (!id_alloc) {
       auto k = store::KeyStore::open(cfg.base.store.path, opt);
@@ -567,19 +641,8 @@ struct RolloverEngine::Impl {
   // MT-2042 receipt read appended, sealed (mode 2) under the seal slot's key.
   Result<Bytes> build_update(const store::Meter& m, const store::StepWork& st, std::uint32_t id,
                              std::uint32_t now) {
-    const store::KeySlot* seal = m.slot_for_key_id(st.seal_slot);
-    if (seal == nullptr || seal->wrapped.empty()) {
-      return Error(Errc::not_found,
-                   "no stored key in seal slot " + std::to_string(st.seal_slot) + " any more");
-    }
     if (st.ephemeral_point.size() != c1222::kPublicPointSize) {
       return Error(Errc::bad_value, "stored ephemeral point is not 65 bytes");
-    }
-    // The title as imported (relative or absolute) when it names this meter, else absolute.
-    c1222::OwnedApTitle title{c1222::TitleForm::absolute, m.ap_title};
-    if (auto t = c1222::OwnedApTitle::parse(m.ap_title_text);
-        t.ok() && t->view().absolute(cfg.base_oid) == m.ap_title) {
-      title = std::move(t).value();
     }
     c1222::KeyUpdate ku;
     ku.target_slot = st.target_slot;
@@ -588,6 +651,35 @@ struct RolloverEngine::Impl {
     std::copy(st.ephemeral_point.begin(), st.ephemeral_point.end(), ku.ephemeral_public.begin());
     Bytes epsem{c1222::kEpsemReserved};  // mode 0 (sealed below), a response is wanted
     c1222::append_service(epsem, c1222::encode_key_update_service(ku));
+    return build_class4(m, st.seal_slot, epsem, id, now);
+  }
+
+  // The challenge of DESIGN §3.4: the MT-2043 write of `c` and a full read of MT-2043, in a
+  // class-4 command sealed under `seal_slot` (the MT-2042 receipt read appended as for updates).
+  Result<Bytes> build_challenge(const store::Meter& m, std::uint8_t seal_slot,
+                                const c1222::Challenge& c, std::uint32_t id, std::uint32_t now) {
+    Bytes epsem{c1222::kEpsemReserved};
+    c1222::append_service(epsem, c1222::encode_challenge_write(c));
+    c1222::append_service(epsem, c1222::encode_full_read(c1222::kTableChallenge));
+    return build_class4(m, seal_slot, epsem, id, now);
+  }
+
+  // A mode-0 request from the head-end title to the meter with the services of `epsem`, then
+  // secure_command: MT-2040 class 4 first, the MT-2042 receipt read appended, sealed (mode 2)
+  // under the key of `seal_slot`.
+  Result<Bytes> build_class4(const store::Meter& m, std::uint8_t seal_slot, const Bytes& epsem,
+                             std::uint32_t id, std::uint32_t now) {
+    const store::KeySlot* seal = m.slot_for_key_id(seal_slot);
+    if (seal == nullptr || seal->wrapped.empty()) {
+      return Error(Errc::not_found,
+                   "no stored key in seal slot " + std::to_string(seal_slot) + " any more");
+    }
+    // The title as imported (relative or absolute) when it names this meter, else absolute.
+    c1222::OwnedApTitle title{c1222::TitleForm::absolute, m.ap_title};
+    if (auto t = c1222::OwnedApTitle::parse(m.ap_title_text);
+        t.ok() && t->view().absolute(cfg.base_oid) == m.ap_title) {
+      title = std::move(t).value();
+    }
     c1222::Message req;
     req.called_ap_title = title.view();
     req.calling_ap_title = cfg.head_end_title.view();
@@ -601,21 +693,34 @@ struct RolloverEngine::Impl {
     p.head_end_title = cfg.head_end_title.view();
     p.base_oid = cfg.base_oid;
     GS_ASSIGN(c1222::EaxPrime eax, key_of(m, *seal));
-    return ses::secure_command(req, m, p, *signer, eax, st.seal_slot);
+    return ses::secure_command(req, m, p, *signer, eax, seal_slot);
   }
 
-  // What an answer from the relay means for the step `t` of meter `m` (HSM: opening it).
-  Verdict analyze(const Bytes& answer, const Tracked& t, const store::Meter& m) {
+  // An answer from the relay to the command `invocation_id` for meter `m`, opened as far as it
+  // goes (HSM): a final verdict (bad_answer, relay_error, refused, engine_error), or `opened`
+  // with the verdict verified (message id, IV time), the opened (mode 0) message in `wire` and
+  // the key id it came under. Shared by key updates and challenges.
+  struct OpenedAnswer {
     Verdict v;
+    bool opened = false;
+    Bytes wire;
+    std::uint8_t key_id = 0;
+    const store::KeySlot* slot = nullptr;  // into the meter passed in
+  };
+
+  OpenedAnswer open_answer(const Bytes& answer, std::uint32_t invocation_id,
+                           const store::Meter& m) {
+    OpenedAnswer out;
+    Verdict& v = out.v;
     if (!hs.hsm_ready() || !hs.keys) {
       v.kind = Verdict::Kind::engine_error;
       v.error = "no HSM session";
-      return v;
+      return out;
     }
     auto bad = [&](std::string why) {
       v.kind = Verdict::Kind::bad_answer;
       v.error = std::move(why);
-      return v;
+      return std::move(out);
     };
     c1222::DecodeLimits limits;
     limits.max_message = rc.relay.max_frame;
@@ -623,7 +728,7 @@ struct RolloverEngine::Impl {
     if (!msg.ok()) return bad("undecodable answer: " + msg.error().message());
     if (msg->called_ap_invocation_id) {
       auto a4 = c1222::invocation_id_value(*msg->called_ap_invocation_id);
-      if (!a4.ok() || *a4 != t.invocation_id) return bad("answer to another command");
+      if (!a4.ok() || *a4 != invocation_id) return bad("answer to another command");
     }
     const bool from_meter =
         msg->calling_ap_title && msg->calling_ap_title->absolute(cfg.base_oid) == m.ap_title;
@@ -636,7 +741,7 @@ struct RolloverEngine::Impl {
       const std::uint8_t code = services->front().bytes[0];
       v.kind = from_meter ? Verdict::Kind::refused : Verdict::Kind::relay_error;
       v.error = std::string(from_meter ? "meter " : "relay ") + c1222::response_code_name(code);
-      return v;
+      return out;
     }
     if (!from_meter) return bad("secured answer from another AP title");
     if (!msg->auth || !msg->auth->iv || !msg->calling_ap_invocation_id) {
@@ -651,7 +756,7 @@ struct RolloverEngine::Impl {
     if (!eax.ok()) {
       v.kind = Verdict::Kind::engine_error;
       v.error = eax.error().message();
-      return v;
+      return out;
     }
     c1222::SealOptions sopt;
     sopt.base_oid = cfg.base_oid;
@@ -664,7 +769,7 @@ struct RolloverEngine::Impl {
       if (hsm_error(opened.error())) {
         v.kind = Verdict::Kind::engine_error;
         v.error = opened.error().message();
-        return v;
+        return out;
       }
       return bad("answer: " + opened.error().message());
     }
@@ -678,32 +783,52 @@ struct RolloverEngine::Impl {
                                   (std::uint32_t{iv[2]} << 8) | std::uint32_t{iv[3]});
     v.verified = true;
     v.message_id = *id;
-    auto om = c1222::decode(opened->wire, limits);
+    out.opened = true;
+    out.wire = std::move(opened->wire);
+    out.key_id = key_id;
+    out.slot = slot;
+    return out;
+  }
+
+  // The receipts (verified, or logged as forged) and the first error code of an opened answer.
+  std::uint8_t take_receipts(const store::Meter& m, const c1222::Message& om, Verdict& v) {
     std::uint8_t first_error = 0;
-    if (om.ok()) {
-      ReceiptCheck rc_check = check_receipts(m, *om, *id, static_cast<std::int64_t>(utc_now()));
-      if (rc_check.forged) {
-        if (err_log.allow()) {
-          std::fprintf(stderr,
-                       "%s: rollover forged receipt meter_id=%s command_id=%llu: %s (not stored)\n",
-                       kProgram, m.meter_id.c_str(),
-                       static_cast<unsigned long long>(rc_check.command_id), rc_check.why.c_str());
-        }
-      } else {
-        v.receipts = std::move(rc_check.receipts);
+    ReceiptCheck rc_check = check_receipts(m, om, v.message_id, static_cast<std::int64_t>(utc_now()));
+    if (rc_check.forged) {
+      if (err_log.allow()) {
+        std::fprintf(stderr,
+                     "%s: rollover forged receipt meter_id=%s command_id=%llu: %s (not stored)\n",
+                     kProgram, m.meter_id.c_str(),
+                     static_cast<unsigned long long>(rc_check.command_id), rc_check.why.c_str());
       }
-      auto oe = c1222::split_epsem(om->epsem, om->epsem_offset);
-      auto services = oe.ok() ? c1222::split_services(oe->body)
-                              : Result<std::vector<c1222::ServiceSpan>>(oe.error());
-      if (services.ok()) {
-        for (const auto& s : *services) {
-          if (s.bytes[0] != c1222::kRespOk && c1222::is_response_code(s.bytes[0])) {
-            first_error = s.bytes[0];
-            break;
-          }
+    } else {
+      v.receipts = std::move(rc_check.receipts);
+    }
+    auto oe = c1222::split_epsem(om.epsem, om.epsem_offset);
+    auto services = oe.ok() ? c1222::split_services(oe->body)
+                            : Result<std::vector<c1222::ServiceSpan>>(oe.error());
+    if (services.ok()) {
+      for (const auto& s : *services) {
+        if (s.bytes[0] != c1222::kRespOk && c1222::is_response_code(s.bytes[0])) {
+          first_error = s.bytes[0];
+          break;
         }
       }
     }
+    return first_error;
+  }
+
+  // What an answer from the relay means for the step `t` of meter `m` (HSM: opening it).
+  Verdict analyze(const Bytes& answer, const Tracked& t, const store::Meter& m) {
+    OpenedAnswer oa = open_answer(answer, t.invocation_id, m);
+    Verdict v = std::move(oa.v);
+    if (!oa.opened) return v;
+    const std::uint8_t key_id = oa.key_id;
+    const store::KeySlot* slot = oa.slot;
+    c1222::DecodeLimits limits;
+    limits.max_message = rc.relay.max_frame;
+    auto om = c1222::decode(oa.wire, limits);
+    const std::uint8_t first_error = om.ok() ? take_receipts(m, *om, v) : 0;
     if (key_id == t.step.target_slot && slot->key_version == t.step.key_version) {
       // Whatever the service codes say: only the meter can have sealed this under the new key.
       v.kind = Verdict::Kind::confirmed;
@@ -756,7 +881,405 @@ struct RolloverEngine::Impl {
     return false;
   }
 
-  store::RolloverStore rs() { return store::RolloverStore(*ks); }
+  // The audit recorder when [audit] is on (nullptr otherwise).
+  audit::TxRecorder* recorder() { return rec ? &*rec : nullptr; }
+  store::RolloverStore rs() {
+    store::RolloverStore r(*ks);
+    r.set_audit(recorder());
+    return r;
+  }
+  store::ChallengeStore& cs() {
+    if (!chs) chs.emplace(*ks);
+    return *chs;
+  }
+
+  // ---- MT-2043 challenges (DESIGN §3.4) ---------------------------------------------------
+
+  // The key a challenge to `m` is sealed under: its active key; for a quarantined meter the
+  // compromised key its revocation rollover seals the update under (the only one it holds).
+  static std::optional<std::uint8_t> challenge_seal_slot(const store::Meter& m) {
+    if (m.state == store::MeterState::active) {
+      if (const store::KeySlot* a = m.active_slot()) return static_cast<std::uint8_t>(a->slot);
+      return std::nullopt;
+    }
+    if (m.state == store::MeterState::quarantined) {
+      if (auto c = store::choose_rollover_slot(m, store::CampaignReason::revocation)) {
+        return c->seal_slot;
+      }
+    }
+    return std::nullopt;
+  }
+
+  struct GiveUp {
+    std::int64_t meter_row = 0;
+    std::string meter_id;
+    std::string why;
+  };
+
+  // Challenges that can never be answered -> unanswered, in one transaction.
+  std::size_t give_up_challenges(const std::vector<GiveUp>& gave_up) {
+    if (gave_up.empty()) return 0;
+    const std::int64_t now_ms = wall_ms();
+    audit::TxRecorder* a = recorder();
+    auto applied = [&]() -> Status {
+      if (a != nullptr) GS_TRY(a->start());
+      GS_ASSIGN(auto tx, db::Transaction::begin(ks->db()));
+      for (const GiveUp& g : gave_up) {
+        GS_ASSIGN(bool settled, cs().settle(g.meter_row, store::ChallengeState::unanswered,
+                                            g.why, {}, now_ms));
+        if (settled && a != nullptr) {
+          GS_TRY(a->add(challenge_event("challenge_unanswered", g.meter_id, 0, g.why)));
+        }
+      }
+      if (a != nullptr) GS_TRY(a->finish());
+      GS_TRY(tx.commit());
+      if (a != nullptr) a->committed();
+      return {};
+    }();
+    if (!applied.ok()) {
+      store_failed("challenges not settled: " + applied.error().message());
+      return 0;
+    }
+    challenge_unanswered.inc(gave_up.size());
+    queued_idle_until = {};
+    for (const GiveUp& g : gave_up) {
+      if (!fail_log.allow()) continue;
+      std::fprintf(stderr, "%s: challenge unanswered meter_id=%s: %s\n", kProgram,
+                   g.meter_id.c_str(), g.why.c_str());
+    }
+    return gave_up.size();
+  }
+
+  // Due challenges (queued, or sent with an expired lease): a fresh random challenge from the
+  // HSM each, committed as sent (one transaction) before the class-4 commands leave through
+  // the relay pool. Returns how many moved on (sent or given up).
+  std::size_t send_challenges(std::size_t room) {
+    if (room == 0) return 0;
+    const std::int64_t now_ms = wall_ms();
+    auto due = cs().due(now_ms, room + challenges.size());
+    if (!due.ok()) {
+      store_failed(due.error().message());
+      return 0;
+    }
+    if (due->empty()) return 0;
+    std::vector<GiveUp> gave_up;
+    std::vector<store::IssuedChallenge> issued;
+    std::vector<Job> jobs;
+    std::vector<ChallengeTracked> tracks;
+    const std::uint32_t now = utc_now();
+    for (const store::ChallengeStatus& c : *due) {
+      if (jobs.size() >= room) break;
+      if (challenges.contains(c.meter_row)) continue;
+      if (c.attempts >= rc.max_attempts) {
+        gave_up.push_back({c.meter_row, c.meter_id,
+                           "no usable answer after " + std::to_string(c.attempts) +
+                               " attempts" + (c.last_error.empty() ? "" : ": " + c.last_error)});
+        continue;
+      }
+      auto m = ks->meter_by_row(c.meter_row);
+      if (!m.ok()) {
+        store_failed(m.error().message());
+        break;
+      }
+      if (!*m) {
+        gave_up.push_back({c.meter_row, c.meter_id, "meter no longer registered"});
+        continue;
+      }
+      if ((*m)->public_key.size() != c1222::kPublicPointSize) {
+        gave_up.push_back({c.meter_row, c.meter_id, "no registered public key"});
+        continue;
+      }
+      const auto seal = challenge_seal_slot(**m);
+      if (!seal) {
+        gave_up.push_back({c.meter_row, c.meter_id,
+                           std::string("no key to seal the challenge with (meter ") +
+                               store::to_string((*m)->state) + ")"});
+        continue;
+      }
+      store::IssuedChallenge ic;
+      ic.meter_row = c.meter_row;
+      // The HSM's generator: the challenge must be unpredictable to whoever holds the meter.
+      if (auto st = hsm::generate_random(hs.lease->session(), MutableByteView(ic.challenge));
+          !st.ok()) {
+        hsm_failed("challenge random: " + st.error().message());
+        break;
+      }
+      auto id = id_alloc->next(head_end_abs, static_cast<std::int64_t>(now));
+      if (!id.ok()) {
+        store_failed(id.error().message());
+        break;
+      }
+      auto meter = std::make_shared<const store::Meter>(std::move(**m));
+      auto wire = build_challenge(*meter, *seal, ic.challenge, *id, now);
+      if (!wire.ok()) {
+        if (hsm_error(wire.error()) || !hs.hsm_ready()) {
+          hsm_failed(wire.error().message());
+          break;
+        }
+        gave_up.push_back({c.meter_row, c.meter_id, wire.error().message()});
+        continue;
+      }
+      const std::uint32_t n = c.attempts + 1;
+      ic.issued_at_ms = now_ms;
+      ic.expires_at_ms = now_ms + std::int64_t{rc.challenge_ttl_s} * 1000;
+      ic.invocation_id = *id;
+      ic.next_attempt_at_ms = now_ms + rc.relay.timeout.count() + backoff(n).count();
+      tracks.push_back(ChallengeTracked{meter, ic.challenge, ic.expires_at_ms, *id, n});
+      issued.push_back(ic);
+      jobs.push_back(Job{kChallengeJob, c.meter_row, *id, std::move(wire).value()});
+    }
+    std::size_t moved = give_up_challenges(gave_up);
+    if (issued.empty()) return moved;
+    auto committed = cs().issue(issued);
+    if (!committed.ok()) {
+      store_failed(committed.error().message());
+      return moved;
+    }
+    store_ok = true;
+    std::vector<Job> go;
+    for (std::size_t i = 0; i < issued.size(); ++i) {
+      if (!(*committed)[i]) continue;  // settled meanwhile (nothing else writes it, but)
+      challenges[issued[i].meter_row] = std::move(tracks[i]);
+      go.push_back(std::move(jobs[i]));
+    }
+    in_flight += go.size();
+    gauges->in_flight = static_cast<std::int64_t>(in_flight);
+    challenges_sent.inc(go.size());
+    moved += go.size();
+    pool.submit(std::move(go));
+    return moved;
+  }
+
+  // Answers to challenges: opened (HSM), the MT-2043 answer checked against the challenge sent
+  // (check_challenge_answer), then in one transaction the replay marks, receipts, and each
+  // challenge proven (consumed, proof recorded), failed (the meter flagged), re-scheduled with
+  // backoff (a fresh challenge), or unanswered after max_attempts.
+  void handle_challenge_replies(std::vector<Reply> replies) {
+    enum class What : std::uint8_t { proven, flagged, retry, engine };
+    struct Done {
+      std::int64_t row = 0;
+      ChallengeTracked t;
+      Verdict v;
+      What what = What::retry;
+      std::string why;
+      store::ChallengeProof proof;
+    };
+    std::vector<Done> done;
+    for (Reply& r : replies) {
+      auto it = challenges.find(r.meter_row);
+      if (it == challenges.end() || it->second.invocation_id != r.invocation_id) continue;
+      Done d;
+      d.row = r.meter_row;
+      d.t = std::move(it->second);
+      challenges.erase(it);
+      --in_flight;
+      if (!r.answer) {
+        d.v.kind = Verdict::Kind::relay_error;
+        d.why = r.error;
+        done.push_back(std::move(d));
+        continue;
+      }
+      const store::Meter& m = *d.t.meter;
+      OpenedAnswer oa = open_answer(*r.answer, d.t.invocation_id, m);
+      d.v = std::move(oa.v);
+      if (!oa.opened) {
+        if (d.v.kind == Verdict::Kind::engine_error) {
+          hsm_failed(d.v.error);
+          d.what = What::engine;
+        }
+        d.why = d.v.error;
+        done.push_back(std::move(d));
+        continue;
+      }
+      c1222::DecodeLimits limits;
+      limits.max_message = rc.relay.max_frame;
+      auto om = c1222::decode(oa.wire, limits);
+      std::uint8_t first_error = 0;
+      std::optional<c1222::ChallengeAnswer> answer;
+      if (om.ok()) {
+        first_error = take_receipts(m, *om, d.v);
+        auto oe = c1222::split_epsem(om->epsem, om->epsem_offset);
+        auto services = oe.ok() ? c1222::split_services(oe->body)
+                                : Result<std::vector<c1222::ServiceSpan>>(oe.error());
+        for (const auto& sv : services.ok() ? *services : std::vector<c1222::ServiceSpan>{}) {
+          if (!challenge_answer_shaped(sv.bytes)) continue;
+          auto a = c1222::decode_challenge_answer_response(sv.bytes);
+          if (a.ok()) {
+            answer = *a;
+            break;
+          }
+        }
+      }
+      if (!answer) {
+        d.why = first_error != 0
+                    ? std::string("meter ") + c1222::response_code_name(first_error)
+                    : std::string("no MT-2043 answer in the meter's response");
+        done.push_back(std::move(d));
+        continue;
+      }
+      const std::int64_t now_ms = wall_ms();
+      const auto check = store::check_challenge_answer(m, d.t.challenge, d.t.expires_at_ms,
+                                                       *answer, now_ms);
+      switch (check) {
+        case store::ChallengeCheck::ok:
+          d.what = What::proven;
+          d.proof.meter_row = d.row;
+          d.proof.challenge.assign(answer->challenge.begin(), answer->challenge.end());
+          d.proof.meter_time = answer->meter_time;
+          d.proof.signature.assign(answer->signature.begin(), answer->signature.end());
+          d.proof.message_id = d.v.message_id;
+          d.proof.verified_at_ms = now_ms;
+          break;
+        case store::ChallengeCheck::expired:
+          d.why = "challenge expired: answered " +
+                  std::to_string(now_ms - d.t.expires_at_ms) + " ms after rollover.challenge_ttl_s";
+          break;
+        case store::ChallengeCheck::wrong_challenge:
+          d.what = What::flagged;
+          d.why = "wrong challenge (a replayed or stale answer)";
+          break;
+        case store::ChallengeCheck::bad_signature:
+        case store::ChallengeCheck::no_public_key:
+          d.what = What::flagged;
+          d.why = store::to_string(check);
+          break;
+      }
+      done.push_back(std::move(d));
+    }
+    gauges->in_flight = static_cast<std::int64_t>(in_flight);
+    if (done.empty()) return;
+
+    const std::int64_t now_ms = wall_ms();
+    std::vector<bool> proven(done.size(), false);
+    std::vector<bool> unanswered(done.size(), false);
+    audit::TxRecorder* a = recorder();
+    auto applied = [&]() -> Status {
+      if (a != nullptr) GS_TRY(a->start());
+      GS_ASSIGN(auto tx, db::Transaction::begin(ks->db()));
+      for (std::size_t i = 0; i < done.size(); ++i) {
+        Done& d = done[i];
+        if (d.v.verified) {
+          // Into the meter's replay window (not "strictly above"): the collection engine may
+          // still hand the DKUS the meter's earlier message (a read answered just before).
+          GS_TRY(ks->raise_replay_mark(d.row, d.v.message_id, d.v.iv_time, cfg.reorder_window));
+          for (const store::Receipt& r : d.v.receipts) {
+            GS_ASSIGN(bool inserted, ks->insert_receipt(r));
+            if (inserted && a != nullptr) GS_TRY(a->add(receipt_event(*d.t.meter, r)));
+          }
+        }
+        const ByteView sent(d.t.challenge);
+        const std::string& meter_id = d.t.meter->meter_id;
+        switch (d.what) {
+          case What::proven: {
+            GS_ASSIGN(bool ok, cs().prove(d.proof));
+            proven[i] = ok;
+            if (ok && a != nullptr) {
+              GS_TRY(a->add(challenge_event("challenge_proven", meter_id, d.t.attempts, {})));
+            }
+            if (!ok) {
+              // Nothing outstanding matched any more (re-issued meanwhile): not a proof.
+              d.what = What::retry;
+              d.why = "challenge no longer outstanding";
+            }
+            break;
+          }
+          case What::flagged: {
+            GS_ASSIGN(bool settled,
+                      cs().settle(d.row, store::ChallengeState::failed, d.why, sent, now_ms));
+            if (settled && a != nullptr) {
+              // The meter is flagged: not rekeyed until a new challenge passes.
+              GS_TRY(a->add(challenge_event("challenge_failed", meter_id, d.t.attempts, d.why)));
+            }
+            break;
+          }
+          case What::retry:
+          case What::engine:
+            break;
+        }
+        if (d.what == What::retry && d.t.attempts >= rc.max_attempts) {
+          unanswered[i] = true;
+          const std::string why =
+              "no usable answer after " + std::to_string(d.t.attempts) + " attempts: " + d.why;
+          GS_ASSIGN(bool settled,
+                    cs().settle(d.row, store::ChallengeState::unanswered, why, sent, now_ms));
+          if (settled && a != nullptr) {
+            GS_TRY(a->add(challenge_event("challenge_unanswered", meter_id, d.t.attempts, why)));
+          }
+        } else if (d.what == What::retry || d.what == What::engine) {
+          const auto wait = d.what == What::engine ? rc.poll : jittered(backoff(d.t.attempts));
+          GS_TRY(cs().retry_later(d.row, now_ms + wait.count(), d.why));
+        }
+      }
+      if (a != nullptr) GS_TRY(a->finish());
+      GS_TRY(tx.commit());
+      if (a != nullptr) a->committed();
+      return {};
+    }();
+    if (!applied.ok()) {
+      // Nothing settled: the leases bring the challenges back (with fresh values).
+      store_failed("challenge answers not committed: " + applied.error().message());
+      return;
+    }
+    store_ok = true;
+    for (std::size_t i = 0; i < done.size(); ++i) {
+      const Done& d = done[i];
+      if (proven[i]) {
+        challenge_proven.inc();
+        queued_idle_until = {};
+      } else if (d.what == What::flagged) {
+        challenge_flagged.inc();
+        queued_idle_until = {};
+        // Always worth a line: the meter does not hold the key registered for it.
+        std::fprintf(stderr,
+                     "%s: challenge FAILED meter_id=%s: %s (meter flagged; it is not rekeyed "
+                     "until a new challenge passes)\n",
+                     kProgram, d.t.meter->meter_id.c_str(), d.why.c_str());
+      } else if (unanswered[i]) {
+        challenge_unanswered.inc();
+        queued_idle_until = {};
+        if (fail_log.allow()) {
+          std::fprintf(stderr, "%s: challenge unanswered meter_id=%s attempts=%u: %s\n",
+                       kProgram, d.t.meter->meter_id.c_str(), d.t.attempts, d.why.c_str());
+        }
+      } else {
+        challenge_retried.inc();
+      }
+    }
+  }
+
+  // Whether a queued step's meter may get its key update (DESIGN §3.4: not before it proved it
+  // holds its registered private key), judged from its challenge row and last proof. Uses the
+  // step's changed_at (queued or resumed) to tell a challenge asked for this step from an older
+  // one: an older failure is challenged again, one of this step's fails the step.
+  struct Gate {
+    enum class Kind : std::uint8_t { proceed, challenge, wait, fail } kind = Kind::challenge;
+    bool paid = false;  // the meter was challenged for this step: its rate token is spent
+    std::string why;
+  };
+  Result<Gate> challenge_gate(const store::StepWork& w) {
+    GS_ASSIGN(auto st, cs().status(w.meter_row));
+    GS_ASSIGN(auto proof_at, cs().last_proof_at_ms(w.meter_row));
+    Gate g;
+    if (st && st->live()) {
+      g.kind = Gate::Kind::wait;
+      return g;
+    }
+    const bool flagged = st && st->state == store::ChallengeState::failed;
+    const std::int64_t since_ms = w.changed_at * 1000;
+    if (proof_at && !flagged) {
+      g.kind = Gate::Kind::proceed;
+      g.paid = *proof_at >= since_ms;
+      return g;
+    }
+    if (st && st->requested_at_ms >= since_ms &&
+        (flagged || st->state == store::ChallengeState::unanswered)) {
+      g.kind = Gate::Kind::fail;
+      g.why = std::string(flagged ? "challenge failed: " : "challenge unanswered: ") +
+              st->last_error;
+      return g;
+    }
+    return g;  // challenge it first
+  }
 
   struct SendItem {
     store::StepWork step;
@@ -868,16 +1391,25 @@ struct RolloverEngine::Impl {
   }
 
   // Queued steps -> keys derived in the HSM -> prepare() in one transaction -> sent.
-  void prepare_queued(std::size_t want, Clock::time_point now, Clock::time_point* wake) {
-    if (want == 0) return;
+  // Returns true when it asked for challenges or failed steps (work that sends nothing yet).
+  bool prepare_queued(std::size_t want, Clock::time_point now, Clock::time_point* wake) {
+    if (want == 0) return false;
     for (auto it = hold.begin(); it != hold.end();) {
       it = it->second <= now ? hold.erase(it) : std::next(it);
     }
     auto queued = rs().next_queued(want + hold.size());
     if (!queued.ok()) {
       store_failed(queued.error().message());
-      return;
+      return false;
     }
+    if (queued->empty()) {
+      // Nothing queued, or every queued step waits for its meter's challenge.
+      queued_idle_until = now + rc.poll;
+      return false;
+    }
+    std::vector<std::int64_t> to_challenge;
+    std::vector<store::RolloverStore::Attempt> step_fails;
+    std::vector<std::string> step_fail_ids;
     std::vector<store::PreparedKey> keys;
     std::vector<store::RolloverStore::Attempt> drops;
     std::vector<std::string> drop_ids;
@@ -887,14 +1419,13 @@ struct RolloverEngine::Impl {
       drop_ids.push_back(meter_id);
     };
     for (const store::StepWork& w : *queued) {
-      if (keys.size() >= want) break;
+      if (keys.size() + to_challenge.size() >= want) break;
       const StepKey key{w.campaign, w.meter_row};
       if (hold.contains(key)) continue;
-      if (!rate_allows(w.campaign, now, wake)) continue;
       auto m = ks->meter_by_row(w.meter_row);
       if (!m.ok()) {
         store_failed(m.error().message());
-        return;
+        return false;
       }
       if (!*m) {
         drop(w, "-", "meter no longer registered");
@@ -912,6 +1443,22 @@ struct RolloverEngine::Impl {
         drop(w, meter.meter_id, "no registered public key");
         continue;
       }
+      auto gate = challenge_gate(w);
+      if (!gate.ok()) {
+        store_failed(gate.error().message());
+        return false;
+      }
+      if (gate->kind == Gate::Kind::wait) continue;
+      if (gate->kind == Gate::Kind::fail) {
+        step_fails.push_back({w.campaign, w.meter_row, now_ms, gate->why});
+        step_fail_ids.push_back(meter.meter_id);
+        continue;
+      }
+      if (!gate->paid && !rate_allows(w.campaign, now, wake)) continue;
+      if (gate->kind == Gate::Kind::challenge) {
+        to_challenge.push_back(w.meter_row);
+        continue;
+      }
       const auto choice = store::choose_rollover_slot(meter, w.reason);
       if (!choice) {
         drop(w, meter.meter_id, "no key to seal the update with, or no slot for the new key");
@@ -921,7 +1468,7 @@ struct RolloverEngine::Impl {
       if (!pk.ok()) {
         if (!hs.hsm_ready()) {
           hsm_failed(pk.error().message());
-          return;
+          return false;
         }
         // The meter's data (e.g. its public point) does not derive: a few tries, then dropped.
         if (++derive_failures[key] >= kMaxDeriveFailures) {
@@ -948,13 +1495,38 @@ struct RolloverEngine::Impl {
         }
       }
     }
-    if (keys.empty()) return;
+    bool asked = false;
+    if (!to_challenge.empty()) {
+      auto n = cs().request_rows(to_challenge, "rollover", wall_ms());
+      if (!n.ok()) {
+        store_failed(n.error().message());
+      } else {
+        asked = true;
+      }
+    }
+    if (!step_fails.empty()) {
+      if (auto st = rs().fail_queued(step_fails); !st.ok()) {
+        store_failed(st.error().message());
+      } else {
+        asked = true;
+        failed_total.inc(step_fails.size());
+        for (std::size_t i = 0; i < step_fails.size(); ++i) {
+          if (!fail_log.allow()) continue;
+          std::fprintf(stderr,
+                       "%s: rollover step failed campaign=%lld meter_id=%s error=%s (not rekeyed; "
+                       "`gridseal rollover resume` challenges it again)\n",
+                       kProgram, static_cast<long long>(step_fails[i].campaign),
+                       step_fail_ids[i].c_str(), step_fails[i].last_error.c_str());
+        }
+      }
+    }
+    if (keys.empty()) return asked;
     auto committed = rs().prepare(keys);
     // The derived keys are no longer needed in memory, committed or not.
     for (auto& k : keys) secure_zero(k.wrapped.data(), k.wrapped.size());
     if (!committed.ok()) {
       store_failed(committed.error().message());
-      return;
+      return asked;
     }
     store_ok = true;
     std::vector<SendItem> items;
@@ -976,6 +1548,7 @@ struct RolloverEngine::Impl {
       items.push_back(std::move(it));
     }
     send(std::move(items));
+    return true;
   }
 
   // Retries due in memory, then prepared steps due in the store (after a restart, or resumed),
@@ -1013,12 +1586,19 @@ struct RolloverEngine::Impl {
         }
       }
     }
-    const std::size_t left = room - std::min(room, items.size());
-    const bool worked = send(std::move(items)) > 0;
-    if (take_new && left > 0) {
+    std::size_t left = room - std::min(room, items.size());
+    bool worked = send(std::move(items)) > 0;
+    // Challenges (operators', and those the queued steps below asked for) go first among new
+    // work: the steps of unproven meters wait for them.
+    if (left > 0) {
       const std::size_t before = in_flight;
-      prepare_queued(std::min<std::size_t>(left, rc.batch), now, wake);
-      return worked || in_flight != before;
+      worked = send_challenges(std::min<std::size_t>(left, rc.batch)) > 0 || worked;
+      left -= std::min(left, in_flight - before);
+    }
+    if (take_new && left > 0 && now >= queued_idle_until) {
+      const std::size_t before = in_flight;
+      const bool asked = prepare_queued(std::min<std::size_t>(left, rc.batch), now, wake);
+      return worked || asked || in_flight != before;
     }
     return worked;
   }
@@ -1026,9 +1606,15 @@ struct RolloverEngine::Impl {
   // Answers: verified in the HSM, then every confirmation, replay mark and receipt in one
   // transaction; errors are retried with backoff or fail the step after max_attempts.
   bool handle_replies() {
+    std::vector<Reply> all;
+    pool.take(all);
+    if (all.empty()) return false;
     std::vector<Reply> replies;
-    pool.take(replies);
-    if (replies.empty()) return false;
+    std::vector<Reply> challenge_replies;
+    for (Reply& r : all) {
+      (r.campaign == kChallengeJob ? challenge_replies : replies).push_back(std::move(r));
+    }
+    if (!challenge_replies.empty()) handle_challenge_replies(std::move(challenge_replies));
     struct Done {
       StepKey key;
       Verdict v;
@@ -1060,9 +1646,12 @@ struct RolloverEngine::Impl {
     std::vector<std::optional<bool>> confirmed(done.size());
     bool db_ok = true;
     if (std::any_of(done.begin(), done.end(), [](const Done& d) { return d.v.verified; })) {
+      audit::TxRecorder* a = recorder();
       auto applied = [&]() -> Status {
+        if (a != nullptr) GS_TRY(a->start());
         GS_ASSIGN(auto tx, db::Transaction::begin(ks->db()));
         store::RolloverStore rstore(*ks);
+        rstore.set_audit(a);  // key_confirmed records, in this transaction
         for (std::size_t i = 0; i < done.size(); ++i) {
           const Done& d = done[i];
           if (!d.v.verified) continue;
@@ -1071,10 +1660,20 @@ struct RolloverEngine::Impl {
             GS_ASSIGN(confirmed[i], rstore.confirm(t.step.meter_row, t.step.target_slot,
                                                    t.step.key_version, true));
           }
-          GS_TRY(ks->raise_replay_mark(t.step.meter_row, d.v.message_id, d.v.iv_time));
-          for (const store::Receipt& r : d.v.receipts) GS_TRY(ks->insert_receipt(r));
+          // Into the meter's replay window, as above.
+          GS_TRY(ks->raise_replay_mark(t.step.meter_row, d.v.message_id, d.v.iv_time,
+                                       cfg.reorder_window));
+          for (const store::Receipt& r : d.v.receipts) {
+            GS_ASSIGN(bool inserted, ks->insert_receipt(r));
+            if (inserted && a != nullptr) GS_TRY(a->add(receipt_event(*t.meter, r)));
+          }
         }
-        return tx.commit();
+        // One audit batch for the whole transaction (one head read, at most one anchor
+        // update), not one per meter.
+        if (a != nullptr) GS_TRY(a->finish());
+        GS_TRY(tx.commit());
+        if (a != nullptr) a->committed();
+        return {};
       }();
       db_ok = applied.ok();
       if (db_ok) {
@@ -1155,6 +1754,11 @@ struct RolloverEngine::Impl {
         gauges->prepared = prepared;
       }
       gauges->connections = static_cast<std::int64_t>(pool.connected());
+      auto cq = this->cs().count_in_state(store::ChallengeState::queued);
+      auto cs_sent = this->cs().count_in_state(store::ChallengeState::sent);
+      auto cf = this->cs().count_in_state(store::ChallengeState::failed);
+      if (cq.ok() && cs_sent.ok()) gauges->challenges_pending = *cq + *cs_sent;
+      if (cf.ok()) gauges->meters_flagged = *cf;
       for (auto it = buckets.begin(); it != buckets.end();) {
         it = now - it->second.refreshed > 10 * kCampaignRefresh ? buckets.erase(it) : std::next(it);
       }
@@ -1214,6 +1818,8 @@ struct RolloverEngine::Impl {
 
   // Used by the driver thread only (and by warm_up before it starts).
   std::optional<store::KeyStore> ks;
+  std::optional<store::ChallengeStore> chs;  // over *ks (declared after it: destroyed first)
+  std::optional<audit::TxRecorder> rec;      // over *ks, with [audit] on
   std::unique_ptr<store::KeyStore> id_ks;  // the invocation-id allocator's own connection
   std::optional<ids::InvocationIdAllocator> id_alloc;
   HsmThreadState hs;
@@ -1248,7 +1854,17 @@ struct RolloverEngine::Impl {
   metrics::Counter& confirmations;
   metrics::Counter& retired_total;
   metrics::Counter& errors_total;
+  metrics::Counter& challenges_sent;
+  metrics::Counter& challenge_proven;
+  metrics::Counter& challenge_flagged;
+  metrics::Counter& challenge_unanswered;
+  metrics::Counter& challenge_retried;
   std::array<metrics::Counter*, 5> answers{};
+  // Challenges in flight, by meter row (their retries wait in the store, not here).
+  std::map<std::int64_t, ChallengeTracked> challenges;
+  // Queued steps are looked at again no sooner than this when the last look found nothing to
+  // do (all of them waiting for their meters' challenges); a settled challenge resets it.
+  Clock::time_point queued_idle_until{};
 };
 
 RolloverEngine::RolloverEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -1299,6 +1915,7 @@ void RolloverEngine::stop() {
   s.gauges->in_flight = 0;
   s.gauges->connections = 0;
   s.tracked.clear();
+  s.challenges.clear();
   s.in_flight = 0;
 }
 

@@ -1,4 +1,4 @@
-// The shared [server] table of the daemons' configuration files.
+// The shared [server] and [audit] tables of the daemons' configuration files.
 #include "src/daemon_config.h"
 
 #include "src/toml_fields.h"
@@ -46,6 +46,22 @@ Status parse_server_table(const toml::table& root, const std::string& file,
   if (auto st = server::validate(out.server); !st.ok()) {
     return key_error(file, "server", st.error().message());
   }
+  return {};
+}
+
+Status parse_audit_table(const toml::table& root, const std::string& file, AuditConfig& out) {
+  GS_ASSIGN(const toml::table* au, get_table(root, "audit", file));
+  if (au == nullptr) return {};
+  const std::string a = "audit.";
+  GS_TRY(check_keys(*au, file, a,
+                    {"enabled", "checkpoint_interval_s", "anchor_interval_ms", "batch_max",
+                     "batch_delay_us", "max_pending"}));
+  GS_TRY(get_bool(*au, "enabled", file, a, out.enabled));
+  GS_TRY(get_int(*au, "checkpoint_interval_s", file, a, 0, 86400, out.checkpoint_interval_s));
+  GS_TRY(get_int(*au, "anchor_interval_ms", file, a, 0, 3600000, out.anchor_interval_ms));
+  GS_TRY(get_int(*au, "batch_max", file, a, 1, 65536, out.batch_max));
+  GS_TRY(get_int(*au, "batch_delay_us", file, a, 0, 1000000, out.batch_delay_us));
+  GS_TRY(get_int(*au, "max_pending", file, a, 1, 1 << 24, out.max_pending));
   return {};
 }
 

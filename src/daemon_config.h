@@ -1,5 +1,6 @@
 // The parts of gridseal-sesd's and gridseal-dkusd's configuration files that are the same: the
-// [server] table (listener, TLS, limits, timeouts, threads, processes, drain).
+// [server] table (listener, TLS, limits, timeouts, threads, processes, drain) and the [audit]
+// table (the tamper-evident audit trail, src/audit.h).
 #pragma once
 
 #include <chrono>
@@ -28,6 +29,19 @@ struct ProcessModel {
 Status parse_server_table(const toml::table& root, const std::string& file,
                           const std::filesystem::path& dir, std::int64_t min_worker_threads,
                           ProcessModel& out);
+
+// [audit]: the tamper-evident audit trail (src/audit.h), the same keys for both daemons.
+struct AuditConfig {
+  bool enabled = true;                       // audit.enabled
+  std::uint32_t checkpoint_interval_s = 60;  // audit.checkpoint_interval_s (0: every transaction)
+  std::uint32_t anchor_interval_ms = 1000;   // audit.anchor_interval_ms (0: every transaction)
+  std::uint32_t batch_max = 512;             // audit.batch_max: records per transaction
+  std::uint32_t batch_delay_us = 1000;       // audit.batch_delay_us: wait for more records
+  std::uint32_t max_pending = 65536;         // audit.max_pending: queued records (then bsy)
+};
+
+// Parses [audit] of `root` (absent: the defaults already in `out`); errors name the key.
+Status parse_audit_table(const toml::table& root, const std::string& file, AuditConfig& out);
 
 // Parses a whole TOML file; syntax errors name the file, line and column.
 Result<toml::table> parse_toml_file(const std::string& path);

@@ -1,6 +1,7 @@
 // SQLite schema, migrations and queries of the meter registry and key slots.
 #include "src/key_store.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <ctime>
 
@@ -129,6 +130,67 @@ CREATE TRIGGER audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
 CREATE TRIGGER audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
   BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
 )sql",
+    // v5: MT-2043 meter challenges (DESIGN §3.4, src/challenge_store.h): each meter's current
+    // challenge (one row per meter) and the proofs it answered with.
+    R"sql(
+CREATE TABLE meter_challenges (
+  meter            INTEGER PRIMARY KEY REFERENCES meters(row),
+  state            TEXT NOT NULL CHECK (state IN
+                     ('queued','sent','proven','failed','unanswered')),
+  origin           TEXT NOT NULL CHECK (origin IN ('operator','rollover')),
+  requested_by     TEXT NOT NULL,
+  requested_at_ms  INTEGER NOT NULL,
+  challenge        BLOB,
+  issued_at_ms     INTEGER,
+  expires_at_ms    INTEGER,
+  invocation_id    INTEGER,
+  attempts         INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at  INTEGER NOT NULL DEFAULT 0,
+  last_error       TEXT NOT NULL DEFAULT '',
+  changed_at_ms    INTEGER NOT NULL
+);
+CREATE INDEX meter_challenges_by_state ON meter_challenges (state, next_attempt_at);
+CREATE TABLE challenge_proofs (
+  meter           INTEGER NOT NULL REFERENCES meters(row),
+  challenge       BLOB NOT NULL,
+  meter_time      INTEGER NOT NULL,
+  signature       BLOB NOT NULL,
+  message_id      INTEGER NOT NULL,
+  verified_at_ms  INTEGER NOT NULL,
+  PRIMARY KEY (meter, challenge)
+) WITHOUT ROWID;
+CREATE INDEX challenge_proofs_by_time ON challenge_proofs (meter, verified_at_ms);
+)sql",
+    // v6: named operators with roles and the single-use nonces of their signed requests
+    // (src/operators.h). Operators are never deleted (removed_at), so audit records keep one
+    // meaning per name.
+    R"sql(
+CREATE TABLE operators (
+  name         TEXT PRIMARY KEY,
+  role         TEXT NOT NULL CHECK (role IN
+                 ('security-officer','key-custodian','operator','auditor')),
+  public_key   BLOB NOT NULL CHECK (length(public_key) = 65),
+  enrolled_at  INTEGER NOT NULL,
+  enrolled_by  TEXT NOT NULL,
+  removed_at   INTEGER,
+  removed_by   TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID;
+CREATE TRIGGER operators_no_delete BEFORE DELETE ON operators
+  BEGIN SELECT RAISE(ABORT, 'operators are removed, never deleted'); END;
+CREATE TABLE operator_nonces (
+  nonce       BLOB PRIMARY KEY,
+  created_at  INTEGER NOT NULL,
+  expires_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+)sql",
+    // v7: the replay window of each meter's mark (ReplayMark in key_store.h): which ids below
+    // the mark were accepted, and the floor at or below which none is. A mark stored before
+    // gets floor = mark: what it accepted below is unknown, so nothing below is accepted.
+    R"sql(
+ALTER TABLE replay_state ADD COLUMN window_bits INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE replay_state ADD COLUMN window_floor INTEGER NOT NULL DEFAULT 0;
+UPDATE replay_state SET window_floor = last_invocation_id;
+)sql",
 };
 
 constexpr int kMigrationCount = static_cast<int>(sizeof kMigrations / sizeof kMigrations[0]);
@@ -167,6 +229,60 @@ std::optional<MeterState> meter_state_from(std::string_view s) noexcept {
     if (s == to_string(v)) return v;
   }
   return std::nullopt;
+}
+
+const char* to_string(ReplayVerdict v) noexcept {
+  switch (v) {
+    case ReplayVerdict::accepted: return "accepted";
+    case ReplayVerdict::replayed: return "replayed";
+    case ReplayVerdict::too_old: return "older than the reorder window";
+  }
+  return "?";
+}
+
+namespace {
+
+// The bits kept below the mark for a window of `w` ids (w-1 of them, at most 63).
+std::uint64_t window_mask(unsigned w) noexcept {
+  return w <= 1 ? 0 : (std::uint64_t{1} << (std::min(w, kMaxReplayWindow) - 1)) - 1;
+}
+
+}  // namespace
+
+ReplayVerdict ReplayMark::judge(std::uint64_t id, unsigned window) const noexcept {
+  const std::uint64_t w = std::min(window, kMaxReplayWindow);
+  if (id > invocation_id) return ReplayVerdict::accepted;
+  if (id == invocation_id) return ReplayVerdict::replayed;
+  const std::uint64_t back = invocation_id - id;  // >= 1
+  if (back < w && ((below >> (back - 1)) & 1) != 0) return ReplayVerdict::replayed;
+  if (back >= w || (floor >= 0 && id <= static_cast<std::uint64_t>(floor))) {
+    return ReplayVerdict::too_old;
+  }
+  return ReplayVerdict::accepted;
+}
+
+void ReplayMark::accept(std::uint64_t id, std::int64_t iv, unsigned window) noexcept {
+  const unsigned w = std::min(window, kMaxReplayWindow);
+  if (id > invocation_id) {
+    const std::uint64_t up = id - invocation_id;
+    below = up >= 64 ? 0 : below << up;
+    if (up <= 63) below |= std::uint64_t{1} << (up - 1);  // the old mark
+    below &= window_mask(w);
+    invocation_id = id;
+    iv_time = iv;
+  } else if (const std::uint64_t back = invocation_id - id; back >= 1 && back <= 63) {
+    below |= std::uint64_t{1} << (back - 1);
+  }
+  floor = std::max(floor, static_cast<std::int64_t>(invocation_id) - static_cast<std::int64_t>(w));
+}
+
+ReplayMark ReplayMark::first(std::uint64_t id, std::int64_t iv, unsigned window) noexcept {
+  ReplayMark m;
+  m.invocation_id = id;
+  m.iv_time = iv;
+  m.floor = static_cast<std::int64_t>(id) -
+            static_cast<std::int64_t>(std::min(window, kMaxReplayWindow));
+  return m;
 }
 
 std::optional<KeyState> key_state_from(std::string_view s) noexcept {
@@ -423,36 +539,72 @@ Result<std::uint64_t> KeyStore::reserve_counter_block(ByteView calling_title, st
   return first;
 }
 
-Result<bool> KeyStore::raise_replay_mark(std::int64_t meter_row, std::uint64_t invocation_id,
-                                         std::int64_t iv_time) {
+Result<ReplayVerdict> KeyStore::raise_replay_mark(std::int64_t meter_row,
+                                                  std::uint64_t invocation_id,
+                                                  std::int64_t iv_time, unsigned window) {
   if (invocation_id > static_cast<std::uint64_t>(INT64_MAX)) {
     return {Errc::invalid_argument, "invocation id above 2^63-1"};
   }
+  if (window > kMaxReplayWindow) {
+    return {Errc::invalid_argument, "replay window above " + std::to_string(kMaxReplayWindow)};
+  }
   if (!raise_mark_) {
-    // The WHERE of the upsert makes it conditional: an existing row changes only when the new
-    // id is greater, and changes() tells whether it did.
-    GS_ASSIGN(auto st, db_.prepare("INSERT INTO replay_state (meter, last_invocation_id, "
-                                   "last_iv_time) VALUES (?1, ?2, ?3) ON CONFLICT(meter) DO "
-                                   "UPDATE SET last_invocation_id = excluded.last_invocation_id, "
-                                   "last_iv_time = excluded.last_iv_time WHERE "
-                                   "excluded.last_invocation_id > replay_state.last_invocation_id"));
+    // ReplayMark::judge and ::accept in one conditional upsert: its WHERE refuses what judge()
+    // refuses (the row then stays as it is, changes() == 0), its SET is accept(). SET reads the
+    // row as it was. Shifts: SQLite shifts the 64-bit pattern and gives 0 for counts >= 64; the
+    // bits stay below 2^63 (mask ?5), so >> never sees a negative value, and 1 << 63 (the old
+    // mark when the id jumps by 64) is masked off. No row yet: the id is the first mark.
+    GS_ASSIGN(auto st, db_.prepare(R"sql(
+INSERT INTO replay_state (meter, last_invocation_id, last_iv_time, window_bits, window_floor)
+VALUES (?1, ?2, ?3, 0, ?2 - ?4)
+ON CONFLICT(meter) DO UPDATE SET
+  window_bits = CASE WHEN ?2 > last_invocation_id
+    THEN ((window_bits << (?2 - last_invocation_id)) | (1 << (?2 - last_invocation_id - 1))) & ?5
+    ELSE window_bits | (1 << (last_invocation_id - ?2 - 1)) END,
+  window_floor = max(window_floor, max(last_invocation_id, ?2) - ?4),
+  last_iv_time = CASE WHEN ?2 > last_invocation_id THEN ?3 ELSE last_iv_time END,
+  last_invocation_id = max(last_invocation_id, ?2)
+WHERE ?2 > last_invocation_id
+   OR (?2 < last_invocation_id AND last_invocation_id - ?2 < ?4 AND ?2 > window_floor
+       AND ((window_bits >> (last_invocation_id - ?2 - 1)) & 1) = 0)
+)sql"));
     raise_mark_.emplace(std::move(st));
   }
   raise_mark_->bind(1, meter_row)
       .bind(2, static_cast<std::int64_t>(invocation_id))
-      .bind(3, iv_time);
+      .bind(3, iv_time)
+      .bind(4, static_cast<std::int64_t>(window))
+      .bind(5, static_cast<std::int64_t>(window_mask(window)));
   GS_TRY(raise_mark_->run());
-  return db_.changes() > 0;
+  if (db_.changes() > 0) return ReplayVerdict::accepted;
+  // Refused (rare): say why, from the row as this transaction sees it.
+  GS_ASSIGN(auto mark, replay_mark(meter_row));
+  const ReplayVerdict v =
+      mark ? mark->judge(invocation_id, window) : ReplayVerdict::accepted;
+  if (v == ReplayVerdict::accepted) {
+    return {Errc::storage_failure, "replay window of meter row " + std::to_string(meter_row) +
+                                       " refused id " + std::to_string(invocation_id) +
+                                       " that it should accept"};
+  }
+  return v;
 }
 
 Result<std::optional<ReplayMark>> KeyStore::replay_mark(std::int64_t meter_row) {
-  GS_ASSIGN(auto st, db_.prepare("SELECT last_invocation_id, last_iv_time FROM replay_state "
-                                 "WHERE meter = ?1"));
+  if (!read_mark_) {
+    GS_ASSIGN(auto st, db_.prepare("SELECT last_invocation_id, last_iv_time, window_bits, "
+                                   "window_floor FROM replay_state WHERE meter = ?1"));
+    read_mark_.emplace(std::move(st));
+  }
+  db::Stmt& st = *read_mark_;
   st.bind(1, meter_row);
   GS_ASSIGN(db::Step s, st.step());
-  if (s == db::Step::done) return std::optional<ReplayMark>();
-  return std::optional<ReplayMark>(
-      ReplayMark{static_cast<std::uint64_t>(st.int64(0)), st.int64(1)});
+  std::optional<ReplayMark> out;
+  if (s == db::Step::row) {
+    out = ReplayMark{static_cast<std::uint64_t>(st.int64(0)), st.int64(1),
+                     static_cast<std::uint64_t>(st.int64(2)), st.int64(3)};
+  }
+  st.reset();
+  return out;
 }
 
 Result<bool> KeyStore::insert_receipt(const Receipt& r) {

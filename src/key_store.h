@@ -13,7 +13,7 @@
 namespace gs::store {
 
 inline constexpr int kSlotsPerMeter = 4;
-inline constexpr int kSchemaVersion = 4;
+inline constexpr int kSchemaVersion = 7;
 inline constexpr std::size_t kMaxMeterIdLength = 64;
 inline constexpr std::size_t kPublicKeySize = 65;  // uncompressed P-256 point
 
@@ -64,11 +64,37 @@ struct NewMeter {
   std::string origin;
 };
 
-// The replay high-water mark of one meter (DESIGN §2, §5): the highest calling-AP-invocation-id
-// the DKUS accepted from it, and the IV time of that message.
+// Replay window of one meter (DESIGN §2, §5), exact once in the manner of RFC 4303 §3.4.3 and
+// DTLS: the highest calling-AP-invocation-id the DKUS accepted from the meter (the mark) and which
+// of the W-1 ids just below it were accepted too. One meter's messages can reach the DKUS out of
+// order (several collection-engine connections, a relay, the rollover engine verifying a later
+// answer before the collection engine hands over an earlier one); each is accepted exactly once.
+// With a window of W: an id above the mark is accepted (the window slides up); an id in
+// mark-W+1 .. mark-1 whose bit is clear is accepted (its bit set); everything else is refused: the
+// mark itself or a set bit is `replayed`, mark-W and below (or at or below the floor) `too_old`.
+// W = 0 (or 1) keeps ids strictly rising.
+inline constexpr unsigned kMaxReplayWindow = 64;
+
+enum class ReplayVerdict : std::uint8_t { accepted, replayed, too_old };
+const char* to_string(ReplayVerdict v) noexcept;
+
 struct ReplayMark {
-  std::uint64_t invocation_id = 0;
-  std::int64_t iv_time = 0;
+  std::uint64_t invocation_id = 0;  // the mark: the highest accepted id
+  std::int64_t iv_time = 0;         // the IV time of the message that set it
+  // Bit i (i <= W-2 <= 62): id invocation_id-1-i was accepted. The mark needs no bit of its own,
+  // so 63 bits hold a window of 64 and the column stays a non-negative SQLite INTEGER (no sign
+  // bit, no shift of a negative value).
+  std::uint64_t below = 0;
+  // Ids at or below it are too old whatever the window: a mark stored before windows existed
+  // (nothing is known below it), or a window made larger since the bits were written.
+  std::int64_t floor = 0;
+
+  // What the window says of `id` (W = min(window, kMaxReplayWindow)).
+  ReplayVerdict judge(std::uint64_t id, unsigned window) const noexcept;
+  // Records `id`, which judge() accepted: slides the window or sets its bit.
+  void accept(std::uint64_t id, std::int64_t iv, unsigned window) noexcept;
+  // The first mark of a meter: `id` accepted, nothing below it yet.
+  static ReplayMark first(std::uint64_t id, std::int64_t iv, unsigned window) noexcept;
 };
 
 // An MT-2042 signed receipt (DESIGN §3.3) as the DKUS stores it after verifying the signature
@@ -118,13 +144,14 @@ class KeyStore {
   // and returns the first. A crash after this loses the block; it is never handed out again.
   Result<std::uint64_t> reserve_counter_block(ByteView calling_title, std::uint64_t count);
 
-  // Replay marks (DKUS). raise_replay_mark sets the mark of `meter_row` to `invocation_id`
-  // only when that is greater than the stored one (or none is stored), in one conditional
-  // statement, so that two connections can never both raise it to the same id: true when it
-  // was raised, false when the stored mark is already >= invocation_id. Call it inside the
-  // caller's transaction (group commit). Ids above 2^63-1 are invalid_argument.
-  Result<bool> raise_replay_mark(std::int64_t meter_row, std::uint64_t invocation_id,
-                                 std::int64_t iv_time);
+  // Replay marks (DKUS). raise_replay_mark accepts `invocation_id` from `meter_row` into the
+  // meter's replay window of `window` ids (ReplayMark above; no row yet: accepted) in one
+  // conditional upsert, so that two connections can never both accept the same id: `accepted`
+  // when it recorded the id, otherwise why not (the row unchanged). Call it inside the caller's
+  // transaction (group commit). Ids above 2^63-1 and windows above kMaxReplayWindow are
+  // invalid_argument.
+  Result<ReplayVerdict> raise_replay_mark(std::int64_t meter_row, std::uint64_t invocation_id,
+                                          std::int64_t iv_time, unsigned window);
   Result<std::optional<ReplayMark>> replay_mark(std::int64_t meter_row);
 
   // Stores a verified receipt (inside the caller's transaction). The same (meter, invocation id)
@@ -146,6 +173,7 @@ class KeyStore {
   std::optional<db::Stmt> by_id_;
   std::optional<db::Stmt> by_row_;
   std::optional<db::Stmt> raise_mark_;     // prepared on first use
+  std::optional<db::Stmt> read_mark_;      // prepared on first use
   std::optional<db::Stmt> insert_receipt_;
 };
 

@@ -8,12 +8,19 @@
 #include <unordered_set>
 
 #include "gridseal/clock.h"
+#include "src/audit_recorder.h"
 
 namespace gs::store {
 
 namespace {
 
 std::int64_t now_s() { return static_cast<std::int64_t>(utc_now()); }
+
+// An audit record of a key-state change by the rollover engine (identities and numbers only).
+audit::Event key_event(const char* event, std::string_view meter_id, const audit::Detail& d) {
+  return audit::Event{0, audit::kSystemActor, event,
+                      audit::clip(meter_id, audit::kMaxSubject), d.str()};
+}
 
 // The SQLite wrapper binds integers, text and blobs only: a campaign's rate (REAL) travels as
 // an integer count of micro-meters per second and is converted in SQL.
@@ -108,7 +115,7 @@ std::string why_not_eligible(const Meter& m, const std::optional<LiveStep>& live
 
 StepWork read_step(const db::Stmt& st) {
   // Columns: campaign, meter, state, reason, attempts, target_slot, key_version,
-  // ephemeral_point, seal_slot.
+  // ephemeral_point, seal_slot, changed_at.
   StepWork w;
   w.campaign = st.int64(0);
   w.meter_row = st.int64(1);
@@ -119,6 +126,7 @@ StepWork read_step(const db::Stmt& st) {
   if (!st.is_null(6)) w.key_version = static_cast<std::uint32_t>(st.int64(6));
   w.ephemeral_point = st.blob(7);
   if (!st.is_null(8)) w.seal_slot = static_cast<std::uint8_t>(st.int64(8));
+  w.changed_at = st.int64(9);
   return w;
 }
 
@@ -436,6 +444,16 @@ Result<std::int64_t> RolloverStore::resume(std::int64_t id) {
   GS_ASSIGN(auto c, campaign(id));
   if (!c) return {Errc::not_found, "no rollover campaign " + std::to_string(id)};
   std::int64_t changed = 0;
+  // Failed steps that never had a key (their meter failed its challenge) are queued again: the
+  // engine challenges the meter anew before any key update.
+  GS_ASSIGN(auto unkeyed,
+            db.prepare("UPDATE rollover_steps SET state = 'queued', attempts = 0, "
+                       "next_attempt_at = 0, last_error = '', changed_at = ?2 WHERE "
+                       "campaign = ?1 AND state = 'failed' AND target_slot IS NULL AND meter IN "
+                       "(SELECT row FROM meters WHERE state = ?3)"));
+  unkeyed.bind(1, id).bind(2, now).bind(3, meter_state_needed(c->reason));
+  GS_TRY(unkeyed.run());
+  changed += db.changes();
   // Failed steps go back to prepared when the meter still holds their pending key (the same
   // payload is re-sent); if that key is gone (nothing should remove it while the step is
   // live), the step can never finish and is aborted instead.
@@ -518,14 +536,17 @@ namespace {
 
 // rollover_steps_by_state holds (state, next_attempt_at, campaign, meter): queued steps
 // (next_attempt_at 0) come out oldest campaign first, prepared ones by due time, without a sort.
+// A queued step whose meter is being challenged (MT-2043, before its first key update) waits
+// for the challenge to end.
 constexpr const char* kNextQueuedSql =
     "SELECT s.campaign, s.meter, s.state, c.reason, s.attempts, s.target_slot, s.key_version, "
-    "s.ephemeral_point, s.seal_slot FROM rollover_steps s JOIN rollover_campaigns c ON "
-    "c.id = s.campaign WHERE s.state = 'queued' AND c.state = 'running' ORDER BY "
-    "s.next_attempt_at, s.campaign, s.meter LIMIT ?1";
+    "s.ephemeral_point, s.seal_slot, s.changed_at FROM rollover_steps s JOIN "
+    "rollover_campaigns c ON c.id = s.campaign WHERE s.state = 'queued' AND c.state = "
+    "'running' AND NOT EXISTS (SELECT 1 FROM meter_challenges ch WHERE ch.meter = s.meter AND "
+    "ch.state IN ('queued','sent')) ORDER BY s.next_attempt_at, s.campaign, s.meter LIMIT ?1";
 constexpr const char* kDuePreparedSql =
     "SELECT s.campaign, s.meter, s.state, c.reason, s.attempts, s.target_slot, s.key_version, "
-    "s.ephemeral_point, s.seal_slot FROM rollover_steps s JOIN rollover_campaigns c ON "
+    "s.ephemeral_point, s.seal_slot, s.changed_at FROM rollover_steps s JOIN rollover_campaigns c ON "
     "c.id = s.campaign WHERE s.state = 'prepared' AND s.next_attempt_at <= ?1 ORDER BY "
     "s.next_attempt_at, s.campaign, s.meter LIMIT ?2";
 constexpr const char* kStepStateSql =
@@ -547,6 +568,16 @@ constexpr const char* kAttemptSql =
 constexpr const char* kFailSql =
     "UPDATE rollover_steps SET state = 'failed', next_attempt_at = ?3, last_error = ?4, "
     "changed_at = ?5 WHERE campaign = ?1 AND meter = ?2 AND state = 'prepared'";
+// A queued step whose meter failed its challenge: failed without a key (resume queues it again).
+// ?3 (next_attempt_at in kFailSql) is unused: both take the same bindings.
+constexpr const char* kFailQueuedSql =
+    "UPDATE rollover_steps SET state = 'failed', last_error = ?4, changed_at = ?5 WHERE "
+    "campaign = ?1 AND meter = ?2 AND state = 'queued' AND ?3 = ?3";
+// DESIGN §3.4: a meter is rekeyed only once it proved it holds its registered private key
+// (a recorded MT-2043 proof) and its latest challenge did not fail.
+constexpr const char* kProvenSql =
+    "SELECT 1 WHERE EXISTS (SELECT 1 FROM challenge_proofs WHERE meter = ?1) AND NOT EXISTS "
+    "(SELECT 1 FROM meter_challenges WHERE meter = ?1 AND state = 'failed')";
 constexpr const char* kIsPendingSql =
     "SELECT 1 FROM key_slots WHERE meter = ?1 AND slot = ?2 AND key_version = ?3 AND state = "
     "'pending'";
@@ -624,6 +655,8 @@ Result<std::vector<bool>> RolloverStore::prepare(std::span<const PreparedKey> ke
   GS_ASSIGN(db::Stmt* up_st, stmt(kStepPreparedSql));
   GS_ASSIGN(db::Stmt* drop_st, stmt(kDropQueuedSql));
   GS_ASSIGN(db::Stmt* finish_st, stmt(kFinishSql));
+  GS_ASSIGN(db::Stmt* proven_st, stmt(kProvenSql));
+  if (audit_ != nullptr) GS_TRY(audit_->start());
   GS_ASSIGN(auto tx, db::Transaction::begin(db));
   std::vector<bool> out(keys.size(), false);
   std::unordered_set<std::int64_t> dropped_campaigns;
@@ -648,9 +681,20 @@ Result<std::vector<bool>> RolloverStore::prepare(std::span<const PreparedKey> ke
       drop_st->bind(1, k.campaign).bind(2, k.meter_row).bind(3, "meter revoked").bind(4, now);
       GS_TRY(drop_st->run());
       dropped_campaigns.insert(k.campaign);
+      if (audit_ != nullptr && db.changes() > 0) {
+        audit::Detail d;
+        d.add("campaign", k.campaign).add("reason", "meter revoked");
+        GS_TRY(audit_->add(key_event("rollover_dropped", m->meter_id, d)));
+      }
       continue;
     }
     if (std::string_view(to_string(m->state)) != meter_state_needed(*reason)) continue;
+    {
+      ResetOnExit guard{proven_st};
+      proven_st->bind(1, k.meter_row);
+      GS_ASSIGN(db::Step s, proven_st->step());
+      if (s != db::Step::row) continue;  // not proven (or flagged): no key update
+    }
     const auto choice = choose_rollover_slot(*m, *reason);
     if (!choice || choice->target_slot != k.target_slot || choice->key_version != k.key_version ||
         choice->seal_slot != k.seal_slot) {
@@ -671,10 +715,24 @@ Result<std::vector<bool>> RolloverStore::prepare(std::span<const PreparedKey> ke
         .bind(7, now);
     GS_TRY(up_st->run());
     if (db.changes() != 1) return {Errc::storage_failure, "rollover step changed under prepare"};
+    if (audit_ != nullptr) {
+      // The slot, its version and the campaign; the wrapped key and the ephemeral point are
+      // not audit material.
+      audit::Detail d;
+      d.add("campaign", k.campaign)
+          .add("reason", to_string(*reason))
+          .add("slot", unsigned{k.target_slot})
+          .add("key_version", std::uint64_t{k.key_version})
+          .add("seal_slot", unsigned{k.seal_slot})
+          .add("state", "pending");
+      GS_TRY(audit_->add(key_event("key_pending", m->meter_id, d)));
+    }
     out[i] = true;
   }
   for (std::int64_t c : dropped_campaigns) GS_TRY(finish_if_done(*finish_st, c, now));
+  if (audit_ != nullptr) GS_TRY(audit_->finish());
   GS_TRY(tx.commit());
+  if (audit_ != nullptr) audit_->committed();
   return out;
 }
 
@@ -695,23 +753,48 @@ Status RolloverStore::record_attempts(std::span<const Attempt> attempts) {
 }
 
 Status RolloverStore::fail(std::span<const Attempt> steps) {
+  return fail_in(steps, kFailSql, "prepared");
+}
+
+Status RolloverStore::fail_queued(std::span<const Attempt> steps) {
+  return fail_in(steps, kFailQueuedSql, "queued");
+}
+
+Result<std::string> RolloverStore::meter_id_of(std::int64_t meter_row) {
+  GS_ASSIGN(db::Stmt* st, stmt("SELECT meter_id FROM meters WHERE row = ?1"));
+  ResetOnExit guard{st};
+  st->bind(1, meter_row);
+  GS_ASSIGN(db::Step s, st->step());
+  return s == db::Step::row ? st->text(0) : std::string("-");
+}
+
+Status RolloverStore::fail_in(std::span<const Attempt> steps, const char* sql, const char* from) {
   db::Db& db = ks_.db();
   const std::int64_t now = now_s();
-  GS_ASSIGN(db::Stmt* st, stmt(kFailSql));
+  GS_ASSIGN(db::Stmt* st, stmt(sql));
   GS_ASSIGN(db::Stmt* finish_st, stmt(kFinishSql));
+  if (audit_ != nullptr) GS_TRY(audit_->start());
   GS_ASSIGN(auto tx, db::Transaction::begin(db));
   std::unordered_set<std::int64_t> campaigns;
   for (const Attempt& a : steps) {
-    st->bind(1, a.campaign)
-        .bind(2, a.meter_row)
-        .bind(3, a.next_attempt_at_ms)
-        .bind(4, clip(a.last_error, kMaxStepErrorLength))
-        .bind(5, now);
+    const std::string why = clip(a.last_error, kMaxStepErrorLength);
+    st->bind(1, a.campaign).bind(2, a.meter_row).bind(3, a.next_attempt_at_ms).bind(4, why).bind(
+        5, now);
     GS_TRY(st->run());
-    if (db.changes() > 0) campaigns.insert(a.campaign);
+    if (db.changes() == 0) continue;
+    campaigns.insert(a.campaign);
+    if (audit_ != nullptr) {
+      GS_ASSIGN(std::string id, meter_id_of(a.meter_row));
+      audit::Detail d;
+      d.add("campaign", a.campaign).add("from", from).add("reason", why);
+      GS_TRY(audit_->add(key_event("rollover_failed", id, d)));
+    }
   }
   for (std::int64_t c : campaigns) GS_TRY(finish_if_done(*finish_st, c, now));
-  return tx.commit();
+  if (audit_ != nullptr) GS_TRY(audit_->finish());
+  GS_TRY(tx.commit());
+  if (audit_ != nullptr) audit_->committed();
+  return {};
 }
 
 Status RolloverStore::drop_queued(std::span<const Attempt> steps) {
@@ -719,18 +802,27 @@ Status RolloverStore::drop_queued(std::span<const Attempt> steps) {
   const std::int64_t now = now_s();
   GS_ASSIGN(db::Stmt* st, stmt(kDropQueuedSql));
   GS_ASSIGN(db::Stmt* finish_st, stmt(kFinishSql));
+  if (audit_ != nullptr) GS_TRY(audit_->start());
   GS_ASSIGN(auto tx, db::Transaction::begin(db));
   std::unordered_set<std::int64_t> campaigns;
   for (const Attempt& a : steps) {
-    st->bind(1, a.campaign)
-        .bind(2, a.meter_row)
-        .bind(3, clip(a.last_error, kMaxStepErrorLength))
-        .bind(4, now);
+    const std::string why = clip(a.last_error, kMaxStepErrorLength);
+    st->bind(1, a.campaign).bind(2, a.meter_row).bind(3, why).bind(4, now);
     GS_TRY(st->run());
-    if (db.changes() > 0) campaigns.insert(a.campaign);
+    if (db.changes() == 0) continue;
+    campaigns.insert(a.campaign);
+    if (audit_ != nullptr) {
+      GS_ASSIGN(std::string id, meter_id_of(a.meter_row));
+      audit::Detail d;
+      d.add("campaign", a.campaign).add("reason", why);
+      GS_TRY(audit_->add(key_event("rollover_dropped", id, d)));
+    }
   }
   for (std::int64_t c : campaigns) GS_TRY(finish_if_done(*finish_st, c, now));
-  return tx.commit();
+  if (audit_ != nullptr) GS_TRY(audit_->finish());
+  GS_TRY(tx.commit());
+  if (audit_ != nullptr) audit_->committed();
+  return {};
 }
 
 Result<bool> RolloverStore::confirm(std::int64_t meter_row, std::uint8_t slot,
@@ -746,6 +838,7 @@ Result<bool> RolloverStore::confirm(std::int64_t meter_row, std::uint8_t slot,
   GS_ASSIGN(db::Stmt* finish_st, stmt(kFinishSql));
   std::optional<db::Transaction> tx;
   if (!in_transaction) {
+    if (audit_ != nullptr) GS_TRY(audit_->start());
     GS_ASSIGN(auto t, db::Transaction::begin(db));
     tx.emplace(std::move(t));
   }
@@ -773,7 +866,19 @@ Result<bool> RolloverStore::confirm(std::int64_t meter_row, std::uint8_t slot,
     GS_TRY(done->run());
     GS_TRY(finish_if_done(*finish_st, *campaign, now));
   }
-  if (tx) GS_TRY(tx->commit());
+  if (audit_ != nullptr) {
+    GS_ASSIGN(std::string id, meter_id_of(meter_row));
+    audit::Detail d;
+    d.add("slot", unsigned{slot}).add("key_version", std::uint64_t{key_version});
+    d.add("state", "active").add("others", "standby");
+    if (campaign) d.add("campaign", *campaign);
+    GS_TRY(audit_->add(key_event("key_confirmed", id, d)));
+    if (tx) GS_TRY(audit_->finish());
+  }
+  if (tx) {
+    GS_TRY(tx->commit());
+    if (audit_ != nullptr) audit_->committed();
+  }
   return true;
 }
 
@@ -781,13 +886,31 @@ Result<std::int64_t> RolloverStore::retire_standby(std::int64_t older_than) {
   // KeyStore::open sets secure_delete=FAST: the freed wrapped keys are overwritten with zeros
   // in their pages, not left in free space.
   db::Db& db = ks_.db();
+  if (audit_ != nullptr) GS_TRY(audit_->start());
   GS_ASSIGN(auto tx, db::Transaction::begin(db));
+  if (audit_ != nullptr) {
+    // The records first, of exactly the slots the UPDATE below destroys (same transaction).
+    GS_ASSIGN(auto sel, db.prepare("SELECT m.meter_id, s.slot, s.key_version FROM key_slots s "
+                                   "JOIN meters m ON m.row = s.meter WHERE s.state = 'standby' "
+                                   "AND s.changed_at < ?1 ORDER BY s.meter, s.slot"));
+    sel.bind(1, older_than);
+    while (true) {
+      GS_ASSIGN(db::Step s, sel.step());
+      if (s == db::Step::done) break;
+      audit::Detail d;
+      d.add("slot", sel.int64(1)).add("key_version", sel.int64(2));
+      d.add("state", "destroyed").add("from", "standby");
+      GS_TRY(audit_->add(key_event("key_retired", sel.text(0), d)));
+    }
+  }
   GS_ASSIGN(auto st, db.prepare("UPDATE key_slots SET state = 'destroyed', wrapped = NULL, "
                                 "changed_at = ?2 WHERE state = 'standby' AND changed_at < ?1"));
   st.bind(1, older_than).bind(2, now_s());
   GS_TRY(st.run());
   const std::int64_t n = db.changes();
+  if (audit_ != nullptr) GS_TRY(audit_->finish());
   GS_TRY(tx.commit());
+  if (audit_ != nullptr) audit_->committed();
   return n;
 }
 

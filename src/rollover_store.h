@@ -28,6 +28,10 @@
 #include "src/key_store.h"
 #include "src/sqlite.h"
 
+namespace gs::audit {
+class TxRecorder;
+}
+
 namespace gs::store {
 
 enum class CampaignState : std::uint8_t { running, aborted, done };
@@ -108,6 +112,7 @@ struct StepWork {
   std::uint32_t key_version = 0;
   Bytes ephemeral_point;  // 65 bytes, public
   std::uint8_t seal_slot = 0;  // the slot whose key seals the update (active, or the revoked one)
+  std::int64_t changed_at = 0;  // UTC seconds: when the step last changed (queued, resumed ...)
 };
 
 // The result of deriving a meter's next key in the HSM, to be committed by prepare().
@@ -137,6 +142,17 @@ std::optional<SlotChoice> choose_rollover_slot(const Meter& m, CampaignReason re
 class RolloverStore {
  public:
   explicit RolloverStore(KeyStore& ks) : ks_(ks) {}
+
+  // Issue 7: with a recorder (on this store's connection, outliving the store), every key-state
+  // change appends its audit records (actor "system", subject the meter id, never key
+  // material) in the transaction that makes it, and does not commit when they cannot be:
+  //   key_pending (prepare), key_confirmed (confirm), key_retired (retire_standby),
+  //   rollover_failed (fail, fail_queued), rollover_dropped (drop_queued).
+  // A transaction this store opens starts and finishes the recorder's batch; confirm() with
+  // `in_transaction` only adds to the caller's (who starts, finishes and reports committed()).
+  // record_attempts (a lease, no key state) records nothing. revoke_key is recorded by the
+  // CLI's operator gate (tools/gridseal/operator_gate.cc), not here.
+  void set_audit(audit::TxRecorder* recorder) noexcept { audit_ = recorder; }
 
   // Creates a campaign over `meter_ids` (empty + all = every meter in state active) in one
   // transaction. Errc::not_found naming the first unknown meter id (nothing is created then);
@@ -170,9 +186,10 @@ class RolloverStore {
   Result<std::vector<StepWork>> due_prepared(std::int64_t now_ms, std::size_t limit);
 
   // Commits each key as a `pending` slot (replacing what the slot held) and its step as
-  // prepared, all in one transaction. A step no longer queued, or whose slot/version no longer
-  // fit the meter (choose_rollover_slot), is left out: the returned vector says, per input,
-  // whether it was committed.
+  // prepared, all in one transaction. A step no longer queued, whose slot/version no longer
+  // fit the meter (choose_rollover_slot), or whose meter has no MT-2043 proof or was flagged by
+  // a failed challenge (src/challenge_store.h), is left out: the returned vector says, per
+  // input, whether it was committed.
   Result<std::vector<bool>> prepare(std::span<const PreparedKey> keys);
   // Records that an update was sent (attempts + 1, next_attempt_at, last error) for many steps
   // in one transaction.
@@ -186,6 +203,10 @@ class RolloverStore {
   // Gives up on steps (-> failed with the error); their pending slot stays (the meter may hold
   // the key, so its messages stay decryptable).
   Status fail(std::span<const Attempt> steps);
+  // Gives up on queued steps whose meter failed (or never answered) the MT-2043 challenge that
+  // must precede its first key update: queued -> failed with the error, no key derived. resume
+  // queues them again (and the meter is challenged anew).
+  Status fail_queued(std::span<const Attempt> steps);
   // Gives up on queued steps that can never be prepared (the meter has no usable key slot, no
   // public key, was revoked...): queued -> aborted with the error, in one transaction, then the
   // same done rule as confirm. Steps no longer queued are left alone.
@@ -220,8 +241,12 @@ class RolloverStore {
  private:
   // The engine's statements, prepared once on this connection and kept (reset after each use).
   Result<db::Stmt*> stmt(const char* sql);
+  Status fail_in(std::span<const Attempt> steps, const char* sql, const char* from);
+  // The meter id of a row (for audit subjects); "-" when the row is gone.
+  Result<std::string> meter_id_of(std::int64_t meter_row);
 
   KeyStore& ks_;
+  audit::TxRecorder* audit_ = nullptr;
   std::unordered_map<const char*, std::shared_ptr<db::Stmt>> stmts_;
 };
 

@@ -1,7 +1,10 @@
 // Smoke test of gridseal-bench: `ses` and `dkus` for about 2 s against the real daemons (plain
-// TCP) must secure / open messages and see no error. No performance assertion.
+// TCP) must secure / open messages and see no error; `rollover` rekeys a small fleet through
+// the real DKUS engine while reads go SES -> relay/meter -> DKUS, and every meter must confirm
+// with no read refused. No performance assertion.
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <string>
 
 #include "tests/unit/dkusd_fixture.h"
@@ -85,6 +88,85 @@ TEST(BenchSmoke, DkusAgainstTheRealDaemon) {
   EXPECT_EQ(d.stop(), 0) << d.err_log();
 }
 
+// The text of the JSON object that follows "\"key\":{" (up to the matching brace), "" if absent.
+std::string json_object(const std::string& json, const std::string& key) {
+  const auto at = json.find("\"" + key + "\":{");
+  if (at == std::string::npos) return "";
+  const auto open = at + key.size() + 3;
+  int depth = 0;
+  for (auto i = open; i < json.size(); ++i) {
+    if (json[i] == '{') ++depth;
+    if (json[i] == '}' && --depth == 0) return json.substr(open, i - open + 1);
+  }
+  return "";
+}
+
+// `gridseal-bench rollover` against the real daemons: gridseal-dkusd with [rollover] enabled
+// towards the gridseal-metersim relay (RolloverRig), gridseal-sesd on the same token and store
+// with its default meter cache (so it keeps sealing under the old key for a while after a
+// meter's new key is confirmed), the campaign started and followed with the real `gridseal`
+// CLI. Every meter must confirm, and every read before, during and after must open and check.
+TEST(BenchSmoke, RolloverUnderReadLoad) {
+  constexpr int kMeters = 200;
+  gs::test::RolloverRigOptions ro;
+  ro.meters = kMeters;
+  gs::test::RolloverRig rig(ro);
+  auto st = rig.setup();
+  ASSERT_TRUE(st.ok()) << st.error().message();
+  st = rig.start_dkusd();
+  ASSERT_TRUE(st.ok()) << st.error().message() << rig.logs();
+
+  std::ofstream(rig.dir() + "/ses.toml")
+      << "[hsm]\nsofthsm_dir = \"hsm\"\ntoken_label = \"gs-rollover\"\n"
+         "pin_file = \"hsm/user.pin\"\nso_pin_file = \"hsm/so.pin\"\n"
+         "[store]\npath = \"gridseal.db\"\n"
+         "[server]\naddress = \"127.0.0.1\"\nport = 0\nplain_tcp = true\nprocesses = 1\n"
+         "drain_ms = 2000\n"
+         "[ses]\nhead_end_title = \".1.9\"\nses_title = \".1.10\"\npolicy = \"policy.toml\"\n"
+         "metrics_port = 0\n";
+  std::ofstream(rig.dir() + "/policy.toml")
+      << "[[client]]\nname = \"loopback\"\nsubject = \"plain:127.0.0.1\"\nclasses = [\"read\"]\n";
+  gs::test::DaemonProcess ses;
+  st = ses.start({std::string(GS_BIN_DIR) + "/gridseal-sesd", "--config", rig.dir() + "/ses.toml"},
+                 rig.dir() + "/sesd.out", rig.dir() + "/sesd.err", std::chrono::seconds(30));
+  ASSERT_TRUE(st.ok()) << st.error().message();
+
+  // Paced reads (a simulated meter answers bsy to more than 16 commands within one second), a
+  // second of baseline, the campaign, a second of reads after it.
+  const std::string cmd =
+      "timeout 170 " + std::string(GS_BIN_DIR) +
+      "/gridseal-bench rollover --plain --ses 127.0.0.1:" + std::to_string(ses.port()) + " --relay 127.0.0.1:" + std::to_string(rig.relay_port()) +
+      " --dkus 127.0.0.1:" + std::to_string(rig.dkus_client().port) + " --meters " +
+      std::to_string(kMeters) + " --config " + rig.conf() +
+      " --connections 2 --depth 4 --rate 300 --duration 1 --after 1 --rekey-timeout 120"
+      " --poll-ms 100 --json --quiet";
+  const auto r = gs::test::run_command(cmd);
+  const std::string logs = r.out + rig.logs() + "\n--- sesd.err\n" + ses.err_log();
+  EXPECT_EQ(r.code, 0) << logs;
+  const auto open = r.out.find('{');
+  ASSERT_NE(open, std::string::npos) << logs;
+  const std::string json = r.out.substr(open);
+  EXPECT_NE(json.find("\"scenario\":\"rollover\""), std::string::npos) << json;
+  EXPECT_EQ(json_number(json, "errors_total"), 0) << logs;
+  EXPECT_EQ(json_number(json, "checks_failed"), 0) << json;
+  const std::string campaign = json_object(json, "campaign");
+  EXPECT_EQ(json_number(campaign, "total"), kMeters) << json;
+  EXPECT_EQ(json_number(campaign, "confirmed"), kMeters) << logs;
+  EXPECT_EQ(json_number(campaign, "failed"), 0) << json;
+  EXPECT_NE(campaign.find("\"finished\":true"), std::string::npos) << json;
+  EXPECT_GT(json_number(campaign, "rekeyed_per_s"), 0) << json;
+  for (const char* phase : {"baseline", "rollover", "after"}) {
+    const std::string p = json_object(json, phase);
+    EXPECT_GT(json_number(p, "count"), 0) << phase << ": " << json;
+    EXPECT_EQ(json_number(p, "errors_total"), 0) << phase << ": " << json;
+  }
+  // The store agrees: the CLI reports the campaign done with every meter confirmed.
+  const auto status = rig.gridseal("rollover status --json");
+  EXPECT_EQ(status.code, 0) << status.out;
+  EXPECT_EQ(json_number(status.out, "confirmed"), kMeters) << status.out;
+  EXPECT_EQ(ses.stop(), 0) << ses.err_log();
+}
+
 TEST(BenchSmoke, UsageErrorsExitTwo) {
   const std::string bin = std::string(GS_BIN_DIR) + "/gridseal-bench";
   EXPECT_EQ(gs::test::run_command(bin + " nonsense").code, 2);
@@ -95,6 +177,21 @@ TEST(BenchSmoke, UsageErrorsExitTwo) {
   EXPECT_EQ(gs::test::run_command(bin + " dkus --plain --port 1 --fleet f --epsem-bytes 7").code,
             2);
   EXPECT_EQ(gs::test::run_command(bin + " dkus --help").code, 0);
+  EXPECT_EQ(gs::test::run_command(bin + " rollover --help").code, 0);
+  const std::string chain = " --plain --ses 127.0.0.1:1 --relay 127.0.0.1:1 --dkus 127.0.0.1:1";
+  EXPECT_EQ(gs::test::run_command(bin + " rollover" + chain + " --meters 5").code, 2);  // --config
+  EXPECT_EQ(
+      gs::test::run_command(bin + " rollover" + chain + " --meters 5 --config c --rounds 2").code,
+      2);
+  EXPECT_EQ(gs::test::run_command(bin + " rollover" + chain +
+                                  " --meters 5 --config c --rekey-meters 6")
+                .code,
+            2);
+  EXPECT_EQ(gs::test::run_command(bin + " rollover" + chain +
+                                  " --meters 5 --config c --gridseal /nonexistent/gridseal")
+                .code,
+            2);
+  EXPECT_EQ(gs::test::run_command(bin + " read" + chain + " --meters 5 --config c").code, 2);
 }
 
 }  // namespace

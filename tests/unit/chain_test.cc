@@ -179,11 +179,5 @@ TEST_F(ChainTest, ForgedAndReplayedMessagesAreRefused) {
   }
 }
 
-TEST(ChainBench, RolloverIsNotYetAvailable) {
-  auto r = run_command(std::string(GS_BIN_DIR) + "/gridseal-bench rollover");
-  EXPECT_EQ(r.code, 2) << r.out;
-  EXPECT_NE(r.out.find("not yet available"), std::string::npos) << r.out;
-}
-
 }  // namespace
 }  // namespace gs::test

@@ -251,6 +251,7 @@ struct RolloverRigOptions {
   double loss = 0;
   std::uint32_t loss_timeout_ms = 50;
   std::uint32_t save_every_s = 0;
+  std::uint32_t latency_ms = 0;  // every relay answer delayed by this much
   std::uint64_t relay_seed = 1;
   std::uint32_t processes = 2;  // DKUS worker processes
   // Extra lines in [rollover] / [dkus]; a key set here replaces the rig's default.
@@ -321,6 +322,9 @@ class RolloverRig {
     }
     if (opt_.save_every_s > 0) {
       argv.insert(argv.end(), {"--save-every", std::to_string(opt_.save_every_s)});
+    }
+    if (opt_.latency_ms > 0) {
+      argv.insert(argv.end(), {"--latency-ms", std::to_string(opt_.latency_ms)});
     }
     return relay_.start(argv, dir_ + "/metersim.out", dir_ + "/metersim.err",
                         std::chrono::seconds(60), true);

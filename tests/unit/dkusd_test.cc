@@ -7,6 +7,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -18,6 +20,7 @@
 #include "src/client.h"
 #include "src/host_aes.h"
 #include "src/host_ecdsa.h"
+#include "src/sqlite.h"
 #include "tests/unit/dkusd_fixture.h"
 
 namespace {
@@ -170,7 +173,10 @@ TEST_F(Dkusd, ReplayedAndReorderedAreRefusedAcrossWorkers) {
   r = c->call(m20);  // replayed
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(error_code(*r, 20), gs::c1222::kRespSme);
-  r = c->call(m19);  // reordered: lower after higher
+  r = c->call(m19);  // reordered: lower after higher, inside dkus.reorder_window: opened once
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(gs::to_hex(*r), gs::to_hex(host_open(2, m19)));
+  r = c->call(m19);
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(error_code(*r, 19), gs::c1222::kRespSme);
   r = c->call(m21);
@@ -413,6 +419,249 @@ TEST_F(Dkusd, SignedReceiptsAreVerifiedStoredAndForgeriesRefused) {
   EXPECT_EQ(metric("gridseal_dkus_requests_total", {"result=\"forged_receipt\""}), 4);
 }
 
+// ---- audit trail (issue 7) and the failing-MAC flag -------------------------------------------
+
+struct AuditRow {
+  std::int64_t seq = 0;
+  std::string actor, event, subject, detail;
+};
+
+// The audit table of the daemon's store, read by the test's own connection.
+std::vector<AuditRow> audit_rows(const gs::test::DkusdDaemon& d, const std::string& event = "") {
+  std::vector<AuditRow> out;
+  auto db = gs::db::Db::open(d.dir() + "/gridseal.db", {.create = false});
+  if (!db.ok()) return out;
+  auto st = db->prepare("SELECT seq, actor, event, subject, detail FROM audit ORDER BY seq");
+  if (!st.ok()) return out;
+  while (true) {
+    auto s = st->step();
+    if (!s.ok() || *s != gs::db::Step::row) break;
+    AuditRow r{st->int64(0), st->text(1), st->text(2), st->text(3), st->text(4)};
+    if (event.empty() || r.event == event) out.push_back(std::move(r));
+  }
+  st->reset();
+  return out;
+}
+
+bool has(const std::string& detail, const std::string& part) {
+  return detail.find(part) != std::string::npos;
+}
+
+// Every refusal is recorded (code, result, reason) before it is answered; a stored receipt is
+// recorded with its command's invocation id and result; start/stop per worker; the chain
+// verifies with the real `gridseal audit verify`; nothing of the keys in any record.
+TEST_F(Dkusd, AuditRecordsRefusalsReceiptsStartAndStop) {
+  gs::test::DkusdOptions o;
+  o.dkus_lines = {"[audit]", "checkpoint_interval_s = 1"};
+  start_with(o);
+  auto c = connect();
+  const auto& m1 = daemon_->meter(1);
+  struct Case {
+    const char* what;
+    Bytes wire;
+    std::uint64_t id;
+    int code;
+    const char* result;
+    const char* subject;
+  };
+  MeterMessage unknown;
+  unknown.meter = ".7.99";
+  unknown.id = 10;
+  MeterMessage forged;  // M2's message under M1's key
+  forged.meter = daemon_->meter(2).title;
+  forged.id = 11;
+  MeterMessage stale;
+  stale.id = 12;
+  stale.iv_time = gs::test::utc_now_s() - 3600;
+  MeterMessage good;
+  good.id = 13;
+  std::vector<Case> cases = {
+      {"unknown meter", daemon_->seal(1, unknown), 10, gs::c1222::kRespUat, "unknown_meter",
+       ".7.99"},
+      {"bad MAC", gs::test::seal_meter_message(forged, m1.key_hex), 11, gs::c1222::kRespSme,
+       "bad_mac", "M2"},
+      {"stale", daemon_->seal(1, stale), 12, gs::c1222::kRespSme, "stale", "M1"},
+  };
+  for (const Case& k : cases) {
+    auto r = c->call(k.wire);
+    ASSERT_TRUE(r.ok()) << k.what;
+    EXPECT_EQ(error_code(*r, k.id), k.code) << k.what;
+    // Answered, so recorded: the record is in the file while the daemon runs.
+    const std::vector<AuditRow> refusals = audit_rows(*daemon_, "refusal");
+    ASSERT_FALSE(refusals.empty()) << k.what;
+    const AuditRow& last = refusals.back();
+    EXPECT_EQ(last.subject, k.subject) << k.what;
+    EXPECT_EQ(last.actor, "plain:127.0.0.1") << last.actor;
+    EXPECT_TRUE(has(last.detail, std::string("\"result\":\"") + k.result + "\"")) << last.detail;
+    EXPECT_TRUE(has(last.detail, std::string("\"code\":\"") +
+                                     gs::c1222::response_code_name(
+                                         static_cast<std::uint8_t>(k.code)) +
+                                     "\""))
+        << last.detail;
+    EXPECT_TRUE(has(last.detail, "\"invocation_id\":" + std::to_string(k.id))) << last.detail;
+    EXPECT_TRUE(has(last.detail, "\"reason\":\"")) << last.detail;
+  }
+  // A replay of an accepted message.
+  const Bytes g = daemon_->seal(1, good);
+  auto r = c->call(g);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(gs::to_hex(*r), gs::to_hex(host_open(1, g)));
+  r = c->call(g);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(error_code(*r, 13), gs::c1222::kRespSme);
+  EXPECT_TRUE(has(audit_rows(*daemon_, "refusal").back().detail, "\"result\":\"replay\""));
+  // Revoked (compromised): isc. Through the store API (what `meters revoke --no-rekey` does),
+  // so that this test does not depend on the CLI's operator checks.
+  {
+    auto ks = gs::store::KeyStore::open(daemon_->dir() + "/gridseal.db", {.create = false});
+    ASSERT_TRUE(ks.ok()) << ks.error().message();
+    ASSERT_TRUE(ks->revoke("M3", "test").ok());
+  }
+  MeterMessage m3;
+  m3.id = 14;
+  r = c->call(daemon_->seal(3, m3));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(error_code(*r, 14), gs::c1222::kRespIsc);
+  EXPECT_EQ(audit_rows(*daemon_, "refusal").back().subject, "M3");
+  EXPECT_TRUE(has(audit_rows(*daemon_, "refusal").back().detail, "\"code\":\"isc\""));
+  EXPECT_EQ(audit_rows(*daemon_, "refusal").size(), 5U);
+  // An accepted message without a receipt is not recorded; one with a receipt is, once.
+  EXPECT_TRUE(audit_rows(*daemon_, "receipt").empty());
+  MeterMessage rm;
+  rm.id = 15;
+  rm.answers = 0x0F4241;
+  rm.services = {Bytes{0x00}, gs::test::receipt_service(m1.title, *m1.ecc, 0x0F4241, 3)};
+  const Bytes withr = daemon_->seal(1, rm);
+  r = c->call(withr);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(gs::to_hex(*r), gs::to_hex(host_open(1, withr))) << daemon_->err_log();
+  std::vector<AuditRow> receipts = audit_rows(*daemon_, "receipt");
+  ASSERT_EQ(receipts.size(), 1U);
+  EXPECT_EQ(receipts[0].subject, "M1");
+  EXPECT_TRUE(has(receipts[0].detail, "\"invocation_id\":1000001")) << receipts[0].detail;
+  EXPECT_TRUE(has(receipts[0].detail, "\"result\":3")) << receipts[0].detail;
+  EXPECT_TRUE(has(receipts[0].detail, "\"message_id\":15")) << receipts[0].detail;
+  EXPECT_TRUE(has(receipts[0].detail, "\"signature\":\"")) << receipts[0].detail;
+  // The same receipt again in a later message: stored once, recorded once.
+  rm.id = 16;
+  r = c->call(daemon_->seal(1, rm));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(audit_rows(*daemon_, "receipt").size(), 1U);
+  c.reset();
+  EXPECT_EQ(daemon_->stop(), 0) << daemon_->err_log();
+
+  const std::vector<AuditRow> all = audit_rows(*daemon_);
+  ASSERT_FALSE(all.empty());
+  EXPECT_EQ(audit_rows(*daemon_, "start").size(), 2U);  // two workers
+  EXPECT_EQ(audit_rows(*daemon_, "stop").size(), 2U);
+  EXPECT_EQ(all.back().event, "stop");
+  EXPECT_EQ(audit_rows(*daemon_, "start")[0].subject, "gridseal-dkusd");
+  auto v = daemon_->gridseal("audit verify --json");
+  EXPECT_EQ(v.code, 0) << v.out;
+  EXPECT_TRUE(has(v.out, "\"ok\":true")) << v.out;
+  EXPECT_TRUE(has(v.out, "\"last_checkpoint_seq\":" + std::to_string(all.back().seq))) << v.out;
+  EXPECT_TRUE(has(v.out, "\"anchor\":\"sealed\"")) << v.out;
+  const std::string pin = gs::test::slurp(daemon_->dir() + "/hsm/user.pin").substr(0, 32);
+  for (const AuditRow& row : all) {
+    for (std::size_t i = 1; i <= 3; ++i) {
+      EXPECT_FALSE(has(row.detail, daemon_->meter(i).key_hex)) << row.detail;
+    }
+    EXPECT_FALSE(has(row.detail, pin));
+  }
+}
+
+// N bad MACs in a row flag the meter once (metric, gauge, one audit record, a log line without
+// the key); a good MAC clears it; N more flag it again.
+TEST_F(Dkusd, RepeatedBadMacsFlagTheMeterOnceUntilAGoodMac) {
+  gs::test::DkusdOptions o;
+  o.server_lines = {"processes = 1"};  // the counts are per worker process
+  o.dkus_lines = {"mac_failure_threshold = 3"};
+  start_with(o);
+  auto c = connect();
+  const auto& m1 = daemon_->meter(1);
+  std::uint64_t id = 100;
+  auto bad = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      MeterMessage mm;
+      mm.meter = daemon_->meter(2).title;
+      mm.id = ++id;
+      auto r = c->call(gs::test::seal_meter_message(mm, m1.key_hex));  // not M2's key
+      ASSERT_TRUE(r.ok());
+      EXPECT_EQ(error_code(*r, id), gs::c1222::kRespSme);
+    }
+  };
+  bad(2);
+  EXPECT_EQ(metric("gridseal_dkus_meters_flagged_total"), 0);
+  EXPECT_EQ(metric("gridseal_dkus_meters_flagged"), 0);
+  bad(5);  // the third flags, the next four do not flag again
+  EXPECT_EQ(metric("gridseal_dkus_meters_flagged_total"), 1);
+  EXPECT_EQ(metric("gridseal_dkus_meters_flagged"), 1);
+  std::vector<AuditRow> flags = audit_rows(*daemon_, "meter_flagged");
+  for (int i = 0; i < 100 && flags.empty(); ++i) {  // queued, not awaited: bounded wait
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    flags = audit_rows(*daemon_, "meter_flagged");
+  }
+  ASSERT_EQ(flags.size(), 1U);
+  EXPECT_EQ(flags[0].subject, "M2");
+  EXPECT_TRUE(has(flags[0].detail, "\"mac_failures\":3")) << flags[0].detail;
+  EXPECT_TRUE(has(flags[0].detail, "\"threshold\":3")) << flags[0].detail;
+  EXPECT_EQ(audit_rows(*daemon_, "refusal").size(), 7U);
+  // A good message from M2 clears the flag.
+  MeterMessage good;
+  good.id = ++id;
+  const Bytes g = daemon_->seal(2, good);
+  auto r = c->call(g);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(gs::to_hex(*r), gs::to_hex(host_open(2, g)));
+  EXPECT_EQ(metric("gridseal_dkus_meters_flagged"), 0);
+  EXPECT_EQ(metric("gridseal_dkus_meters_unflagged_total"), 1);
+  // Fewer than N again: no new flag; then N in a row: flagged a second time.
+  bad(2);
+  good.id = ++id;
+  ASSERT_TRUE(c->call(daemon_->seal(2, good)).ok());
+  bad(3);
+  EXPECT_EQ(metric("gridseal_dkus_meters_flagged_total"), 2);
+  EXPECT_EQ(metric("gridseal_dkus_meters_flagged"), 1);
+  c.reset();
+  EXPECT_EQ(daemon_->stop(), 0) << daemon_->err_log();
+  EXPECT_EQ(audit_rows(*daemon_, "meter_flagged").size(), 2U);
+  EXPECT_EQ(audit_rows(*daemon_, "meter_flag_cleared").size(), 1U);
+  const std::string err = daemon_->err_log();
+  EXPECT_TRUE(has(err, "meter flagged meter=.7.2 meter_id=M2 mac_failures=3")) << err;
+  EXPECT_FALSE(has(err, m1.key_hex));
+  EXPECT_FALSE(has(err, daemon_->meter(2).key_hex));
+  auto v = daemon_->gridseal("audit verify --json");
+  EXPECT_EQ(v.code, 0) << v.out;
+}
+
+TEST_F(Dkusd, AuditDisabledRecordsNothing) {
+  gs::test::DkusdOptions o;
+  o.server_lines = {"processes = 1"};
+  o.dkus_lines = {"mac_failure_threshold = 1", "[audit]", "enabled = false"};
+  start_with(o);
+  auto c = connect();
+  const auto& m1 = daemon_->meter(1);
+  MeterMessage forged;
+  forged.meter = daemon_->meter(2).title;
+  forged.id = 5;
+  auto r = c->call(gs::test::seal_meter_message(forged, m1.key_hex));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(error_code(*r, 5), gs::c1222::kRespSme);
+  MeterMessage rm;
+  rm.id = 6;
+  rm.answers = 0x0F4241;
+  rm.services = {gs::test::receipt_service(m1.title, *m1.ecc, 0x0F4241)};
+  const Bytes withr = daemon_->seal(1, rm);
+  r = c->call(withr);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(gs::to_hex(*r), gs::to_hex(host_open(1, withr)));
+  EXPECT_EQ(metric("gridseal_dkus_meters_flagged_total"), 1);  // the flag does not need it
+  EXPECT_EQ(metric("gridseal_dkus_receipts_stored_total"), 1);
+  c.reset();
+  EXPECT_EQ(daemon_->stop(), 0) << daemon_->err_log();
+  EXPECT_TRUE(audit_rows(*daemon_).empty());
+}
+
 TEST_F(Dkusd, ConfigErrorsNameTheKey) {
   char tmpl[] = "/tmp/gs-dkusd-conf-XXXXXX";
   ASSERT_NE(mkdtemp(tmpl), nullptr);
@@ -430,6 +679,20 @@ TEST_F(Dkusd, ConfigErrorsNameTheKey) {
                             " --check");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("dkus.replay_window: unknown key"), std::string::npos) << r.out;
+  std::ofstream(conf) << "[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\n"
+                         "dkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n[audit]\n"
+                         "enabled = true\nbatch_max = 0\n";
+  r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
+                            " --check");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("audit.batch_max"), std::string::npos) << r.out;
+  std::ofstream(conf) << "[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\n"
+                         "dkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n[audit]\n"
+                         "anchor = 1\n";
+  r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
+                            " --check");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("audit.anchor: unknown key"), std::string::npos) << r.out;
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
 }
@@ -452,6 +715,8 @@ TEST_F(Dkusd, QuickThroughput) {
     per[(i % 64) % kConns].push_back(daemon_->seal(meter, mm));
   }
   std::atomic<std::size_t> ok{0};
+  std::mutex why_mu;
+  std::map<std::string, std::size_t> why;  // what the messages that did not open got instead
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::thread> ts;
   for (std::size_t k = 0; k < kConns; ++k) {
@@ -465,8 +730,18 @@ TEST_F(Dkusd, QuickThroughput) {
       });
       for (std::size_t i = 0; i < per[k].size(); ++i) {
         auto r = (*c)->receive();
-        if (!r.ok()) break;
-        if (gs::test::error_reply(*r).code < 0) ++ok;
+        if (!r.ok()) {
+          std::lock_guard<std::mutex> lock(why_mu);
+          why["connection: " + r.error().message()] += per[k].size() - i;
+          break;
+        }
+        const int code = gs::test::error_reply(*r).code;
+        if (code < 0) {
+          ++ok;
+        } else {
+          std::lock_guard<std::mutex> lock(why_mu);
+          ++why[gs::c1222::response_code_name(static_cast<std::uint8_t>(code))];
+        }
       }
       writer.join();
     });
@@ -476,7 +751,9 @@ TEST_F(Dkusd, QuickThroughput) {
   std::printf("gridseal-dkusd: %zu of %zu messages opened in %.3f s: %.0f msgs/s "
               "(%zu connections, 2 workers, plain TCP, client on the same cores)\n",
               ok.load(), n, s, static_cast<double>(ok.load()) / s, kConns);
-  EXPECT_EQ(ok.load(), n) << daemon_->err_log();
+  std::string refused;
+  for (const auto& [reason, count] : why) refused += " " + reason + " x" + std::to_string(count);
+  EXPECT_EQ(ok.load(), n) << "not opened:" << refused << "\n" << daemon_->err_log();
   std::printf("group commits: %.0f, updates: %.0f, time in commits: %.3f s\n",
               metric("gridseal_dkus_group_commits_total"),
               metric("gridseal_dkus_group_commit_updates_total"),

@@ -17,8 +17,10 @@
 #include <vector>
 
 #include "hsm/ops.h"
+#include "src/challenge_store.h"
 #include "src/config.h"
 #include "src/hsm_context.h"
+#include "tests/unit/audit_rows.h"
 #include "tests/unit/dkusd_fixture.h"
 
 namespace gs::test {
@@ -208,16 +210,50 @@ TEST(RolloverEngine, OneMeterIsRekeyedAndBothKeysOpenDuringStandby) {
   ASSERT_TRUE(other.ok() && other->has_value());
   ASSERT_EQ((*other)->slots.size(), 1u);
   EXPECT_EQ((*other)->slots[0].state, store::KeyState::active);
-  // The meter's MT-2042 receipt for the key update was verified and kept.
+  // The meter's MT-2042 receipts were verified and kept: for the MT-2043 challenge that comes
+  // before a meter's first key update (DESIGN §3.4), and for the key update.
   auto receipts = ks->receipts_for_meter(meter.row, 10);
   ASSERT_TRUE(receipts.ok());
-  ASSERT_EQ(receipts->size(), 1u);
+  ASSERT_EQ(receipts->size(), 2u);
   EXPECT_EQ((*receipts)[0].result, 0);
+  EXPECT_EQ((*receipts)[1].result, 0);
+  store::ChallengeStore cs(*ks);
+  auto proof = cs.last_proof(meter.row);
+  ASSERT_TRUE(proof.ok() && proof->has_value()) << "rekeyed without a challenge proof";
   const std::string metrics = rig.metrics();
   EXPECT_EQ(metric_sum(metrics, "gridseal_rollover_confirmations_total", {"via=\"answer\""}), 1)
       << metrics;
   EXPECT_EQ(metric_sum(metrics, "gridseal_rollover_steps_total", {"outcome=\"confirmed\""}), 1);
   EXPECT_GE(metric_sum(metrics, "gridseal_rollover_attempts_total", {}), 1);
+  // Issue 7: every key-state change is in the audit trail, committed with it: the pending key
+  // (slot, version, campaign), its confirmation, and the meter's two receipts; nothing of the
+  // key itself. The chain verifies with the real `gridseal audit verify`.
+  {
+    const auto pending = audit_records(ks->db(), "key_pending");
+    ASSERT_EQ(pending.size(), 1u);
+    EXPECT_EQ(pending[0].subject, "SIM00000001");
+    EXPECT_EQ(pending[0].actor, "system");
+    const std::string c = "\"campaign\":" + std::to_string(campaign);
+    EXPECT_NE(pending[0].detail.find(c), std::string::npos) << pending[0].detail;
+    EXPECT_NE(pending[0].detail.find("\"slot\":1,\"key_version\":2"), std::string::npos)
+        << pending[0].detail;
+    const auto confirmed = audit_records(ks->db(), "key_confirmed");
+    ASSERT_EQ(confirmed.size(), 1u);
+    EXPECT_EQ(confirmed[0].subject, "SIM00000001");
+    EXPECT_GT(confirmed[0].seq, pending[0].seq);
+    EXPECT_NE(confirmed[0].detail.find("\"slot\":1,\"key_version\":2,\"state\":\"active\""),
+              std::string::npos)
+        << confirmed[0].detail;
+    EXPECT_EQ(count_for(audit_records(ks->db(), "receipt"), "SIM00000001"), 2u);
+    EXPECT_EQ(count_for(audit_records(ks->db(), "challenge_proven"), "SIM00000001"), 1u);
+    for (const auto& row : audit_records(ks->db())) {
+      EXPECT_EQ(row.detail.find("wrapped"), std::string::npos) << row.detail;
+      EXPECT_EQ(row.detail.find(to_hex(meter.slot_for_key_id(1)->wrapped)), std::string::npos);
+    }
+    auto v = rig.gridseal("audit verify --json");
+    EXPECT_EQ(v.code, 0) << v.out;
+    EXPECT_NE(v.out.find("\"ok\":true"), std::string::npos) << v.out;
+  }
 
   // What the meter really holds (the relay saves its state on SIGTERM): the new key, active.
   ASSERT_EQ(rig.stop_relay(), 0) << rig.logs();
@@ -322,6 +358,16 @@ TEST(RolloverEngine, MeterMessageUnderThePendingKeyConfirms) {
   o.rollover_lines = {"max_attempts = 1000", "backoff_initial_ms = 50", "backoff_max_ms = 200"};
   RolloverRig rig(o);
   ASSERT_TRUE(rig.setup().ok());
+  // No MT-2043 challenge can pass a relay that loses every answer: these meters proved their
+  // keys earlier (at provisioning), recorded as the engine records a proof.
+  {
+    auto ks = rig.store();
+    ASSERT_TRUE(ks.ok());
+    ASSERT_TRUE(ks->db()
+                    .exec("INSERT INTO challenge_proofs SELECT row, randomblob(16), 0, "
+                          "zeroblob(64), 0, 0 FROM meters")
+                    .ok());
+  }
   ASSERT_TRUE(rig.start_dkusd().ok()) << rig.logs();
   const std::int64_t campaign = start_campaign(rig, "--all");
   ASSERT_GT(campaign, 0);
@@ -455,19 +501,102 @@ TEST(RolloverEngine, KillNineAtRandomPointsLosesNoMeter) {
   for (std::size_t i = 0; i < (*fleet)->size(); ++i)
     rekeyed += (*fleet)->record(i).active_slot != 0;
   EXPECT_EQ(rekeyed, o.meters);
+  // Each was challenged (MT-2043) before its first key update, through the kills too: every
+  // meter has a recorded proof and no challenge is left outstanding.
+  {
+    auto st = ks->db().prepare(
+        "SELECT (SELECT count(*) FROM meters m WHERE NOT EXISTS (SELECT 1 FROM challenge_proofs p "
+        "WHERE p.meter = m.row)), (SELECT count(*) FROM meter_challenges WHERE state <> "
+        "'proven')");
+    ASSERT_TRUE(st.ok());
+    ASSERT_EQ(st->step().value(), db::Step::row);
+    EXPECT_EQ(st->int64(0), 0) << "meters rekeyed without a challenge proof";
+    EXPECT_EQ(st->int64(1), 0) << "challenges not proven";
+  }
   // Every meter's message under its own key opens (ids beyond those of the checks above).
   std::vector<std::size_t> all(o.meters);
   for (std::size_t i = 0; i < all.size(); ++i) all[i] = i;
   std::string first;
   EXPECT_EQ(unopened_messages(rig, **fleet, all, 10000, &first), 0u) << first << rig.logs();
+  // Issue 7 across four kill -9: the chain verifies (no record torn from its change); every
+  // pending key is recorded, and no confirmation twice (confirm is idempotent: a re-sent update
+  // that confirms again changes nothing and records nothing), whether the engine confirmed the
+  // meter or a DKUS worker did, on the meter's own message under its pending key.
+  auto v = rig.gridseal("audit verify --json");
+  EXPECT_EQ(v.code, 0) << v.out;
+  EXPECT_NE(v.out.find("\"ok\":true"), std::string::npos) << v.out;
+  const auto confirmed = audit_records(ks->db(), "key_confirmed");
+  std::vector<std::string> subjects;
+  for (const auto& r : confirmed) subjects.push_back(r.subject);
+  std::sort(subjects.begin(), subjects.end());
+  EXPECT_EQ(std::adjacent_find(subjects.begin(), subjects.end()), subjects.end())
+      << "a confirmation recorded twice";
+  EXPECT_EQ(confirmed.size(), o.meters);
+  EXPECT_GE(audit_records(ks->db(), "key_pending").size(), o.meters);
+  std::printf("[ rollover ] audit: %zu key_confirmed records for %zu meters\n", confirmed.size(),
+              o.meters);
+}
+
+// Issue 7, no action without its record: with the audit table tampered with (its newest
+// record deleted after the daemon sealed the anchor), the trail refuses every append, so the
+// engine commits no challenge outcome and no key state: the meter's challenge is never proven,
+// no key is derived into a pending slot, and the engine reports its database failing.
+TEST(RolloverEngine, NoKeyStateChangeWithoutItsAuditRecord) {
+  RolloverRigOptions o;
+  o.meters = 2;
+  o.rollover_lines = {"answer_timeout_ms = 1000", "backoff_initial_ms = 50",
+                      "backoff_max_ms = 200"};
+  RolloverRig rig(o);
+  ASSERT_TRUE(rig.setup().ok());
+  ASSERT_TRUE(rig.start_dkusd().ok()) << rig.logs();
+  std::this_thread::sleep_for(1s);  // the workers' start records appended and the anchor sealed
+  auto ks = rig.store();
+  ASSERT_TRUE(ks.ok());
+  {
+    // As an attacker with write access to the file would (the trigger only stops accidents).
+    auto st = ks->db().exec(
+        "DROP TRIGGER IF EXISTS audit_no_delete; DELETE FROM audit WHERE seq = (SELECT max(seq) "
+        "FROM audit);");
+    ASSERT_TRUE(st.ok()) << st.error().message();
+    ASSERT_EQ(ks->db().changes(), 1);
+  }
+  // The campaign straight into the store (the CLI's operator gate would refuse to record it).
+  store::RolloverStore rs(*ks);
+  store::CampaignSpec spec;
+  spec.created_by = "tester";
+  const std::vector<std::string> ids = {"SIM00000001"};
+  auto started = rs.start(spec, ids, false);
+  ASSERT_TRUE(started.ok()) << started.error().message();
+  std::this_thread::sleep_for(5s);  // several challenge rounds (each answer refused its record)
+  auto m = ks->meter_by_id("SIM00000001");
+  ASSERT_TRUE(m.ok() && m->has_value());
+  for (const auto& slot : (*m)->slots) {
+    EXPECT_NE(slot.state, store::KeyState::pending) << "a key state changed without its record";
+  }
+  store::ChallengeStore cs(*ks);
+  auto proof = cs.last_proof((*m)->row);
+  ASSERT_TRUE(proof.ok());
+  EXPECT_FALSE(proof->has_value()) << "a challenge proven without its record";
+  EXPECT_TRUE(audit_records(ks->db(), "challenge_proven").empty());
+  EXPECT_TRUE(audit_records(ks->db(), "key_pending").empty());
+  auto p = rs.progress(started->campaign);
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->confirmed, 0);
+  EXPECT_EQ(p->prepared, 0);
+  EXPECT_GE(metric_sum(rig.metrics(), "gridseal_rollover_engine_errors_total", {}), 1)
+      << rig.logs();
+  EXPECT_NE(rig.logs().find("challenge answers not committed"), std::string::npos) << rig.logs();
 }
 
 // ---- throughput (manual: --gtest_also_run_disabled_tests) ------------------------------------
 
-void measure_throughput(bool tls) {
+void measure_throughput(bool tls, bool audit = true) {
   RolloverRigOptions o;
   o.meters = 10000;
   o.tls = tls;
+  // The cost of issue 7's records (one audit batch per engine transaction): compare with
+  // DISABLED_ThroughputPlainTcpNoAudit under the same load.
+  if (!audit) o.dkus_lines = {"[audit]", "enabled = false"};
   o.rollover_lines = {"connections = 4", "pipeline_depth = 32", "batch = 256"};
   RolloverRig rig(o);
   ASSERT_TRUE(rig.setup().ok());
@@ -479,11 +608,13 @@ void measure_throughput(bool tls) {
   ASSERT_TRUE(p.ok()) << p.error().message() << rig.logs();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(p->confirmed, static_cast<std::int64_t>(o.meters));
-  std::printf("[ rollover ] throughput %s: %zu meters confirmed in %.2f s = %.0f meters/s\n",
-              tls ? "TLS 1.3" : "plain TCP", o.meters, s, static_cast<double>(o.meters) / s);
+  std::printf("[ rollover ] throughput %s%s: %zu meters confirmed in %.2f s = %.0f meters/s\n",
+              tls ? "TLS 1.3" : "plain TCP", audit ? "" : " (audit off)", o.meters, s,
+              static_cast<double>(o.meters) / s);
 }
 
 TEST(RolloverEngine, DISABLED_ThroughputPlainTcp) { measure_throughput(false); }
+TEST(RolloverEngine, DISABLED_ThroughputPlainTcpNoAudit) { measure_throughput(false, false); }
 TEST(RolloverEngine, DISABLED_ThroughputTls) { measure_throughput(true); }
 
 // ---- the HSM side ---------------------------------------------------------------------------------

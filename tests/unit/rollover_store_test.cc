@@ -64,8 +64,9 @@ class RolloverStoreTest : public ::testing::Test {
     rs_.emplace(*ks_);
   }
 
-  // Meters M<first>..M<first+n-1>, slot 0 active, version 1; with a public key unless told.
-  void import(int first, int n, bool with_public_key = true) {
+  // Meters M<first>..M<first+n-1>, slot 0 active, version 1; with a public key unless told;
+  // with a recorded MT-2043 proof (what the engine needs before a first key update) unless told.
+  void import(int first, int n, bool with_public_key = true, bool proven = true) {
     std::vector<NewMeter> batch;
     for (int i = first; i < first + n; ++i) {
       NewMeter m;
@@ -80,6 +81,20 @@ class RolloverStoreTest : public ::testing::Test {
     }
     auto r = ks_->import_meters(batch);
     ASSERT_TRUE(r.ok()) << r.error().message();
+    if (proven) {
+      for (int i = first; i < first + n; ++i) prove("M" + std::to_string(i));
+    }
+  }
+
+  // A proof as the engine records it (the signature is not checked by the store).
+  void prove(const std::string& id) {
+    const Meter m = meter(id);
+    auto st = ks_->db().prepare(
+        "INSERT OR IGNORE INTO challenge_proofs VALUES (?1, zeroblob(16), 0, zeroblob(64), 0, "
+        "0)");
+    ASSERT_TRUE(st.ok());
+    st->bind(1, m.row);
+    ASSERT_TRUE(st->run().ok());
   }
 
   Meter meter(const std::string& id) {

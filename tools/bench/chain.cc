@@ -33,6 +33,7 @@
 #include "src/host_ecdsa.h"
 #include "src/key_store.h"
 #include "tools/bench/args.h"
+#include "tools/bench/campaign.h"
 
 namespace gs::bench {
 
@@ -40,7 +41,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum class Scenario { read, disconnect, dr, forged, replay, mixed };
+enum class Scenario { read, disconnect, dr, forged, replay, mixed, rollover };
 
 const char* scenario_name(Scenario s) {
   switch (s) {
@@ -56,6 +57,8 @@ const char* scenario_name(Scenario s) {
       return "replay";
     case Scenario::mixed:
       return "mixed";
+    case Scenario::rollover:
+      return "rollover";
   }
   return "?";
 }
@@ -64,6 +67,11 @@ enum Stage : std::size_t { kSes = 0, kRelay = 1, kDkus = 2, kEndToEnd = 3, kStag
 const char* const kStageKeys[kStages] = {"ses", "relay", "dkus", "end_to_end"};
 const char* const kStageLabels[kStages] = {"SES secure", "relay + meter", "DKUS open",
                                            "end to end"};
+
+// rollover: reads before the campaign, while it runs (start to finished), and after it.
+enum Phase : std::size_t { kBaseline = 0, kRekeying = 1, kAfter = 2, kPhases = 3 };
+const char* const kPhaseKeys[kPhases] = {"baseline", "rollover", "after"};
+const char* const kPhaseLabels[kPhases] = {"baseline", "during rollover", "after rollover"};
 
 // What the simulated meter answers (tools/metersim/README.md): ST-23 26 bytes, ST-64 15-minute
 // intervals of the last 24 h (6 + 96 x 2 bytes).
@@ -190,6 +198,14 @@ struct ChainOptions {
   std::string group = ".3.1";  // dr
   std::uint64_t events = 1;    // dr
   Bytes cmd_pub;               // dr: gs-cmd-N public key, 65 bytes
+  // rollover: the campaign over meters FIRST..FIRST+rekey_meters-1, started with the CLI.
+  CampaignCli cli;
+  std::uint64_t rekey_meters = 0;
+  double rekey_rate = 0;          // meters/s asked of the DKUS, 0: as fast as it goes
+  double rekey_timeout_s = 1800;  // the campaign must finish within this
+  double after_s = 0;             // reads after the campaign finished
+  std::chrono::milliseconds poll{250};
+  bool tolerate = false;          // errors and failed meters reported, not the exit code
   bool progress = true;
   bool json = false;
 };
@@ -239,6 +255,9 @@ struct Progress {
   std::atomic<std::uint64_t> verified{0};
   std::atomic<std::uint64_t> errors{0};
   std::atomic<bool> stop{false};
+  // rollover: the phase new batches count in, and the campaign as last polled.
+  std::atomic<std::size_t> phase{kBaseline};
+  std::atomic<std::int64_t> rekey_total{0}, rekey_confirmed{0}, rekey_failed{0};
 };
 
 // ---- one lane ----------------------------------------------------------------------------------
@@ -271,6 +290,16 @@ class Lane {
 
   bool broken() const { return broken_; }
   Stats& stats() { return st_; }
+
+  // rollover: what was counted so far belongs to the current phase; from now on to `p`.
+  std::size_t phase() const { return phase_; }
+  void enter_phase(std::size_t p) {
+    phase_stats_[phase_].merge(st_);
+    st_ = Stats{};
+    phase_ = p;
+  }
+  // After a final enter_phase(): the counts of phase `p`.
+  const Stats& phase_stats(std::size_t p) const { return phase_stats_[p]; }
 
   // The lane's next `n` distinct meters (fewer when the lane owns fewer).
   std::vector<std::uint64_t> next_meters(std::size_t n) {
@@ -631,6 +660,8 @@ class Lane {
   std::uint32_t seq_ = 0;
   std::optional<store::KeyStore> store_;
   Stats st_;
+  std::size_t phase_ = kBaseline;
+  std::array<Stats, kPhases> phase_stats_;
 };
 
 // The work of one lane: rounds until the deadline (or `rounds` of them), paced when a rate is
@@ -646,6 +677,11 @@ void run_lane(const ChainOptions& o, Lane& lane, Clock::time_point start,
       if (Clock::now() >= deadline && o.rounds == 0) break;
     }
     Scenario kind = o.scenario;
+    if (kind == Scenario::rollover) {
+      // Reads; a batch counts in the phase it starts in.
+      kind = Scenario::read;
+      if (const std::size_t p = progress.phase.load(); p != lane.phase()) lane.enter_phase(p);
+    }
     if (kind == Scenario::mixed) {
       // Mostly reads; a disconnect + connect, a forged and a replay check now and then.
       kind = round % 20 == 7    ? Scenario::disconnect
@@ -814,7 +850,295 @@ void print_json(const ChainOptions& o, const Stats& s, double elapsed) {
   std::printf("%s\n", out.c_str());
 }
 
+Clock::duration seconds(double s) {
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
+}
+
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// ---- rollover ---------------------------------------------------------------------------------
+
+struct CampaignRun {
+  bool started = false;
+  bool finished = false;   // `gridseal rollover status` said so
+  bool timed_out = false;  // not finished within --rekey-timeout
+  std::string error;       // could not start it, or its status could not be read
+  std::int64_t skipped = 0;
+  CampaignStatus status;   // as last polled
+  double wall_s = 0;       // from `rollover start` to the poll that saw it finished
+  std::array<double, kPhases> phase_s{};
+};
+
+// The rollover scenario's conductor, on the main thread while the lanes read: the baseline
+// phase, then the campaign started with the CLI and polled until finished, then --after.
+CampaignRun conduct(const ChainOptions& o, const std::vector<std::string>& ids,
+                    Clock::time_point start, Progress& progress) {
+  CampaignRun c;
+  std::this_thread::sleep_until(start + seconds(o.duration_s));
+  const auto t0 = Clock::now();
+  progress.phase = kRekeying;
+  c.phase_s[kBaseline] = seconds_between(start, t0);
+  progress.rekey_total = static_cast<std::int64_t>(ids.size());
+  auto id = start_campaign(o.cli, ids, o.rekey_rate, &c.skipped);
+  if (!id.ok()) {
+    c.error = "gridseal rollover start: " + id.error().message();
+  } else {
+    c.started = true;
+    c.status.id = *id;
+    const auto limit = t0 + seconds(o.rekey_timeout_s);
+    int failures = 0;
+    for (;;) {
+      std::this_thread::sleep_for(o.poll);
+      auto st = campaign_status(o.cli, *id);
+      if (st.ok()) {
+        failures = 0;
+        c.status = std::move(st).value();
+        progress.rekey_total = c.status.total;
+        progress.rekey_confirmed = c.status.confirmed;
+        progress.rekey_failed = c.status.failed;
+        if (c.status.finished) {
+          c.finished = true;
+          break;
+        }
+      } else if (++failures == 5) {  // one failed poll (a busy store) is not the end
+        c.error = "gridseal rollover status: " + st.error().message();
+        break;
+      }
+      if (Clock::now() >= limit) {
+        c.timed_out = true;
+        break;
+      }
+    }
+  }
+  const auto t1 = Clock::now();
+  c.wall_s = seconds_between(t0, t1);
+  c.phase_s[kRekeying] = c.wall_s;
+  progress.phase = kAfter;
+  if (c.finished && o.after_s > 0) std::this_thread::sleep_for(seconds(o.after_s));
+  c.phase_s[kAfter] = seconds_between(t1, Clock::now());
+  progress.stop = true;
+  return c;
+}
+
+struct PhaseRow {
+  std::uint64_t count = 0;
+  double per_s = 0, p50 = 0, p99 = 0, p999 = 0, max = 0;
+};
+
+PhaseRow phase_row(const Stats& s, double secs) {
+  const auto& lat = s.lat[kEndToEnd];
+  return PhaseRow{s.verified,
+                  secs > 0 ? static_cast<double>(s.verified) / secs : 0,
+                  percentile_ms(lat, 0.5),
+                  percentile_ms(lat, 0.99),
+                  percentile_ms(lat, 0.999),
+                  percentile_ms(lat, 1.0)};
+}
+
+double rekeyed_per_s(const CampaignRun& c) {
+  return c.wall_s > 0 ? static_cast<double>(c.status.confirmed) / c.wall_s : 0;
+}
+
+void print_rollover_table(const ChainOptions& o, const std::array<Stats, kPhases>& ph,
+                          const CampaignRun& c, double elapsed) {
+  const auto u = [](auto v) { return static_cast<unsigned long long>(v); };
+  std::printf("gridseal-bench rollover  SES %s:%u -> relay %s:%u -> DKUS %s:%u  (%s)\n",
+              o.ses.host.c_str(), unsigned{o.ses.port}, o.relay.host.c_str(),
+              unsigned{o.relay.port}, o.dkus.host.c_str(), unsigned{o.dkus.port},
+              o.tls ? "TLS 1.3" : "plain TCP");
+  std::printf("  reads: %zu connection(s) x depth %zu, %s, meters %s.%llu..%llu, %.1f s\n",
+              o.connections, o.depth,
+              o.rate > 0 ? ("open loop " + std::to_string(static_cast<long>(o.rate)) + "/s").c_str()
+                         : "closed loop",
+              o.prefix.c_str(), u(o.first), u(o.first + o.meters - 1), elapsed);
+  char rate[48] = "unthrottled";
+  if (o.rekey_rate > 0) std::snprintf(rate, sizeof rate, "--rate %g/s", o.rekey_rate);
+  std::printf("  key rollover: campaign %lld over meters %s.%llu..%llu (%s), %s\n",
+              static_cast<long long>(c.status.id), o.prefix.c_str(), u(o.first),
+              u(o.first + o.rekey_meters - 1), o.cli.gridseal.c_str(), rate);
+  std::printf("  %-28s %llu of %llu (failed %llu, aborted %llu, still queued %llu, in flight "
+              "%llu, skipped %llu)\n",
+              "meters confirmed", u(c.status.confirmed), u(c.status.total), u(c.status.failed),
+              u(c.status.aborted), u(c.status.queued), u(c.status.prepared), u(c.skipped));
+  std::printf("  %-28s %.2f s (rollover start -> status finished, polled every %lld ms)%s\n",
+              "campaign wall time", c.wall_s, static_cast<long long>(o.poll.count()),
+              c.timed_out ? "  NOT FINISHED: --rekey-timeout" : "");
+  std::printf("  %-28s %.1f\n", "meters re-keyed per s", rekeyed_per_s(c));
+  for (const auto& [id, why] : c.status.failed_meters) {
+    std::printf("    failed %s: %s\n", id.c_str(), why.c_str());
+  }
+  if (!c.error.empty()) std::printf("  campaign error: %s\n", c.error.c_str());
+  std::printf("  %-16s %8s %10s %10s %10s %10s %10s %8s\n", "reads", "s", "verified", "per s",
+              "p50 ms", "p99 ms", "p999 ms", "errors");
+  for (std::size_t p = 0; p < kPhases; ++p) {
+    if (p == kAfter && c.phase_s[p] <= 0 && ph[p].verified == 0) continue;
+    const PhaseRow r = phase_row(ph[p], c.phase_s[p]);
+    std::printf("  %-16s %8.1f %10llu %10.1f %10.3f %10.3f %10.3f %8llu\n", kPhaseLabels[p],
+                c.phase_s[p], u(r.count), r.per_s, r.p50, r.p99, r.p999,
+                u(ph[p].error_total() + ph[p].checks_failed()));
+  }
+  for (std::size_t p = 0; p < kPhases; ++p) {
+    for (const auto& [k, v] : ph[p].errors) {
+      std::printf("    %-16s %-26s %llu\n", kPhaseLabels[p], k.c_str(), u(v));
+    }
+  }
+}
+
+void print_rollover_json(const ChainOptions& o, const std::array<Stats, kPhases>& ph,
+                         const Stats& total, const CampaignRun& c, double elapsed) {
+  char buf[1024];
+  std::snprintf(buf, sizeof buf,
+                "{\"scenario\":\"rollover\",\"tls\":%s,\"connections\":%zu,\"depth\":%zu,"
+                "\"rate_offered\":%.1f,\"duration_s\":%.3f,\"meters\":%llu,\"count\":%llu,"
+                "\"per_s\":%.1f,\"errors_total\":%llu,\"checks_failed\":%llu",
+                o.tls ? "true" : "false", o.connections, o.depth, o.rate, elapsed,
+                static_cast<unsigned long long>(o.meters),
+                static_cast<unsigned long long>(total.verified),
+                elapsed > 0 ? static_cast<double>(total.verified) / elapsed : 0,
+                static_cast<unsigned long long>(total.error_total()),
+                static_cast<unsigned long long>(total.checks_failed()));
+  std::string out = buf;
+  std::snprintf(buf, sizeof buf,
+                ",\"campaign\":{\"id\":%lld,\"meters\":%llu,\"total\":%lld,\"confirmed\":%lld,"
+                "\"failed\":%lld,\"aborted\":%lld,\"queued\":%lld,\"in_flight\":%lld,"
+                "\"skipped\":%lld,\"finished\":%s,\"timed_out\":%s,\"wall_s\":%.3f,"
+                "\"rekeyed_per_s\":%.2f,\"confirm_rate_per_hour\":%lld,\"poll_ms\":%lld,"
+                "\"rate_asked\":%.3f",
+                static_cast<long long>(c.status.id),
+                static_cast<unsigned long long>(o.rekey_meters),
+                static_cast<long long>(c.status.total), static_cast<long long>(c.status.confirmed),
+                static_cast<long long>(c.status.failed), static_cast<long long>(c.status.aborted),
+                static_cast<long long>(c.status.queued), static_cast<long long>(c.status.prepared),
+                static_cast<long long>(c.skipped), c.finished ? "true" : "false",
+                c.timed_out ? "true" : "false", c.wall_s, rekeyed_per_s(c),
+                static_cast<long long>(c.status.confirm_rate_per_hour),
+                static_cast<long long>(o.poll.count()), o.rekey_rate);
+  out += buf;
+  out += ",\"error\":\"" + json_escape(c.error) + "\",\"failed_meters\":[";
+  for (std::size_t i = 0; i < c.status.failed_meters.size(); ++i) {
+    out += (i == 0 ? "{\"meter_id\":\"" : ",{\"meter_id\":\"") +
+           json_escape(c.status.failed_meters[i].first) + "\",\"error\":\"" +
+           json_escape(c.status.failed_meters[i].second) + "\"}";
+  }
+  out += "]},\"phases\":{";
+  for (std::size_t p = 0; p < kPhases; ++p) {
+    const PhaseRow r = phase_row(ph[p], c.phase_s[p]);
+    std::snprintf(buf, sizeof buf,
+                  "%s\"%s\":{\"seconds\":%.3f,\"count\":%llu,\"per_s\":%.1f,\"latency_ms\":"
+                  "{\"p50\":%.3f,\"p99\":%.3f,\"p999\":%.3f,\"max\":%.3f},\"errors_total\":%llu,"
+                  "\"checks_failed\":%llu,\"errors\":{",
+                  p == 0 ? "" : ",", kPhaseKeys[p], c.phase_s[p],
+                  static_cast<unsigned long long>(r.count), r.per_s, r.p50, r.p99, r.p999, r.max,
+                  static_cast<unsigned long long>(ph[p].error_total()),
+                  static_cast<unsigned long long>(ph[p].checks_failed()));
+    out += buf;
+    bool first = true;
+    for (const auto& [k, v] : ph[p].errors) {
+      out += (first ? "\"" : ",\"") + json_escape(k) + "\":" + std::to_string(v);
+      first = false;
+    }
+    out += "}}";
+  }
+  out += "},\"errors\":{";
+  bool first = true;
+  for (const auto& [k, v] : total.errors) {
+    out += (first ? "\"" : ",\"") + json_escape(k) + "\":" + std::to_string(v);
+    first = false;
+  }
+  out += "},\"notes\":[";
+  first = true;
+  for (const auto& n : total.notes) {
+    out += (first ? "\"" : ",\"") + json_escape(n) + "\"";
+    first = false;
+  }
+  out += "]}";
+  std::printf("%s\n", out.c_str());
+}
+
+// Tables or JSON for the rollover scenario, and its exit code: 0 when the campaign finished
+// with every meter confirmed and every read in every phase verified (with --tolerate-errors,
+// read errors and failed meters are reported only).
+int finish_rollover(const ChainOptions& o, std::vector<std::unique_ptr<Lane>>& lanes,
+                    const CampaignRun& c, double elapsed) {
+  std::array<Stats, kPhases> ph;
+  Stats total;
+  for (auto& l : lanes) {
+    l->enter_phase(l->phase());  // the counts of the last phase into its slot
+    for (std::size_t p = 0; p < kPhases; ++p) ph[p].merge(l->phase_stats(p));
+  }
+  for (std::size_t p = 0; p < kPhases; ++p) {
+    for (auto& v : ph[p].lat) std::sort(v.begin(), v.end());
+    total.merge(ph[p]);
+  }
+  if (total.errors.count("meter:bsy") != 0) {
+    total.notes.push_back(
+        "meter:bsy: a simulated meter remembers its last 16 accepted command ids while their "
+        "windows are open; spread the reads over more --meters or pace them with --rate");
+  }
+  if (c.timed_out) {
+    total.notes.push_back("the campaign had not finished after --rekey-timeout; it goes on in "
+                          "gridseal-dkusd (gridseal rollover status/abort " +
+                          std::to_string(c.status.id) + ")");
+  }
+  if (o.json) {
+    print_rollover_json(o, ph, total, c, elapsed);
+  } else {
+    print_rollover_table(o, ph, c, elapsed);
+    for (const auto& n : total.notes) std::printf("  note: %s\n", n.c_str());
+  }
+  std::fflush(stdout);
+  if (!c.error.empty()) std::fprintf(stderr, "gridseal-bench: rollover: %s\n", c.error.c_str());
+  const bool ran = c.started && c.finished && ph[kBaseline].verified > 0 &&
+                   ph[kRekeying].verified > 0;
+  const bool clean = total.error_total() == 0 && total.checks_failed() == 0 &&
+                     c.status.confirmed == c.status.total && c.status.failed == 0 &&
+                     c.status.aborted == 0 && c.skipped == 0;
+  return ran && (clean || o.tolerate) ? 0 : 1;
+}
+
+// The rollover scenario's own options into `o` (after --meters and --first); "" or the error.
+std::string rollover_options(const Args& a, ChainOptions& o) {
+  if (a.has("rounds")) return "rollover reads until the campaign finished: no --rounds";
+  if (!a.has("config")) {
+    return "--config DKUS.toml is required (the configuration `gridseal rollover` reads)";
+  }
+  o.cli.config = a.str("config");
+  o.cli.gridseal = a.has("gridseal") ? a.str("gridseal") : gridseal_next_to_self();
+  if (o.cli.gridseal.empty()) return "no gridseal CLI next to gridseal-bench: give --gridseal PATH";
+  if (access(o.cli.gridseal.c_str(), X_OK) != 0) {
+    return "--gridseal: " + o.cli.gridseal + " is not an executable";
+  }
+  auto rekey = a.u64("rekey-meters", o.meters, 1, o.meters);
+  auto rate = a.num("rekey-rate", 0, 0, 1e6);
+  auto timeout = a.num("rekey-timeout", 1800, 1, 86400);
+  auto after = a.num("after", 0, 0, 86400);
+  auto poll = a.u64("poll-ms", 250, 50, 60000);
+  std::string bad;
+  auto take = [&bad](const auto& r) {
+    if (!r.ok() && bad.empty()) bad = r.error().message();
+  };
+  take(rekey), take(rate), take(timeout), take(after), take(poll);
+  if (!bad.empty()) return bad;
+  if (*rate > 0 && *rate < 0.001) return "--rekey-rate: 0 (unthrottled) or at least 0.001";
+  o.rekey_meters = *rekey;
+  o.rekey_rate = *rate;
+  o.rekey_timeout_s = *timeout;
+  o.after_s = *after;
+  o.poll = std::chrono::milliseconds(*poll);
+  o.tolerate = a.has("tolerate-errors");
+  return "";
+}
+
 int run_chain(Scenario scenario, int argc, char** argv) {
+  // The usage that fits the scenario (rollover has its own).
+  const auto usage_error = [scenario](const std::string& what) {
+    if (scenario != Scenario::rollover) return gs::bench::usage_error(what);
+    std::fprintf(stderr, "gridseal-bench: %s\n", what.c_str());
+    usage_rollover();
+    return 2;
+  };
   Args a;
   for (const char* v :
        {"ses",     "relay",    "dkus",  "ca",     "cert",    "key",       "connections",
@@ -823,6 +1147,13 @@ int run_chain(Scenario scenario, int argc, char** argv) {
     a.value(v);
   }
   a.flag("plain").flag("json").flag("quiet");
+  if (scenario == Scenario::rollover) {
+    for (const char* v : {"gridseal", "config", "rekey-meters", "rekey-rate", "rekey-timeout",
+                          "after", "poll-ms"}) {
+      a.value(v);
+    }
+    a.flag("tolerate-errors");
+  }
   if (auto st = a.parse(argc, argv); !st.ok()) return usage_error(st.error().message());
   if (!a.positional().empty()) return usage_error("unexpected " + a.positional()[0]);
 
@@ -832,7 +1163,8 @@ int run_chain(Scenario scenario, int argc, char** argv) {
       scenario == Scenario::forged || scenario == Scenario::replay || scenario == Scenario::dr;
   auto conns = a.u64("connections", checks_only ? 1 : 4, 1, 4096);
   auto depth = a.u64("depth", 8, 1, 32);
-  auto duration = a.num("duration", 10, 0.1, 86400);
+  // rollover: --duration is the baseline phase, the reads before the campaign starts.
+  auto duration = a.num("duration", scenario == Scenario::rollover ? 5 : 10, 0.1, 86400);
   auto rate = a.num("rate", 0, 0, 1e7);
   auto rounds = a.u64("rounds", checks_only ? 3 : 0, 0, 1'000'000'000);
   auto meters = a.u64("meters", 0, 1, 100'000'000);
@@ -877,6 +1209,9 @@ int run_chain(Scenario scenario, int argc, char** argv) {
   if (o.meters < o.connections) {
     return usage_error("--meters must be at least --connections (each lane owns its meters)");
   }
+  if (scenario == Scenario::rollover) {
+    if (const std::string why = rollover_options(a, o); !why.empty()) return usage_error(why);
+  }
   o.progress = !a.has("quiet");
   o.json = a.has("json");
 
@@ -911,6 +1246,18 @@ int run_chain(Scenario scenario, int argc, char** argv) {
     setrlimit(RLIMIT_NOFILE, &rl);
   }
 
+  // rollover: the meters' ids from the store (read-only) before any load, so that a wrong
+  // --config or an unregistered meter fails at once.
+  std::vector<std::string> rekey_ids;
+  if (scenario == Scenario::rollover) {
+    auto ids = meter_ids_for_titles(o.cli.config, o.prefix, o.first, o.rekey_meters);
+    if (!ids.ok()) {
+      std::fprintf(stderr, "gridseal-bench: rollover: %s\n", ids.error().message().c_str());
+      return 1;
+    }
+    rekey_ids = std::move(ids).value();
+  }
+
   Progress progress;
   std::vector<std::unique_ptr<Lane>> lanes;
   for (std::size_t i = 0; i < o.connections; ++i) {
@@ -923,8 +1270,11 @@ int run_chain(Scenario scenario, int argc, char** argv) {
   }
 
   const auto start = Clock::now();
-  const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
-                                    std::chrono::duration<double>(o.duration_s));
+  // rollover: the lanes read until the conductor stops them; the deadline is only a backstop.
+  const double run_s = scenario == Scenario::rollover
+                           ? o.duration_s + o.rekey_timeout_s + o.after_s + 60
+                           : o.duration_s;
+  const auto deadline = start + seconds(run_s);
   std::vector<std::thread> threads;
   const c1222::OwnedApTitle group_title = *group;
   for (auto& l : lanes) {
@@ -951,19 +1301,33 @@ int run_chain(Scenario scenario, int argc, char** argv) {
       if (!o.progress) continue;
       const std::uint64_t v = progress.verified.load();
       const double t = std::chrono::duration<double>(Clock::now() - start).count();
-      std::fprintf(stderr, "%s[%5.1f s] %s: %8llu verified/s  total %llu  errors %llu%s",
+      std::string campaign;
+      if (o.scenario == Scenario::rollover) {
+        const std::size_t p = progress.phase.load();
+        campaign = std::string("  [") + kPhaseLabels[p] + "]";
+        if (p != kBaseline) {
+          campaign += "  rekeyed " + std::to_string(progress.rekey_confirmed.load()) + "/" +
+                      std::to_string(progress.rekey_total.load()) + " failed " +
+                      std::to_string(progress.rekey_failed.load());
+        }
+      }
+      std::fprintf(stderr, "%s[%5.1f s] %s: %8llu verified/s  total %llu  errors %llu%s%s",
                    tty ? "\r" : "", t, scenario_name(o.scenario),
                    static_cast<unsigned long long>(v - last), static_cast<unsigned long long>(v),
-                   static_cast<unsigned long long>(progress.errors.load()), tty ? "   " : "\n");
+                   static_cast<unsigned long long>(progress.errors.load()), campaign.c_str(),
+                   tty ? "   " : "\n");
       printed = true;
       last = v;
     }
     if (printed && tty) std::fprintf(stderr, "\n");
   });
+  CampaignRun campaign;
+  if (scenario == Scenario::rollover) campaign = conduct(o, rekey_ids, start, progress);
   for (auto& t : threads) t.join();
   done = true;
   ticker.join();
   const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  if (scenario == Scenario::rollover) return finish_rollover(o, lanes, campaign, elapsed);
 
   Stats total;
   for (auto& l : lanes) total.merge(l->stats());
@@ -1020,7 +1384,7 @@ void usage_chain() {
       "               response is refused by the DKUS (sme); the genuine ones still pass\n"
       "  replay:      a replayed command is refused by its meter, a replayed response by the DKUS\n"
       "  mixed:       reads with disconnect/connect pairs, forged and replay checks mixed in\n"
-      "  rollover:    not yet available (issue 6)\n"
+      "  rollover:    reads while gridseal-dkusd rekeys meters (gridseal-bench rollover --help)\n"
       "  C lanes, each one connection to every daemon, owning meters FIRST+lane, FIRST+lane+C, "
       "..;\n"
       "  each stage is pipelined D deep. --rate paces commands/s over all lanes (open loop).\n"
@@ -1032,9 +1396,31 @@ void usage_chain() {
 }
 
 void usage_rollover() {
-  std::fprintf(stderr,
-               "usage: gridseal-bench rollover ...\n"
-               "  Not yet available: it arrives with the DKUS key-rollover work (issue 6).\n");
+  std::fprintf(
+      stderr,
+      "usage: gridseal-bench rollover --ses ADDR:PORT --relay ADDR:PORT --dkus ADDR:PORT\n"
+      "         (--plain | --ca F --cert F --key F) --meters N --config DKUS.toml\n"
+      "         [--rekey-meters N] [--rekey-rate R/s] [--rekey-timeout 1800] [--after S]\n"
+      "         [--gridseal PATH] [--poll-ms 250] [--tolerate-errors]\n"
+      "         [--first 1] [--title-prefix .7] [--connections C] [--depth D] [--duration S]\n"
+      "         [--rate R/s] [--calling .1.9] [--timeout-ms 10000] [--json] [--quiet]\n"
+      "  Key rollover under read load: the bench plays the collection engine and runs the `read`\n"
+      "  chain (ST-23 + ST-64, SES -> relay/meter -> DKUS, every cleartext checked) over meters\n"
+      "  PREFIX.FIRST.. (N of them) for --duration seconds (default 5: the baseline), then starts\n"
+      "  a campaign over the first --rekey-meters of them (default all N) with\n"
+      "  `gridseal rollover start --file F --config DKUS.toml --json` and polls\n"
+      "  `gridseal rollover status ID --json` every --poll-ms until it is finished, reading all\n"
+      "  the while; then reads --after seconds more (default 0). gridseal-dkusd must run with\n"
+      "  [rollover] enabled towards the same relay; --config is its configuration (the store the\n"
+      "  CLI writes the campaign to; the bench only reads meter ids from it). --gridseal defaults\n"
+      "  to the gridseal next to gridseal-bench.\n"
+      "  Reports meters confirmed/failed, the campaign's wall time (start to the poll that saw it\n"
+      "  finished) and meters re-keyed per s; reads/s and p50/p99/p999 ms per phase (baseline,\n"
+      "  during rollover, after) and read errors by stage:code per phase. A progress line each\n"
+      "  second on stderr (not with --quiet); a table, or one JSON object with --json.\n"
+      "  Exit 0 when the campaign finished with every meter confirmed and no read failed in any\n"
+      "  phase; --tolerate-errors reports read errors and failed meters without failing the run\n"
+      "  (a campaign that cannot start or does not finish within --rekey-timeout still does).\n");
 }
 
 int run_chain_read(int argc, char** argv) { return run_chain(Scenario::read, argc, argv); }
@@ -1046,11 +1432,8 @@ int run_chain_forged(int argc, char** argv) { return run_chain(Scenario::forged,
 int run_chain_replay(int argc, char** argv) { return run_chain(Scenario::replay, argc, argv); }
 int run_chain_mixed(int argc, char** argv) { return run_chain(Scenario::mixed, argc, argv); }
 
-int run_chain_rollover(int, char**) {
-  std::fprintf(stderr,
-               "gridseal-bench: rollover is not yet available: it arrives with the DKUS "
-               "key-rollover work (issue 6)\n");
-  return 2;
+int run_chain_rollover(int argc, char** argv) {
+  return run_chain(Scenario::rollover, argc, argv);
 }
 
 }  // namespace gs::bench

@@ -1,7 +1,8 @@
 // gridseal-bench chain scenarios: the bench plays the collection engine end to end,
 // command -> gridseal-sesd -> relay/meter (gridseal-metersim serve) -> response -> gridseal-dkusd
 // -> cleartext, and checks every cleartext. Scenarios: read, disconnect, dr, forged, replay,
-// mixed; rollover is listed but not available yet (issue 6).
+// mixed, and rollover (reads while a key-rollover campaign started with the `gridseal` CLI is
+// run by the DKUS).
 #pragma once
 
 namespace gs::bench {

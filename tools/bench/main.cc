@@ -33,15 +33,13 @@ const Subcommand kCommands[] = {
      gs::bench::run_chain_replay, gs::bench::usage_chain},
     {"mixed", "chain: reads with disconnects, forged and replay checks mixed in",
      gs::bench::run_chain_mixed, gs::bench::usage_chain},
-    {"rollover", "chain: rekey under read load -- not yet available (issue 6)",
+    {"rollover", "chain: reads while gridseal-dkusd rekeys meters (gridseal rollover start)",
      gs::bench::run_chain_rollover, gs::bench::usage_rollover},
 };
 
 void usage() {
   std::fprintf(stderr, "usage: gridseal-bench <command> [options]   (gridseal-bench <command> --help)\n\n");
   for (const Subcommand& c : kCommands) std::fprintf(stderr, "  %-11s %s\n", c.name, c.summary);
-  std::fprintf(stderr,
-               "\nnot yet: rollover (with the DKUS key-rollover work, issue 6)\n");
 }
 
 }  // namespace

@@ -231,9 +231,32 @@ EOF
 }
 step "configuration (ses.toml, dkus.toml, policy)" "$DIR" write_configs || finish
 
+# Operators (README "Operators and roles"): a security officer enrolled at token creation and an
+# operator enrolled by the officer; every state-changing command below is signed by one of them.
+# Their private keys live in the demo directory only because this is a demo on one machine.
+operator_keys() {
+  mkdir -p "$DIR/operators" && chmod 700 "$DIR/operators" || return 1
+  local who
+  for who in officer operator; do
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 \
+      -out "$DIR/operators/$who.pem" 2>/dev/null || return 1
+    chmod 600 "$DIR/operators/$who.pem"
+    openssl pkey -in "$DIR/operators/$who.pem" -pubout -out "$DIR/operators/$who.pub.pem" \
+      2>/dev/null || return 1
+  done
+}
+step "operator key pairs (EC P-256)" "demo-officer, demo-operator" operator_keys || finish
+OFFICER=(--operator demo-officer --operator-key "$DIR/operators/officer.pem")
+OPERATOR=(--operator demo-operator --operator-key "$DIR/operators/operator.pem")
+
 say "SoftHSM2 token (gridseal hsm init)"
-step "SoftHSM2 token (gridseal hsm init)" "gs-kek, gs-cmd-1/2, gs-provision, ..." \
-  "$BIN/gridseal" hsm init --config "$DIR/ses.toml" || finish
+step "SoftHSM2 token (gridseal hsm init)" "gs-kek, gs-cmd-1/2, gs-provision, ...; officer enrolled" \
+  "$BIN/gridseal" hsm init --officer demo-officer \
+  --officer-pubkey "$DIR/operators/officer.pub.pem" --config "$DIR/ses.toml" || finish
+say "gridseal operators enroll demo-operator --role operator (signed by demo-officer)"
+step "operator enrolled (signed by the officer)" "demo-operator, role operator" \
+  "$BIN/gridseal" operators enroll demo-operator --role operator \
+  --pubkey "$DIR/operators/operator.pub.pem" "${OFFICER[@]}" --config "$DIR/ses.toml" || finish
 
 say "TLS certificates (gridseal-bench make-pki)"
 step "TLS 1.3 test PKI (gridseal-bench make-pki)" "$DIR/pki" \
@@ -254,7 +277,7 @@ step "fleet export ($METERS meters, ecdh keys)" "meters .7.1..7.$METERS trust gs
 
 say "fleet import (gridseal meters import)"
 step "fleet import (gridseal meters import)" "keys derived in the HSM, stored wrapped" \
-  "$BIN/gridseal" meters import "$DIR/fleet.csv" --config "$DIR/ses.toml" || finish
+  "$BIN/gridseal" meters import "$DIR/fleet.csv" "${OPERATOR[@]}" --config "$DIR/ses.toml" || finish
 
 # ---- 3. daemons -------------------------------------------------------------------------------
 say "starting gridseal-sesd, gridseal-dkusd and gridseal-metersim serve (TLS 1.3)"
@@ -374,13 +397,59 @@ DESC="mixed load (reads, disconnects, checks)"
 scenario mixed "${TARGETS[@]}" --meters "$METERS" --connections 4 --depth 8 \
   --duration "$SECONDS_EACH" --store "$DIR/gridseal.db"
 
+# MT-2043 challenge of CHAL meters (DESIGN §3.4): each proves it holds the private key registered
+# for it (a fresh HSM random challenge, signed by the meter, verified with its registered key).
+# The rollover below challenges the meters it rekeys that have no proof yet on its own.
+CHAL=100
+if [ "$CHAL" -gt "$METERS" ]; then CHAL="$METERS"; fi
+challenge_demo() {
+  say "gridseal meters challenge --file (meters SIM00000001..$CHAL) --wait"
+  seq -f 'SIM%08g' 1 "$CHAL" >"$DIR/challenge-meters.txt"
+  timeout 180 "$BIN/gridseal" meters challenge --file "$DIR/challenge-meters.txt" --wait \
+    --timeout 120 --json "${OPERATOR[@]}" --config "$DIR/dkus.toml" >"$DIR/challenge.json"
+  local rc=$?
+  CHAL_DETAIL="$(python3 - "$DIR/challenge.json" "$CHAL" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("%d/%s proven, %d failed (flagged), %d unanswered" %
+      (r["proven"], sys.argv[2], r["failed"], r["unanswered"]))
+sys.exit(0 if r["proven"] == int(sys.argv[2]) else 1)
+EOF
+)" || { echo "$CHAL_DETAIL"; return 1; }
+  echo "  $CHAL_DETAIL"
+  return "$rc"
+}
+# Without an operator's signature a state-changing command is refused (exit 3) and recorded.
+unsigned_refused() {
+  "$BIN/gridseal" rollover start --meters SIM00000001 --config "$DIR/dkus.toml" \
+    >"$DIR/unsigned.out" 2>&1
+  local rc=$?
+  if [ "$rc" -eq 3 ]; then
+    echo "  refused: $(grep -m1 -i refused "$DIR/unsigned.out")"
+    return 0
+  fi
+  echo "  expected exit 3, got $rc:"
+  cat "$DIR/unsigned.out"
+  return 1
+}
+say "an unsigned gridseal rollover start is refused"
+step "unsigned state change refused" "exit 3, recorded in the audit trail" unsigned_refused
+
+CHAL_DETAIL=""
+t0=$SECONDS
+if challenge_demo; then
+  record "challenge $CHAL meters (MT-2043)" PASS "$CHAL_DETAIL ($((SECONDS - t0)) s)"
+else
+  record "challenge $CHAL meters (MT-2043)" FAIL "${CHAL_DETAIL:-see $DIR/dkusd.err}"
+fi
+
 # Key rollover of ROLL meters (DESIGN §1.3): the campaign is written by the CLI and run by the
 # DKUS engine through the relay; every meter must confirm (answer under its new key).
 rollover_demo() {
   say "gridseal rollover start --file (meters SIM00000001..$ROLL), then status --watch"
   seq -f 'SIM%08g' 1 "$ROLL" >"$DIR/rollover-meters.txt"
-  "$BIN/gridseal" rollover start --file "$DIR/rollover-meters.txt" --config "$DIR/dkus.toml" ||
-    return 1
+  "$BIN/gridseal" rollover start --file "$DIR/rollover-meters.txt" "${OPERATOR[@]}" \
+    --config "$DIR/dkus.toml" || return 1
   timeout 600 "$BIN/gridseal" rollover status --watch --interval-ms 1000 \
     --config "$DIR/dkus.toml" | tail -n 3 || return 1
   "$BIN/gridseal" rollover status --json --config "$DIR/dkus.toml" >"$DIR/rollover-status.json" ||
@@ -413,4 +482,21 @@ scenario read "${TARGETS[@]}" --meters "$ROLL" --connections 2 --depth 8 --durat
 # ---- 5. stop ------------------------------------------------------------------------------------
 say "stopping the daemons"
 stop_all
+
+# The audit trail both daemons and the CLI wrote: hash chain, checkpoint signatures (gs-audit)
+# and the chain head anchored in the HSM.
+audit_verify() {
+  "$BIN/gridseal" audit verify --json --config "$DIR/dkus.toml" >"$DIR/audit-verify.json" ||
+    { cat "$DIR/audit-verify.json"; return 1; }
+  python3 - "$DIR/audit-verify.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("  %s records, %s checkpoints, anchor %s" %
+      (r.get("records"), r.get("checkpoints"), r.get("anchor")))
+sys.exit(0 if r.get("ok") else 1)
+EOF
+}
+say "gridseal audit verify"
+step "audit trail verifies (gridseal audit verify)" "chain, gs-audit signatures, HSM anchor" \
+  audit_verify
 finish

@@ -21,6 +21,7 @@
 #include "src/key_store.h"
 #include "tools/gridseal/commands.h"
 #include "tools/gridseal/json.h"
+#include "tools/gridseal/operator_gate.h"
 
 namespace gs::cli {
 
@@ -86,7 +87,9 @@ Result<std::int64_t> parse_time(const std::string& t) {
   return static_cast<std::int64_t>(timegm(&tm));
 }
 
+// The signed operator when the gate accepted one (operator_gate.h), else the Unix user.
 std::string operator_name() {
+  if (const Gate* g = current_gate(); g != nullptr && g->authorized()) return g->actor();
   const passwd* pw = getpwuid(geteuid());
   return "operator:" + audit::clip(pw != nullptr ? pw->pw_name : std::to_string(geteuid()), 64);
 }

@@ -5,10 +5,14 @@
 
 namespace gs::cli {
 
-// Exit codes shared by every command: 0 all well, 1 a checked thing failed, 2 usage error.
+// Exit codes shared by every command: 0 all well, 1 a checked thing failed, 2 usage error,
+// 3 an operator request refused (unsigned, wrongly signed, replayed, expired, role).
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitFailed = 1;
 inline constexpr int kExitUsage = 2;
+inline constexpr int kExitRefused = 3;
+
+class Gate;
 
 // Each group adds its sub-commands to `app`. A sub-command's callback stores its exit code in
 // `exit_code` (CLI11 callbacks cannot return one).
@@ -18,5 +22,7 @@ void register_meters(CLI::App& app, int& exit_code);
 void register_receipts(CLI::App& app, int& exit_code);
 void register_audit(CLI::App& app, int& exit_code);
 void register_rollover(CLI::App& app, int& exit_code);
+// `operators …`: enrol/remove need the gate for who signed (operator_gate.h).
+void register_operators(CLI::App& app, int& exit_code, Gate& gate);
 
 }  // namespace gs::cli

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 #include <memory>
 #include <openssl/evp.h>
@@ -13,8 +14,11 @@
 
 #include "hsm/ops.h"
 #include "src/hsm_context.h"
+#include "src/key_store.h"
+#include "src/operators.h"
 #include "tools/gridseal/commands.h"
 #include "tools/gridseal/json.h"
+#include "tools/gridseal/operator_gate.h"
 
 namespace gs::cli {
 
@@ -55,7 +59,44 @@ Status create_pin_file(const std::string& path) {
 
 bool exists(const std::string& p) { return !p.empty() && std::filesystem::exists(p); }
 
-int run_init(const std::string& config_path) {
+// The first security officer, enrolled by `hsm init --officer` (which closes bootstrap mode).
+// Only while no operator is enrolled: later ones are enrolled by a security officer's signed
+// `operators enroll`. Re-running with the same officer and key is a no-op.
+int enroll_first_officer(const config::Config& cfg, const std::string& name, const Bytes& key) {
+  auto store = store::KeyStore::open(cfg.store.path);
+  if (!store.ok()) return fail(cfg.store.path + ": " + store.error().message());
+  operators::Registry reg(store->db());
+  auto existing = reg.find(name);
+  if (!existing.ok()) return fail(existing.error().message());
+  if (*existing && (*existing)->active() &&
+      (*existing)->role == operators::Role::security_officer && (*existing)->public_key == key) {
+    std::printf("exists  operator %s (security-officer)\n", name.c_str());
+    return kExitOk;
+  }
+  auto n = reg.active_count();
+  if (!n.ok()) return fail(n.error().message());
+  if (*n > 0) {
+    return fail("--officer: operators are enrolled already; a security officer enrols more "
+                "with a signed `gridseal operators enroll`");
+  }
+  const std::string actor = "bootstrap:" + unix_user();
+  Status st = audited(cfg, store->db(), [&](db::Db&, std::vector<audit::Event>& events) -> Status {
+    operators::Operator o{name, operators::Role::security_officer, key,
+                          static_cast<std::int64_t>(std::time(nullptr)), actor, std::nullopt, ""};
+    GS_TRY(reg.enroll(o));
+    audit::Detail d;
+    d.add("role", "security-officer").add("by", "hsm init");
+    events.push_back({0, actor, "operator_enrolled", name, d.str()});
+    return Status{};
+  });
+  if (!st.ok()) return fail("--officer: " + st.error().detail);
+  std::printf("enrolled %s as the first security-officer: state-changing commands now need "
+              "signed operator requests\n",
+              name.c_str());
+  return kExitOk;
+}
+
+int run_init_objects(const std::string& config_path) {
   auto cfg = config::load(config_path);
   if (!cfg.ok()) return fail(cfg.error().message());
   const auto& h = cfg->hsm;
@@ -147,6 +188,28 @@ int run_init(const std::string& config_path) {
                 h.token_label.c_str());
   }
   return kExitOk;
+}
+
+// The objects, then (with every HSM handle of the first part closed) the first officer.
+int run_init(const std::string& config_path, const std::string& officer,
+             const std::string& officer_pubkey) {
+  if (officer.empty() != officer_pubkey.empty()) {
+    return fail("--officer and --officer-pubkey go together");
+  }
+  Bytes officer_key;
+  if (!officer.empty()) {
+    if (!operators::valid_name(officer)) {
+      return fail("--officer: name must be 1..64 of A-Z a-z 0-9 . _ -");
+    }
+    auto k = operators::load_public_key(officer_pubkey);
+    if (!k.ok()) return fail("--officer-pubkey: " + k.error().detail);
+    officer_key = std::move(k).value();
+  }
+  int rc = run_init_objects(config_path);
+  if (rc != kExitOk || officer.empty()) return rc;
+  auto cfg = config::load(config_path);
+  if (!cfg.ok()) return fail(cfg.error().message());
+  return enroll_first_officer(*cfg, officer, officer_key);
 }
 
 const char* class_name(hsm::ObjectClass c) {
@@ -324,7 +387,16 @@ void register_hsm(CLI::App& app, int& exit_code) {
   auto* init = hsm_cmd->add_subcommand(
       "init", "create the token (embedded SoftHSM2) and the objects of DESIGN §4; idempotent");
   init->add_option("--config", *config, "configuration file")->capture_default_str();
-  init->callback([config, &exit_code] { exit_code = run_init(*config); });
+  auto officer = std::make_shared<std::string>();
+  auto officer_pub = std::make_shared<std::string>();
+  init->add_option("--officer", *officer,
+                   "enrol the first security officer (closes bootstrap mode; see README)");
+  init->add_option("--officer-pubkey", *officer_pub,
+                   "the officer's P-256 public key (PEM or hex point); the private key stays "
+                   "with the officer");
+  init->callback([config, officer, officer_pub, &exit_code] {
+    exit_code = run_init(*config, *officer, *officer_pub);
+  });
 
   auto* status = hsm_cmd->add_subcommand("status", "token and objects with security attributes");
   auto json = std::make_shared<bool>(false);

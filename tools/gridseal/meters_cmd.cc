@@ -1,4 +1,4 @@
-// `gridseal meters import|list|show|revoke`: the meter registry.
+// `gridseal meters import|list|show|revoke|challenge`: the meter registry.
 #include <pwd.h>
 #include <unistd.h>
 
@@ -6,7 +6,11 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <map>
+#include <set>
+#include <thread>
 
+#include "src/challenge_store.h"
 #include "src/hsm_context.h"
 #include "src/meter_import.h"
 #include "src/rollover_store.h"
@@ -94,7 +98,39 @@ int run_import(const std::string& config_path, const std::string& file, std::siz
   return r->failed == 0 ? kExitOk : kExitFailed;
 }
 
-void meter_json(JsonWriter& w, const store::Meter& m) {
+std::int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// What `meters list` shows of a meter's challenge: "-" never challenged, "FLAGGED" failed.
+std::string challenge_label(const std::optional<store::ChallengeStatus>& c) {
+  if (!c) return "-";
+  if (c->state == store::ChallengeState::failed) return "FLAGGED";
+  return store::to_string(c->state);
+}
+
+void challenge_json(JsonWriter& w, const store::ChallengeStatus& c) {
+  w.begin_object().key("state").value(store::to_string(c.state));
+  w.key("flagged").value(c.state == store::ChallengeState::failed);
+  w.key("origin").value(store::to_string(c.origin)).key("requested_by").value(c.requested_by);
+  w.key("requested_at_ms").value(c.requested_at_ms).key("attempts").value(c.attempts);
+  w.key("expires_at_ms").value(c.expires_at_ms).key("last_error").value(c.last_error);
+  w.key("changed_at_ms").value(c.changed_at_ms).end_object();
+}
+
+void proof_json(JsonWriter& w, const store::ChallengeProof& p) {
+  w.begin_object().key("challenge").value(to_hex(p.challenge));
+  w.key("meter_time").value(p.meter_time).key("signature").value(to_hex(p.signature));
+  w.key("message_id").value(p.message_id).key("verified_at_ms").value(p.verified_at_ms);
+  w.end_object();
+}
+
+void meter_json(JsonWriter& w, const store::Meter& m,
+                const std::optional<store::ChallengeStatus>& chal = std::nullopt,
+                const std::optional<store::ChallengeProof>& proof = std::nullopt,
+                bool with_proof = false) {
   w.begin_object().key("meter_id").value(m.meter_id).key("ap_title").value(m.ap_title_text);
   w.key("ap_title_absolute").value(c1222::oid_to_dotted(m.ap_title, false));
   w.key("public_key").value(to_hex(m.public_key)).key("state").value(store::to_string(m.state));
@@ -105,7 +141,22 @@ void meter_json(JsonWriter& w, const store::Meter& m) {
     w.key("state").value(store::to_string(s.state)).key("key_version").value(s.key_version);
     w.key("origin").value(s.origin).key("changed_at").value(s.changed_at).end_object();
   }
-  w.end_array().end_object();
+  w.end_array();
+  w.key("challenge");
+  if (chal) {
+    challenge_json(w, *chal);
+  } else {
+    w.null();
+  }
+  if (with_proof) {
+    w.key("proof");
+    if (proof) {
+      proof_json(w, *proof);
+    } else {
+      w.null();
+    }
+  }
+  w.end_object();
 }
 
 int run_list(const std::string& config_path, bool json, std::size_t limit,
@@ -116,21 +167,30 @@ int run_list(const std::string& config_path, bool json, std::size_t limit,
   if (!store.ok()) return fail(store.error().message());
   auto meters = store->list_meters(after, limit);
   if (!meters.ok()) return fail(meters.error().message());
+  store::ChallengeStore cs(*store);
+  std::vector<std::optional<store::ChallengeStatus>> chals;
+  for (const auto& m : *meters) {
+    auto c = cs.status(m.row);
+    if (!c.ok()) return fail(c.error().message());
+    chals.push_back(std::move(c).value());
+  }
   if (json) {
     JsonWriter w;
     w.begin_array();
-    for (const auto& m : *meters) meter_json(w, m);
+    for (std::size_t i = 0; i < meters->size(); ++i) meter_json(w, (*meters)[i], chals[i]);
     w.end_array();
     std::printf("%s\n", w.str().c_str());
     return kExitOk;
   }
-  std::printf("%-20s %-36s %-12s %s\n", "meter", "ap_title", "state", "active key");
-  for (const auto& m : *meters) {
+  std::printf("%-20s %-36s %-12s %-14s %s\n", "meter", "ap_title", "state", "active key",
+              "challenge");
+  for (std::size_t i = 0; i < meters->size(); ++i) {
+    const store::Meter& m = (*meters)[i];
     const auto* a = m.active_slot();
     std::string key = a ? "slot " + std::to_string(a->slot) + " v" + std::to_string(a->key_version)
                         : "none";
-    std::printf("%-20s %-36s %-12s %s\n", m.meter_id.c_str(), m.ap_title_text.c_str(),
-                store::to_string(m.state), key.c_str());
+    std::printf("%-20s %-36s %-12s %-14s %s\n", m.meter_id.c_str(), m.ap_title_text.c_str(),
+                store::to_string(m.state), key.c_str(), challenge_label(chals[i]).c_str());
   }
   auto total = store->count_meters();
   if (total.ok() && static_cast<std::size_t>(*total) > meters->size()) {
@@ -150,9 +210,14 @@ int run_show(const std::string& config_path, const std::string& id, bool json) {
   if (!m.ok()) return fail(m.error().message());
   if (!m->has_value()) return fail("no meter " + id);
   const auto& v = **m;
+  store::ChallengeStore cs(*store);
+  auto chal = cs.status(v.row);
+  if (!chal.ok()) return fail(chal.error().message());
+  auto proof = cs.last_proof(v.row);
+  if (!proof.ok()) return fail(proof.error().message());
   if (json) {
     JsonWriter w;
-    meter_json(w, v);
+    meter_json(w, v, *chal, *proof, true);
     std::printf("%s\n", w.str().c_str());
     return kExitOk;
   }
@@ -164,6 +229,24 @@ int run_show(const std::string& config_path, const std::string& id, bool json) {
   for (const auto& s : v.slots) {
     std::printf("slot %d      key id %d, version %u, %s, from %s\n", s.slot, s.slot,
                 s.key_version, store::to_string(s.state), s.origin.c_str());
+  }
+  if (const auto& c = *chal) {
+    std::printf("challenge   %s%s (%s, by %s, %u attempt%s)%s%s\n", store::to_string(c->state),
+                c->state == store::ChallengeState::failed ? ", METER FLAGGED" : "",
+                store::to_string(c->origin), c->requested_by.c_str(), c->attempts,
+                c->attempts == 1 ? "" : "s", c->last_error.empty() ? "" : ": ",
+                c->last_error.c_str());
+  } else {
+    std::printf("challenge   never challenged\n");
+  }
+  if (const auto& p = *proof) {
+    std::printf("last proof  verified at %lld ms, meter time %lld, message id %llu\n"
+                "            challenge %s\n            signature %s\n",
+                static_cast<long long>(p->verified_at_ms), static_cast<long long>(p->meter_time),
+                static_cast<unsigned long long>(p->message_id), to_hex(p->challenge).c_str(),
+                to_hex(p->signature).c_str());
+  } else {
+    std::printf("last proof  none\n");
   }
   return kExitOk;
 }
@@ -241,6 +324,156 @@ int run_revoke(const std::string& config_path, const std::string& id, const std:
   return kExitOk;
 }
 
+// Bounds on what an operator hands in.
+constexpr std::size_t kMaxChallengeIds = 1000000;
+constexpr auto kChallengePoll = std::chrono::milliseconds(200);
+
+// Meter ids from a file: one per line, blank lines and # comments skipped.
+Result<std::vector<std::string>> ids_from_file(const std::string& file) {
+  std::ifstream in(file);
+  if (!in) return Error(Errc::not_found, "cannot read " + file);
+  std::vector<std::string> out;
+  std::string line;
+  std::size_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) {
+      line.pop_back();
+    }
+    const auto b = line.find_first_not_of(" \t");
+    if (b == std::string::npos || line[b] == '#') continue;
+    line.erase(0, b);
+    if (line.size() > store::kMaxMeterIdLength) {
+      return Error(Errc::invalid_argument,
+                   file + ":" + std::to_string(n) + ": meter id longer than 64 characters");
+    }
+    if (out.size() >= kMaxChallengeIds) {
+      return Error(Errc::too_large, file + ": more than 1000000 meter ids");
+    }
+    out.push_back(line);
+  }
+  return out;
+}
+
+bool settled(store::ChallengeState s) {
+  return s == store::ChallengeState::proven || s == store::ChallengeState::failed ||
+         s == store::ChallengeState::unanswered;
+}
+
+int run_challenge(const std::string& config_path, std::vector<std::string> ids,
+                  const std::string& file, bool all_unproven, bool wait, std::uint32_t timeout_s,
+                  bool json) {
+  if (!file.empty()) {
+    auto more = ids_from_file(file);
+    if (!more.ok()) return fail(more.error().message());
+    ids.insert(ids.end(), more->begin(), more->end());
+  }
+  if (all_unproven == !ids.empty()) {
+    std::fprintf(stderr, "gridseal: name meters (ID... or --file F) or --all-unproven\n");
+    return kExitUsage;
+  }
+  if (ids.size() > kMaxChallengeIds) return fail("more than 1000000 meter ids");
+  auto o = load(config_path);
+  if (!o.ok()) return fail(o.error().message());
+  auto store = store::KeyStore::open(o->cfg.store.path, {.create = false});
+  if (!store.ok()) return fail(store.error().message());
+  store::ChallengeStore cs(*store);
+  auto r = cs.request(ids, all_unproven, operator_identity(), now_ms());
+  if (!r.ok()) return fail(r.error().detail.empty() ? r.error().message() : r.error().detail);
+  if (!json) {
+    std::printf("%lld challenge%s queued, %lld already pending", static_cast<long long>(r->queued),
+                r->queued == 1 ? "" : "s", static_cast<long long>(r->already));
+    if (r->skipped_total > 0) {
+      std::printf(", %lld meter%s cannot be challenged", static_cast<long long>(r->skipped_total),
+                  r->skipped_total == 1 ? "" : "s");
+    }
+    std::printf("\n");
+    for (const auto& [id, why] : r->skipped) std::printf("  %s: %s\n", id.c_str(), why.c_str());
+    if (!wait && !r->meter_ids.empty()) {
+      std::printf("gridseal-dkusd sends them through the relay (its rollover engine); follow "
+                  "with: gridseal meters show ID, or run again with --wait\n");
+    }
+  }
+  // Waits (bounded) until every challenge is proven, failed or unanswered.
+  std::map<std::string, store::ChallengeStatus> results;
+  std::set<std::string> pending(r->meter_ids.begin(), r->meter_ids.end());
+  if (wait) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+    for (;;) {
+      for (auto it = pending.begin(); it != pending.end();) {
+        auto st = cs.status_by_id(*it);
+        if (!st.ok()) return fail(st.error().message());
+        if (*st && settled((*st)->state)) {
+          results[*it] = std::move(**st);
+          it = pending.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      if (pending.empty() || std::chrono::steady_clock::now() >= deadline) break;
+      std::this_thread::sleep_for(kChallengePoll);
+    }
+  }
+  std::int64_t proven = 0, failed = 0, unanswered = 0;
+  for (const auto& [id, st] : results) {
+    proven += st.state == store::ChallengeState::proven;
+    failed += st.state == store::ChallengeState::failed;
+    unanswered += st.state == store::ChallengeState::unanswered;
+  }
+  if (json) {
+    JsonWriter w;
+    w.begin_object().key("queued").value(r->queued).key("already_pending").value(r->already);
+    w.key("skipped").begin_array();
+    for (const auto& [id, why] : r->skipped) {
+      w.begin_object().key("meter_id").value(id).key("reason").value(why).end_object();
+    }
+    w.end_array().key("skipped_total").value(r->skipped_total);
+    w.key("waited").value(wait);
+    if (wait) {
+      w.key("proven").value(proven).key("failed").value(failed);
+      w.key("unanswered").value(unanswered);
+      w.key("pending").value(static_cast<std::int64_t>(pending.size()));
+      w.key("results").begin_array();
+      for (const auto& [id, st] : results) {
+        w.begin_object().key("meter_id").value(id).key("state").value(store::to_string(st.state));
+        w.key("flagged").value(st.state == store::ChallengeState::failed);
+        w.key("attempts").value(st.attempts).key("error").value(st.last_error);
+        if (st.state == store::ChallengeState::proven) {
+          auto p = cs.last_proof(st.meter_row);
+          if (p.ok() && *p) {
+            w.key("proof");
+            proof_json(w, **p);
+          }
+        }
+        w.end_object();
+      }
+      for (const std::string& id : pending) {
+        w.begin_object().key("meter_id").value(id).key("state").value("pending").end_object();
+      }
+      w.end_array();
+    }
+    w.end_object();
+    std::printf("%s\n", w.str().c_str());
+  } else if (wait) {
+    for (const auto& [id, st] : results) {
+      if (st.state == store::ChallengeState::proven) continue;
+      std::printf("  %s: %s%s: %s\n", id.c_str(), store::to_string(st.state),
+                  st.state == store::ChallengeState::failed ? " (METER FLAGGED)" : "",
+                  st.last_error.c_str());
+    }
+    std::printf("%lld proven, %lld failed, %lld unanswered", static_cast<long long>(proven),
+                static_cast<long long>(failed), static_cast<long long>(unanswered));
+    if (!pending.empty()) {
+      std::printf(", %zu still pending after %u s (is gridseal-dkusd running with "
+                  "[rollover] enabled?)",
+                  pending.size(), timeout_s);
+    }
+    std::printf("\n");
+  }
+  const bool bad = r->skipped_total > 0 || (wait && (failed + unanswered > 0 || !pending.empty()));
+  return bad ? kExitFailed : kExitOk;
+}
+
 }  // namespace
 
 void register_meters(CLI::App& app, int& exit_code) {
@@ -294,6 +527,29 @@ void register_meters(CLI::App& app, int& exit_code) {
   revoke->add_flag("--json", *json, "machine-readable output");
   revoke->callback([=, &exit_code] {
     exit_code = run_revoke(*config, *id, *reason, *permanent, *json);
+  });
+
+  auto* chal = meters->add_subcommand(
+      "challenge",
+      "prove that meters hold their registered private key (MT-2043, sent by gridseal-dkusd)");
+  auto ids = std::make_shared<std::vector<std::string>>();
+  auto id_file = std::make_shared<std::string>();
+  auto all_unproven = std::make_shared<bool>(false);
+  auto wait = std::make_shared<bool>(false);
+  auto timeout = std::make_shared<std::uint32_t>(300);
+  chal->add_option("ID", *ids, "meter ids");
+  chal->add_option("--file", *id_file, "meter ids, one per line");
+  chal->add_flag("--all-unproven", *all_unproven, "every meter without a recorded proof");
+  chal->add_flag("--wait", *wait,
+                 "wait until each challenge is proven, failed or unanswered; exit 1 unless all "
+                 "are proven");
+  chal->add_option("--timeout", *timeout, "seconds --wait waits at most")
+      ->check(CLI::Range(1, 86400))
+      ->capture_default_str();
+  chal->add_option("--config", *config, "configuration file")->capture_default_str();
+  chal->add_flag("--json", *json, "machine-readable output");
+  chal->callback([=, &exit_code] {
+    exit_code = run_challenge(*config, *ids, *id_file, *all_unproven, *wait, *timeout, *json);
   });
 }
 

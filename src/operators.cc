@@ -1,0 +1,522 @@
+// Operator registry, role table, nonces and the signed operator request (src/operators.h).
+#include "src/operators.h"
+
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+
+#include <algorithm>
+#include <array>
+#include <fstream>
+#include <memory>
+#include <sstream>
+
+#include "src/audit.h"
+
+namespace gs::operators {
+
+namespace {
+
+constexpr std::uint8_t bit(Role r) { return static_cast<std::uint8_t>(1U << static_cast<int>(r)); }
+constexpr std::uint8_t kSO = bit(Role::security_officer);
+constexpr std::uint8_t kKC = bit(Role::key_custodian);
+constexpr std::uint8_t kOP = bit(Role::operator_);
+
+// Separation of duties: the security officer manages people and the trail's anchor, the key
+// custodian the HSM's keys, operators the fleet. The first `hsm init` is the security officer's.
+constexpr CommandRule kRules[] = {
+    {"operators enroll", kSO, "--pubkey"},
+    {"operators remove", kSO, ""},
+    {"audit reset-anchor", kSO, ""},
+    {"hsm init", kSO | kKC, "--officer-pubkey"},
+    {"hsm import-transport-key", kKC, ""},
+    {"meters import", kOP, "FILE"},
+    {"meters revoke", kOP, ""},
+    {"meters challenge", kOP, "--file"},
+    {"rollover start", kOP, "--file"},
+    {"rollover resume", kOP, ""},
+    {"rollover abort", kOP, ""},
+};
+constexpr CommandRule kUnclassified = {"", kSO, ""};
+
+constexpr std::string_view kOpen[] = {
+    "hsm status",        "hsm export-pubkey",       "meters list",       "meters show",
+    "receipts show",     "rollover status",         "rollover list",     "audit verify",
+    "audit export",      "c1222 decode",            "c1222 seal",        "c1222 open",
+    "c1222 encode",      "operators list",          "operators roles",   "operators challenge",
+    "operators sign-request",
+};
+
+using PkeyPtr = std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)>;
+using BioPtr = std::unique_ptr<BIO, decltype(&BIO_free)>;
+
+Result<std::string> read_small_file(const std::string& path, std::size_t max) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return Error(Errc::not_found, "cannot read " + path);
+  std::string text;
+  text.resize(max + 1);
+  f.read(text.data(), static_cast<std::streamsize>(text.size()));
+  text.resize(static_cast<std::size_t>(f.gcount()));
+  if (text.size() > max) return Error(Errc::too_large, path + ": larger than expected");
+  return text;
+}
+
+void put_u32(Bytes& b, std::uint32_t v) {
+  for (int i = 3; i >= 0; --i) b.push_back(static_cast<std::uint8_t>(v >> (8 * i)));
+}
+void put_lp(Bytes& b, std::string_view s) {
+  put_u32(b, static_cast<std::uint32_t>(s.size()));
+  b.insert(b.end(), s.begin(), s.end());
+}
+void put_lp(Bytes& b, ByteView s) {
+  put_u32(b, static_cast<std::uint32_t>(s.size()));
+  b.insert(b.end(), s.begin(), s.end());
+}
+
+std::string hex_of(std::string_view s) {
+  return to_hex(ByteView(reinterpret_cast<const std::uint8_t*>(s.data()), s.size()));
+}
+std::optional<std::string> text_of_hex(std::string_view h) {
+  auto b = from_hex(h);
+  if (!b) return std::nullopt;
+  return std::string(b->begin(), b->end());
+}
+
+Result<Operator> read_row(db::Stmt& st) {
+  Operator o;
+  o.name = st.text(0);
+  auto role = role_from(st.text(1));
+  if (!role) return Error(Errc::storage_failure, "operator " + o.name + ": unknown role");
+  o.role = *role;
+  o.public_key = st.blob(2);
+  o.enrolled_at = st.int64(3);
+  o.enrolled_by = st.text(4);
+  if (!st.is_null(5)) o.removed_at = st.int64(5);
+  o.removed_by = st.text(6);
+  return o;
+}
+
+constexpr const char* kColumns =
+    "SELECT name, role, public_key, enrolled_at, enrolled_by, removed_at, removed_by "
+    "FROM operators ";
+
+}  // namespace
+
+const char* to_string(Role r) noexcept {
+  switch (r) {
+    case Role::security_officer: return "security-officer";
+    case Role::key_custodian: return "key-custodian";
+    case Role::operator_: return "operator";
+    case Role::auditor: return "auditor";
+  }
+  return "?";
+}
+
+std::optional<Role> role_from(std::string_view s) noexcept {
+  for (Role r : kAllRoles) {
+    if (s == to_string(r)) return r;
+  }
+  return std::nullopt;
+}
+
+bool valid_name(std::string_view name) noexcept {
+  if (name.empty() || name.size() > kMaxName) return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '.' || c == '_' || c == '-';
+  });
+}
+
+std::span<const CommandRule> command_rules() noexcept { return kRules; }
+std::span<const std::string_view> open_commands() noexcept { return kOpen; }
+const CommandRule& unclassified_rule() noexcept { return kUnclassified; }
+
+const CommandRule* rule_for(std::string_view command) noexcept {
+  for (const auto& r : kRules) {
+    if (r.command == command) return &r;
+  }
+  return nullptr;
+}
+
+bool allows(const CommandRule& rule, Role r) noexcept { return (rule.roles & bit(r)) != 0; }
+
+std::string roles_text(std::uint8_t roles) {
+  std::string out;
+  for (Role r : kAllRoles) {
+    if ((roles & bit(r)) == 0) continue;
+    if (!out.empty()) out += ", ";
+    out += to_string(r);
+  }
+  return out;
+}
+
+Result<Bytes> load_public_key(const std::string& path) {
+  GS_ASSIGN(std::string text, read_small_file(path, 16384));
+  if (text.find("-----BEGIN PUBLIC KEY-----") == std::string::npos) {
+    auto end = text.find_last_not_of(" \r\n\t");
+    auto b = from_hex(std::string_view(text).substr(0, end == std::string::npos ? 0 : end + 1));
+    if (!b || b->size() != kEcPointSize || !HostEcKey::from_public(*b).ok()) {
+      return Error(Errc::bad_value, path + ": neither a PEM P-256 public key nor a 65-byte point");
+    }
+    return *b;
+  }
+  BioPtr bio(BIO_new_mem_buf(text.data(), static_cast<int>(text.size())), BIO_free);
+  PkeyPtr key(bio ? PEM_read_bio_PUBKEY(bio.get(), nullptr, nullptr, nullptr) : nullptr,
+              EVP_PKEY_free);
+  if (!key) return Error(Errc::bad_value, path + ": not a PEM public key");
+  char group[64] = {};
+  std::size_t glen = 0;
+  if (EVP_PKEY_get_utf8_string_param(key.get(), OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group,
+                                     &glen) != 1 ||
+      std::string_view(group) != "prime256v1") {
+    return Error(Errc::bad_value, path + ": not an EC P-256 key");
+  }
+  Bytes point(kEcPointSize);
+  std::size_t n = 0;
+  if (EVP_PKEY_get_octet_string_param(key.get(), OSSL_PKEY_PARAM_PUB_KEY, point.data(),
+                                      point.size(), &n) != 1 ||
+      n != kEcPointSize || !HostEcKey::from_public(point).ok()) {
+    return Error(Errc::bad_value, path + ": not an uncompressed P-256 public key");
+  }
+  return point;
+}
+
+Result<HostEcKey> load_private_key(const std::string& path) {
+  GS_ASSIGN(std::string text, read_small_file(path, 16384));
+  BioPtr bio(BIO_new_mem_buf(text.data(), static_cast<int>(text.size())), BIO_free);
+  // No passphrase callback: an encrypted key file fails here instead of prompting.
+  PkeyPtr key(bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr,
+                                            [](char*, int, int, void*) { return 0; }, nullptr)
+                  : nullptr,
+              EVP_PKEY_free);
+  secure_zero(text.data(), text.size());
+  if (!key) return Error(Errc::bad_value, path + ": not an unencrypted PEM private key");
+  char group[64] = {};
+  std::size_t glen = 0;
+  if (EVP_PKEY_get_utf8_string_param(key.get(), OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group,
+                                     &glen) != 1 ||
+      std::string_view(group) != "prime256v1") {
+    return Error(Errc::bad_value, path + ": not an EC P-256 private key");
+  }
+  BIGNUM* d = nullptr;
+  if (EVP_PKEY_get_bn_param(key.get(), OSSL_PKEY_PARAM_PRIV_KEY, &d) != 1 || d == nullptr) {
+    return Error(Errc::bad_value, path + ": no private scalar");
+  }
+  std::array<std::uint8_t, kEcScalarSize> scalar{};
+  int ok = BN_bn2binpad(d, scalar.data(), static_cast<int>(scalar.size()));
+  BN_clear_free(d);
+  if (ok != static_cast<int>(scalar.size())) {
+    return Error(Errc::bad_value, path + ": private scalar out of range");
+  }
+  auto k = HostEcKey::from_private(scalar);
+  secure_zero(scalar.data(), scalar.size());
+  if (!k.ok()) return Error(Errc::bad_value, path + ": " + k.error().detail);
+  return k;
+}
+
+Status canonicalize(Request& r) {
+  if (!valid_name(r.operator_name)) {
+    return {Errc::invalid_argument, "operator name must be 1..64 of A-Z a-z 0-9 . _ -"};
+  }
+  if (r.command.empty() || r.command.size() > 128) {
+    return {Errc::invalid_argument, "command path missing or too long"};
+  }
+  if (r.args.size() > kMaxArgs) return {Errc::too_large, "too many arguments to sign"};
+  for (const auto& [n, v] : r.args) {
+    if (n.size() > kMaxArgBytes || v.size() > kMaxArgBytes) {
+      return {Errc::too_large, "argument " + n.substr(0, 64) + " is too long to sign"};
+    }
+  }
+  std::stable_sort(r.args.begin(), r.args.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  return {};
+}
+
+Bytes request_encoding(const Request& r) {
+  Bytes b(kRequestDomain, kRequestDomain + sizeof kRequestDomain - 1);
+  put_lp(b, r.operator_name);
+  put_lp(b, r.command);
+  put_u32(b, static_cast<std::uint32_t>(r.args.size()));
+  for (const auto& [n, v] : r.args) {
+    put_lp(b, n);
+    put_lp(b, v);
+  }
+  put_lp(b, ByteView(r.nonce));
+  auto t = static_cast<std::uint64_t>(r.time);
+  for (int i = 7; i >= 0; --i) b.push_back(static_cast<std::uint8_t>(t >> (8 * i)));
+  return b;
+}
+
+Result<Sha256Digest> request_digest(const Request& r) { return sha256(request_encoding(r)); }
+
+Result<EcSignature> sign_request(const Request& r, const HostEcKey& key) {
+  GS_ASSIGN(auto d, request_digest(r));
+  return key.sign(d);
+}
+
+Result<std::string> file_sha256_hex(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return Error(Errc::not_found, "cannot read " + path);
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) {
+    return Error(Errc::crypto_failure, "SHA-256 unavailable");
+  }
+  std::array<char, 65536> buf{};
+  while (f) {
+    f.read(buf.data(), buf.size());
+    if (f.gcount() > 0 &&
+        EVP_DigestUpdate(ctx.get(), buf.data(), static_cast<std::size_t>(f.gcount())) != 1) {
+      return Error(Errc::crypto_failure, "SHA-256 failed");
+    }
+  }
+  if (f.bad()) return Error(Errc::os_failure, "cannot read " + path);
+  std::array<std::uint8_t, kSha256Size> out{};
+  unsigned n = 0;
+  if (EVP_DigestFinal_ex(ctx.get(), out.data(), &n) != 1) {
+    return Error(Errc::crypto_failure, "SHA-256 failed");
+  }
+  return to_hex(out);
+}
+
+std::string request_file_text(const Request& r, const EcSignature& sig) {
+  std::string t = "gridseal-operator-request 1\noperator " + r.operator_name + "\ncommand " +
+                  hex_of(r.command) + "\n";
+  for (const auto& [n, v] : r.args) t += "arg " + hex_of(n) + " " + hex_of(v) + "\n";
+  t += "nonce " + to_hex(r.nonce) + "\ntime " + std::to_string(r.time) + "\nsignature " +
+       to_hex(sig) + "\n";
+  return t;
+}
+
+Result<std::pair<Request, EcSignature>> parse_request_file(std::string_view text) {
+  if (text.size() > kMaxRequestFile) return Error(Errc::too_large, "request file too large");
+  Request r;
+  EcSignature sig{};
+  bool have_sig = false, have_nonce = false, have_time = false, have_header = false;
+  std::istringstream in{std::string(text)};
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty()) continue;
+    auto bad = [&](const std::string& why) {
+      return Error(Errc::bad_value, "request file line " + std::to_string(n) + ": " + why);
+    };
+    auto sp = line.find(' ');
+    std::string key = line.substr(0, sp);
+    std::string val = sp == std::string::npos ? "" : line.substr(sp + 1);
+    if (!have_header) {
+      if (line != "gridseal-operator-request 1") return bad("not a gridseal operator request");
+      have_header = true;
+    } else if (key == "operator") {
+      r.operator_name = val;
+    } else if (key == "command") {
+      auto c = text_of_hex(val);
+      if (!c) return bad("command is not hex");
+      r.command = *c;
+    } else if (key == "arg") {
+      auto sp2 = val.find(' ');
+      if (sp2 == std::string::npos) return bad("arg needs a name and a value");
+      auto an = text_of_hex(val.substr(0, sp2));
+      auto av = text_of_hex(val.substr(sp2 + 1));
+      if (!an || !av) return bad("arg is not hex");
+      if (r.args.size() >= kMaxArgs) return bad("too many arguments");
+      r.args.emplace_back(*an, *av);
+    } else if (key == "nonce") {
+      auto b = from_hex(val);
+      if (!b || b->size() != kNonceSize) return bad("nonce must be 16 bytes in hex");
+      r.nonce = *b;
+      have_nonce = true;
+    } else if (key == "time") {
+      if (val.empty() || val.size() > 12 || val.find_first_not_of("0123456789") != val.npos) {
+        return bad("time must be UTC seconds");
+      }
+      r.time = std::stoll(val);
+      have_time = true;
+    } else if (key == "signature") {
+      auto b = from_hex(val);
+      if (!b || b->size() != kEcSignatureSize) return bad("signature must be 64 bytes in hex");
+      std::copy(b->begin(), b->end(), sig.begin());
+      have_sig = true;
+    } else {
+      return bad("unknown field '" + key.substr(0, 32) + "'");
+    }
+  }
+  if (!have_header || !have_sig || !have_nonce || !have_time || r.command.empty()) {
+    return Error(Errc::missing_element,
+                 "request file incomplete (needs operator, command, nonce, time, signature)");
+  }
+  GS_TRY(canonicalize(r));
+  return std::pair{std::move(r), sig};
+}
+
+std::string describe(const Request& r) {
+  std::string s = r.command;
+  for (const auto& [n, v] : r.args) {
+    s += " " + n + "=" + (v.size() > 80 ? v.substr(0, 77) + "..." : v);
+  }
+  // Arguments from a request file are anybody's bytes: no control characters to the terminal.
+  return audit::clip(s, 1024);
+}
+
+// ---- Registry ----------------------------------------------------------------------------
+
+Result<std::vector<Operator>> Registry::list(bool include_removed) {
+  GS_ASSIGN(auto st, db_->prepare(std::string(kColumns) +
+                                  (include_removed ? "" : "WHERE removed_at IS NULL ") +
+                                  "ORDER BY name"));
+  std::vector<Operator> out;
+  while (true) {
+    GS_ASSIGN(db::Step s, st.step());
+    if (s == db::Step::done) break;
+    GS_ASSIGN(auto o, read_row(st));
+    out.push_back(std::move(o));
+  }
+  return out;
+}
+
+Result<std::optional<Operator>> Registry::find(std::string_view name) {
+  GS_ASSIGN(auto st, db_->prepare(std::string(kColumns) + "WHERE name = ?1"));
+  st.bind(1, name);
+  GS_ASSIGN(db::Step s, st.step());
+  if (s == db::Step::done) return std::optional<Operator>{};
+  GS_ASSIGN(auto o, read_row(st));
+  return std::optional<Operator>(std::move(o));
+}
+
+Result<std::int64_t> Registry::active_count(std::optional<Role> role) {
+  GS_ASSIGN(auto st, db_->prepare(role ? "SELECT count(*) FROM operators WHERE removed_at IS "
+                                         "NULL AND role = ?1"
+                                       : "SELECT count(*) FROM operators WHERE removed_at IS NULL"));
+  if (role) st.bind(1, std::string_view(to_string(*role)));
+  GS_ASSIGN(db::Step s, st.step());
+  (void)s;
+  return st.int64(0);
+}
+
+Status Registry::enroll(const Operator& op) {
+  if (!valid_name(op.name)) {
+    return {Errc::invalid_argument, "operator name must be 1..64 of A-Z a-z 0-9 . _ -"};
+  }
+  if (op.public_key.size() != kEcPointSize || !HostEcKey::from_public(op.public_key).ok()) {
+    return {Errc::invalid_argument, "operator public key must be a P-256 point"};
+  }
+  GS_ASSIGN(auto existing, find(op.name));
+  if (existing) {
+    return {Errc::conflict, "operator '" + op.name + "' " +
+                                (existing->active() ? "is already enrolled"
+                                                    : "was removed; names are never reused")};
+  }
+  GS_ASSIGN(auto n, active_count(Role::security_officer));
+  if (n == 0 && op.role != Role::security_officer) {
+    return {Errc::conflict, "the first operator must be a security-officer"};
+  }
+  GS_ASSIGN(auto st, db_->prepare("INSERT INTO operators (name, role, public_key, enrolled_at, "
+                                  "enrolled_by, removed_by) VALUES (?1, ?2, ?3, ?4, ?5, '')"));
+  st.bind(1, op.name).bind(2, std::string_view(to_string(op.role))).bind(3, ByteView(op.public_key));
+  st.bind(4, op.enrolled_at).bind(5, op.enrolled_by);
+  return st.run();
+}
+
+Status Registry::remove(std::string_view name, std::string_view by, std::int64_t now) {
+  GS_ASSIGN(auto op, find(name));
+  if (!op || !op->active()) {
+    return {Errc::not_found, "no enrolled operator '" + std::string(name) + "'"};
+  }
+  if (op->role == Role::security_officer) {
+    GS_ASSIGN(auto n, active_count(Role::security_officer));
+    if (n <= 1) {
+      return {Errc::conflict, "'" + op->name +
+                                  "' is the last security-officer: enrol another one first"};
+    }
+  }
+  GS_ASSIGN(auto st, db_->prepare("UPDATE operators SET removed_at = ?2, removed_by = ?3 "
+                                  "WHERE name = ?1 AND removed_at IS NULL"));
+  st.bind(1, name).bind(2, now).bind(3, by);
+  return st.run();
+}
+
+Result<Nonce> Registry::issue_nonce(std::int64_t ttl, std::int64_t now) {
+  if (ttl < 1 || ttl > kMaxNonceTtl) {
+    return Error(Errc::invalid_argument,
+                 "nonce lifetime must be 1.." + std::to_string(kMaxNonceTtl) + " seconds");
+  }
+  Nonce n;
+  n.value.resize(kNonceSize);
+  if (RAND_bytes(n.value.data(), static_cast<int>(kNonceSize)) != 1) {
+    return Error(Errc::crypto_failure, "no randomness for a nonce");
+  }
+  n.expires_at = now + ttl;
+  GS_ASSIGN(auto tx, db::Transaction::begin(*db_));
+  GS_ASSIGN(auto del, db_->prepare("DELETE FROM operator_nonces WHERE expires_at <= ?1"));
+  del.bind(1, now);
+  GS_TRY(del.run());
+  GS_ASSIGN(auto cnt, db_->prepare("SELECT count(*) FROM operator_nonces"));
+  GS_ASSIGN(db::Step s, cnt.step());
+  (void)s;
+  if (cnt.int64(0) >= kMaxOutstandingNonces) {
+    return Error(Errc::busy, "too many outstanding operator nonces; retry later");
+  }
+  cnt.reset();
+  GS_ASSIGN(auto ins, db_->prepare(
+                          "INSERT INTO operator_nonces (nonce, created_at, expires_at) "
+                          "VALUES (?1, ?2, ?3)"));
+  ins.bind(1, ByteView(n.value)).bind(2, now).bind(3, n.expires_at);
+  GS_TRY(ins.run());
+  GS_TRY(tx.commit());
+  return n;
+}
+
+Status Registry::consume_nonce(ByteView nonce, std::int64_t now) {
+  GS_ASSIGN(auto sel, db_->prepare("SELECT expires_at FROM operator_nonces WHERE nonce = ?1"));
+  sel.bind(1, nonce);
+  GS_ASSIGN(db::Step s, sel.step());
+  if (s == db::Step::done) {
+    return {Errc::not_found, "nonce unknown or already used (a replayed or foreign request)"};
+  }
+  std::int64_t expires = sel.int64(0);
+  sel.reset();
+  GS_ASSIGN(auto del, db_->prepare("DELETE FROM operator_nonces WHERE nonce = ?1"));
+  del.bind(1, nonce);
+  GS_TRY(del.run());
+  if (expires <= now) {
+    return {Errc::conflict, "nonce expired " + std::to_string(now - expires) +
+                                " s ago: take a fresh one (`gridseal operators challenge`)"};
+  }
+  return {};
+}
+
+Result<Operator> authorize(Registry& reg, const Request& r, const EcSignature& sig,
+                           const CommandRule& rule, std::int64_t now) {
+  // The nonce goes first and whatever follows: one nonce, one decision.
+  Status nonce = r.nonce.size() == kNonceSize
+                     ? reg.consume_nonce(r.nonce, now)
+                     : Status(Errc::bad_value, "request nonce must be 16 bytes");
+  GS_ASSIGN(auto op, reg.find(r.operator_name));
+  if (!op) return Error(Errc::not_found, "unknown operator '" + r.operator_name + "'");
+  if (!op->active()) {
+    return Error(Errc::conflict, "operator '" + op->name + "' was removed by " + op->removed_by);
+  }
+  if (!allows(rule, op->role)) {
+    return Error(Errc::conflict, "operator '" + op->name + "' (" + to_string(op->role) +
+                                     ") may not run `" + r.command + "` (needs " +
+                                     roles_text(rule.roles) + ")");
+  }
+  auto key = HostEcKey::from_public(op->public_key);
+  if (!key.ok()) return Error(Errc::storage_failure, "stored key of '" + op->name + "' unusable");
+  GS_ASSIGN(auto digest, request_digest(r));
+  if (!key->verify(digest, sig).ok()) {
+    return Error(Errc::bad_signature,
+                 "signature does not verify with the key of operator '" + op->name +
+                     "' (wrong key, or signed for other arguments)");
+  }
+  if (!nonce.ok()) return std::move(nonce).error();
+  if (r.time < now - kMaxClockSkew - kMaxNonceTtl || r.time > now + kMaxClockSkew) {
+    return Error(Errc::conflict, "request time is too far from the appliance's clock");
+  }
+  return std::move(op).value();
+}
+
+}  // namespace gs::operators

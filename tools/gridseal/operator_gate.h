@@ -1,0 +1,90 @@
+// The operator gate of the `gridseal` CLI: after parsing and before any command runs, a
+// state-changing command must carry a signed request from an enrolled operator whose role allows
+// it (src/operators.h). The decision, the nonce it consumes and its audit record commit together.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "gridseal/bytes.h"
+#include "src/audit.h"
+#include "src/config.h"
+#include "src/sqlite.h"
+
+namespace gs::cli {
+
+// Thrown by the gate to stop the parse before the command's callback runs; main() prints
+// `what()` (when not empty) and exits with `code`.
+class GateStop : public std::runtime_error {
+ public:
+  GateStop(int code, const std::string& what) : std::runtime_error(what), code_(code) {}
+  int code() const noexcept { return code_; }
+
+ private:
+  int code_;
+};
+
+class Gate;
+// The gate of this process's CLI (Mode::run), for commands that record who ran them.
+const Gate* current_gate() noexcept;
+
+class Gate {
+ public:
+  enum class Mode : std::uint8_t {
+    run,   // the normal CLI: verify before the command runs
+    sign,  // `operators sign-request`: build and sign the request, write it, run nothing
+  };
+  explicit Gate(Mode mode = Mode::run) : mode_(mode) {}
+
+  // Adds --operator/--operator-key/--request to every state-changing leaf command of `app` and
+  // installs the check as `app`'s parse-complete callback (it runs before any sub-command's).
+  void install(CLI::App& app);
+
+  // For Mode::sign: the operator, key file, nonce (hex), and the file to write.
+  void set_signing(std::string operator_name, std::string key_file, Bytes nonce,
+                   std::string out_file);
+
+  // After the command ran: appends its outcome to the audit trail when a signed request was
+  // accepted (best effort: a failure is reported on stderr).
+  void finish(int exit_code);
+
+  // Who runs this command, for records the command writes itself: "operator:<name>" once a
+  // signed request was accepted, else "bootstrap:<unix user>".
+  std::string actor() const;
+  bool authorized() const noexcept { return accepted_.has_value(); }
+
+ private:
+  void check(CLI::App& app);
+
+  Mode mode_;
+  std::string name_, key_file_, request_file_;
+  Bytes sign_nonce_;
+  std::string sign_out_;
+  std::string config_path_;
+  std::string command_;
+  std::optional<std::string> accepted_;  // operator name
+};
+
+// The whole `gridseal` command tree (main.cc): sign-request parses a command with it.
+void build_app(CLI::App& app, int& exit_code, Gate& gate);
+
+// Runs `action` and appends the audit events it returns in one BEGIN IMMEDIATE transaction on
+// `db`, through the configured HSM (the trail's anchor). When `action` fails, its events (a
+// refusal, with whatever the refusal itself must keep, such as a consumed nonce) are still
+// committed; with no events nothing is. Returns the action's status, or the audit's failure.
+// `unrecorded_ok`: when the trail refuses the append because it was tampered with (Errc::conflict,
+// the state `audit reset-anchor` exists to resolve), the action's own writes are committed
+// without the record, and a warning says so.
+Status audited(const config::Config& cfg, db::Db& db,
+               const std::function<Status(db::Db&, std::vector<audit::Event>&)>& action,
+               bool unrecorded_ok = false);
+
+// The Unix user running the CLI (for bootstrap and unsigned actors).
+std::string unix_user();
+
+}  // namespace gs::cli
