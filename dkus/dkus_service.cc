@@ -210,14 +210,8 @@ Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, 
                     "worker), no good MAC since",
                     {}, [raw] { return static_cast<double>(raw->mac_failures_.flagged()); });
   if (cfg.audit.enabled) {
-    audit::WriterOptions wo;
-    wo.max_batch = cfg.audit.batch_max;
-    wo.max_delay = std::chrono::microseconds(cfg.audit.batch_delay_us);
-    wo.max_pending = cfg.audit.max_pending;
-    wo.checkpoint_interval = std::chrono::seconds(cfg.audit.checkpoint_interval_s);
-    wo.anchor_interval = std::chrono::milliseconds(cfg.audit.anchor_interval_ms);
-    wo.program = "gridseal-dkusd";
-    auto w = audit::Writer::open(cfg.base.store.path, hsm, wo, &registry);
+    auto w = audit::Writer::open(cfg.base.store.path, hsm,
+                                 daemon::audit_writer_options(cfg.audit, "gridseal-dkusd"), &registry);
     if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
     s->audit_ = std::move(w).value();
   }
@@ -245,23 +239,11 @@ metrics::Health DkusService::health() const {
 }
 
 Status DkusService::record_start(int worker) {
-  if (!audit_) return {};
-  audit::Detail d;
-  d.add("worker", worker).add("pid", static_cast<std::int64_t>(::getpid()));
-  d.add("audit_anchor", audit::anchor_state_name(audit_->start_check().state));
-  return audit_->append({0, audit::kSystemActor, "start", "gridseal-dkusd", d.str()});
+  return audit_ ? audit::record_worker_start(*audit_, "gridseal-dkusd", worker) : Status{};
 }
 
 void DkusService::record_stop(int worker) {
-  if (!audit_) return;
-  audit::Detail d;
-  d.add("worker", worker).add("pid", static_cast<std::int64_t>(::getpid()));
-  if (Status st = audit_->append({0, audit::kSystemActor, "stop", "gridseal-dkusd", d.str()});
-      !st.ok()) {
-    std::fprintf(stderr, "gridseal-dkusd: worker %d: audit stop record: %s\n", worker,
-                 st.error().message().c_str());
-  }
-  audit_->stop();
+  if (audit_) audit::record_worker_stop(*audit_, "gridseal-dkusd", worker);
 }
 
 // What the audit keeps of a request: who (the TLS client subject of the collection engine), the

@@ -39,13 +39,9 @@ int check(const gs::dkus::DkusConfig& cfg) {
   if (!service.ok()) return fail(service.error().message());
   if (auto st = (*service)->warm_up(); !st.ok()) return fail(st.error().message());
   if (cfg.audit.enabled) {
-    auto db = gs::db::Db::open(cfg.base.store.path, {.create = false});
-    if (!db.ok()) return fail(db.error().message());
-    auto audit = gs::audit::check_store(*db, *hsm);
-    if (!audit.ok()) return fail("audit trail: " + audit.error().message());
-    if (!audit->ok()) return fail("audit trail check failed: " + audit->message);
-    std::printf("gridseal-dkusd: audit trail %s: %s\n",
-                gs::audit::anchor_state_name(audit->state), audit->message.c_str());
+    if (auto st = gs::daemon::check_audit_trail(kName, cfg.base.store.path, *hsm); !st.ok()) {
+      return fail(st.error().message());
+    }
   }
   if (cfg.rollover.enabled) {
     auto engine = gs::dkus::RolloverEngine::create(cfg, *hsm, registry);

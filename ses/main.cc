@@ -40,13 +40,9 @@ int check(const gs::ses::SesConfig& cfg, gs::policy::Policy pol) {
   if (!service.ok()) return fail(service.error().message());
   if (auto st = (*service)->warm_up(); !st.ok()) return fail(st.error().message());
   if (cfg.audit.enabled) {
-    auto db = gs::db::Db::open(cfg.base.store.path, {.create = false});
-    if (!db.ok()) return fail(db.error().message());
-    auto audit = gs::audit::check_store(*db, *hsm);
-    if (!audit.ok()) return fail("audit trail: " + audit.error().message());
-    if (!audit->ok()) return fail("audit trail check failed: " + audit->message);
-    std::printf("gridseal-sesd: audit trail %s: %s\n", gs::audit::anchor_state_name(audit->state),
-                audit->message.c_str());
+    if (auto st = gs::daemon::check_audit_trail(kName, cfg.base.store.path, *hsm); !st.ok()) {
+      return fail(st.error().message());
+    }
   }
   std::printf("gridseal-sesd: configuration ok\n");
   return 0;

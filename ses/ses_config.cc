@@ -49,19 +49,7 @@ Result<SesConfig> load_ses_config(const std::string& path) {
   GS_TRY(get_int(*ses, "meter_cache_ttl_ms", path, p, 0, 3600000, c.meter_cache_ttl_ms));
   GS_TRY(get_int(*ses, "id_block_size", path, p, 1, 1 << 24, c.id_block_size));
 
-  GS_ASSIGN(const toml::table* au, get_table(root, "audit", path));
-  if (au != nullptr) {
-    const std::string a = "audit.";
-    GS_TRY(check_keys(*au, path, a,
-                      {"enabled", "checkpoint_interval_s", "anchor_interval_ms", "batch_max",
-                       "batch_delay_us", "max_pending"}));
-    GS_TRY(get_bool(*au, "enabled", path, a, c.audit.enabled));
-    GS_TRY(get_int(*au, "checkpoint_interval_s", path, a, 0, 86400, c.audit.checkpoint_interval_s));
-    GS_TRY(get_int(*au, "anchor_interval_ms", path, a, 0, 3600000, c.audit.anchor_interval_ms));
-    GS_TRY(get_int(*au, "batch_max", path, a, 1, 65536, c.audit.batch_max));
-    GS_TRY(get_int(*au, "batch_delay_us", path, a, 0, 1000000, c.audit.batch_delay_us));
-    GS_TRY(get_int(*au, "max_pending", path, a, 1, 1 << 24, c.audit.max_pending));
-  }
+  GS_TRY(daemon::parse_audit_table(root, path, c.audit));
   return c;
 }
 

@@ -10,20 +10,14 @@
 #include "gridseal/bytes.h"
 #include "gridseal/result.h"
 #include "src/config.h"
+#include "src/daemon_config.h"
 #include "src/metrics.h"
 #include "src/server.h"
 
 namespace gs::ses {
 
-// [audit]: the tamper-evident audit trail (src/audit.h).
-struct AuditConfig {
-  bool enabled = true;                      // audit.enabled
-  std::uint32_t checkpoint_interval_s = 60; // audit.checkpoint_interval_s (0: every transaction)
-  std::uint32_t anchor_interval_ms = 1000;  // audit.anchor_interval_ms (0: every transaction)
-  std::uint32_t batch_max = 512;            // audit.batch_max: records per transaction
-  std::uint32_t batch_delay_us = 1000;      // audit.batch_delay_us: wait for more records
-  std::uint32_t max_pending = 65536;        // audit.max_pending: queued records (then bsy)
-};
+// [audit]: the tamper-evident audit trail (src/audit.h), the same keys for both daemons.
+using AuditConfig = daemon::AuditConfig;
 
 struct SesConfig {
   config::Config base;             // base_oid, [hsm], [store]

@@ -81,14 +81,8 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
   registry.gauge_fn("gridseal_ses_invocation_ids_issued", "Invocation ids issued", {},
                     [raw] { return static_cast<double>(raw->ids_.stats().ids_issued); });
   if (cfg.audit.enabled) {
-    audit::WriterOptions wo;
-    wo.max_batch = cfg.audit.batch_max;
-    wo.max_delay = std::chrono::microseconds(cfg.audit.batch_delay_us);
-    wo.max_pending = cfg.audit.max_pending;
-    wo.checkpoint_interval = std::chrono::seconds(cfg.audit.checkpoint_interval_s);
-    wo.anchor_interval = std::chrono::milliseconds(cfg.audit.anchor_interval_ms);
-    wo.program = "gridseal-sesd";
-    auto w = audit::Writer::open(cfg.base.store.path, hsm, wo, &registry);
+    auto w = audit::Writer::open(cfg.base.store.path, hsm,
+                                 daemon::audit_writer_options(cfg.audit, "gridseal-sesd"), &registry);
     if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
     s->audit_ = std::move(w).value();
   }
@@ -418,23 +412,11 @@ void SesService::handle(const server::RequestContext& ctx, Bytes request, server
 }
 
 Status SesService::record_start(int worker) {
-  if (!audit_) return {};
-  audit::Detail d;
-  d.add("worker", worker).add("pid", static_cast<std::int64_t>(::getpid()));
-  d.add("audit_anchor", audit::anchor_state_name(audit_->start_check().state));
-  return audit_->append({0, audit::kSystemActor, "start", "gridseal-sesd", d.str()});
+  return audit_ ? audit::record_worker_start(*audit_, "gridseal-sesd", worker) : Status{};
 }
 
 void SesService::record_stop(int worker) {
-  if (!audit_) return;
-  audit::Detail d;
-  d.add("worker", worker).add("pid", static_cast<std::int64_t>(::getpid()));
-  if (Status st = audit_->append({0, audit::kSystemActor, "stop", "gridseal-sesd", d.str()});
-      !st.ok()) {
-    std::fprintf(stderr, "gridseal-sesd: worker %d: audit stop record: %s\n", worker,
-                 st.error().message().c_str());
-  }
-  audit_->stop();
+  if (audit_) audit::record_worker_stop(*audit_, "gridseal-sesd", worker);
 }
 
 }  // namespace gs::ses

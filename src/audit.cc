@@ -2,6 +2,7 @@
 #include "src/audit.h"
 
 #include <openssl/bn.h>
+#include <unistd.h>
 #include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 
@@ -1420,6 +1421,24 @@ Result<ExportSummary> export_jsonl(db::Db& db, const ExportOptions& opt, std::FI
   cps.reset();
   if (std::fflush(out) != 0) return Error(Errc::storage_failure, "cannot write the export");
   return sum;
+}
+
+Status record_worker_start(Writer& w, std::string_view program, int worker) {
+  Detail d;
+  d.add("worker", worker).add("pid", static_cast<std::int64_t>(::getpid()));
+  d.add("audit_anchor", anchor_state_name(w.start_check().state));
+  return w.append({0, kSystemActor, "start", std::string(program), d.str()});
+}
+
+void record_worker_stop(Writer& w, std::string_view program, int worker) {
+  Detail d;
+  d.add("worker", worker).add("pid", static_cast<std::int64_t>(::getpid()));
+  if (Status st = w.append({0, kSystemActor, "stop", std::string(program), d.str()}); !st.ok()) {
+    std::fprintf(stderr, "%.*s: worker %d: audit stop record: %s\n",
+                 static_cast<int>(program.size()), program.data(), worker,
+                 st.error().message().c_str());
+  }
+  w.stop();
 }
 
 }  // namespace gs::audit

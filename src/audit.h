@@ -439,6 +439,13 @@ class Writer {
   metrics::Histogram* m_batch_ = nullptr;
 };
 
+// A daemon worker's `start` record (worker, pid, the anchor state the writer found at open),
+// durable before the worker serves.
+Status record_worker_start(Writer& w, std::string_view program, int worker);
+// Its `stop` record (a failure is logged on stderr), then w.stop(): final checkpoint, anchor
+// sealed.
+void record_worker_stop(Writer& w, std::string_view program, int worker);
+
 // ---- verification and export ---------------------------------------------------------------
 
 struct Finding {

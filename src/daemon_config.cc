@@ -65,6 +65,17 @@ Status parse_audit_table(const toml::table& root, const std::string& file, Audit
   return {};
 }
 
+audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string program) {
+  audit::WriterOptions wo;
+  wo.max_batch = c.batch_max;
+  wo.max_delay = std::chrono::microseconds(c.batch_delay_us);
+  wo.max_pending = c.max_pending;
+  wo.checkpoint_interval = std::chrono::seconds(c.checkpoint_interval_s);
+  wo.anchor_interval = std::chrono::milliseconds(c.anchor_interval_ms);
+  wo.program = std::move(program);
+  return wo;
+}
+
 Result<toml::table> parse_toml_file(const std::string& path) {
   try {
     return toml::parse_file(path);

@@ -12,6 +12,7 @@
 
 #include "gridseal/bytes.h"
 #include "gridseal/result.h"
+#include "src/audit.h"
 #include "src/config.h"
 #include "src/server.h"
 
@@ -42,6 +43,8 @@ struct AuditConfig {
 
 // Parses [audit] of `root` (absent: the defaults already in `out`); errors name the key.
 Status parse_audit_table(const toml::table& root, const std::string& file, AuditConfig& out);
+// The audit::Writer options [audit] gives, for `program`'s records.
+audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string program);
 
 // Parses a whole TOML file; syntax errors name the file, line and column.
 Result<toml::table> parse_toml_file(const std::string& path);

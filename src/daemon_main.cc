@@ -12,6 +12,9 @@
 #include <thread>
 #include <utility>
 
+#include "src/audit.h"
+#include "src/sqlite.h"
+
 namespace gs::daemon {
 
 namespace {
@@ -40,6 +43,17 @@ sigset_t daemon_signals() {
 }
 
 }  // namespace
+
+Status check_audit_trail(const std::string& name, const std::string& store_path, HsmContext& hsm) {
+  auto db = db::Db::open(store_path, {.create = false});
+  if (!db.ok()) return std::move(db).error();
+  auto found = audit::check_store(*db, hsm);
+  if (!found.ok()) return Error(found.error().code, "audit trail: " + found.error().message());
+  if (!found->ok()) return Error(Errc::conflict, "audit trail check failed: " + found->message);
+  std::printf("%s: audit trail %s: %s\n", name.c_str(), audit::anchor_state_name(found->state),
+              found->message.c_str());
+  return {};
+}
 
 int fail(const std::string& name, const std::string& what) {
   std::fprintf(stderr, "%s: %s\n", name.c_str(), what.c_str());

@@ -45,6 +45,10 @@ int parse_args(int argc, char** argv, const std::string& name, const char* usage
 // Prints "<name>: <what>" on stderr; returns 1.
 int fail(const std::string& name, const std::string& what);
 
+// `--check` with [audit] on: the trail in the store at `store_path` against the HSM anchor,
+// read only; prints "<name>: audit trail <state>: <finding>". An error says what failed.
+Status check_audit_trail(const std::string& name, const std::string& store_path, HsmContext& hsm);
+
 // In a worker: the HSM with at least `threads` sessions; transient refusals (another process
 // initialising the module at the same instant) are retried a few times.
 Result<HsmContext> open_worker_hsm(config::HsmConfig cfg, std::size_t threads,

@@ -136,11 +136,11 @@ TEST(AuditEncoding, KnownAnswers) {
   bad = audit::anchor_encoding(h, AnchorMark::committed);
   bad.pop_back();
   EXPECT_FALSE(audit::anchor_decode(bad).has_value());
-  for (const std::string& b :
+  for (const std::string& text :
        std::vector<std::string>{"GSAA1 042 " + hx + " R", "GSAA1 -1 " + hx + " R",
                                 "GSAA1 99999999999999999999 " + hx + " R", "GSAA1 42 " + hx + " R",
                                 "GSAA1 42 " + hx, "garbage"}) {
-    EXPECT_FALSE(audit::anchor_decode(b).has_value()) << b;
+    EXPECT_FALSE(audit::anchor_decode(text).has_value()) << text;
   }
 }
 
