@@ -342,14 +342,8 @@ int run_dkus(int argc, char** argv) {
 
   if (!a.has("fleet")) return usage_error("--fleet FLEET is required", usage_dkus);
   o.target.port = static_cast<std::uint16_t>(*port);
-  o.target.plain = a.has("plain");
-  if (!o.target.plain) {
-    o.target.ca_file = a.str("ca");
-    o.target.cert_file = a.str("cert");
-    o.target.key_file = a.str("key");
-    if (o.target.ca_file.empty() || o.target.cert_file.empty() || o.target.key_file.empty()) {
-      return usage_error("TLS needs --ca, --cert and --key (or --plain)", usage_dkus);
-    }
+  if (auto bad_tls = read_tls_target(a, true, o.target); !bad_tls.empty()) {
+    return usage_error(bad_tls, usage_dkus);
   }
   o.connections = *conns;
   o.depth = *depth;

@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "c1222/services.h"
+#include "tools/bench/args.h"
 
 namespace gs::bench {
 
@@ -505,6 +506,18 @@ Result<LoadResult> run_load(const LoadOptions& o) {
   }
   std::sort(r.latency_ns.begin(), r.latency_ns.end());
   return r;
+}
+
+std::string read_tls_target(const Args& a, bool need_tls, Target& t) {
+  t.plain = a.has("plain");
+  if (t.plain || !need_tls) return {};
+  t.ca_file = a.str("ca");
+  t.cert_file = a.str("cert");
+  t.key_file = a.str("key");
+  if (t.ca_file.empty() || t.cert_file.empty() || t.key_file.empty()) {
+    return "TLS needs --ca, --cert and --key (or --plain)";
+  }
+  return {};
 }
 
 }  // namespace gs::bench

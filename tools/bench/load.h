@@ -30,6 +30,11 @@ struct Target {
   std::string ca_file, cert_file, key_file;  // TLS
 };
 
+class Args;
+// --plain, or the TLS files --ca, --cert and --key (all three when `need_tls`); the error says
+// what is missing (empty: fine).
+std::string read_tls_target(const Args& a, bool need_tls, Target& t);
+
 struct LoadOptions {
   Target target;
   std::size_t connections = 16;

@@ -171,14 +171,8 @@ int run_ses(int argc, char** argv) {
   auto warmup = a.num("warmup", std::min(1.0, *duration / 5), 0, 3600);
   if (!warmup.ok()) return usage_error(warmup.error().message(), usage_ses);
   o.target.port = static_cast<std::uint16_t>(*port);
-  o.target.plain = a.has("plain");
-  if (!o.target.plain && !a.has("hsm-only")) {
-    o.target.ca_file = a.str("ca");
-    o.target.cert_file = a.str("cert");
-    o.target.key_file = a.str("key");
-    if (o.target.ca_file.empty() || o.target.cert_file.empty() || o.target.key_file.empty()) {
-      return usage_error("TLS needs --ca, --cert and --key (or --plain)", usage_ses);
-    }
+  if (auto bad_tls = read_tls_target(a, !a.has("hsm-only"), o.target); !bad_tls.empty()) {
+    return usage_error(bad_tls, usage_ses);
   }
   o.connections = *conns;
   o.depth = *depth;
