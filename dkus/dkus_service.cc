@@ -544,6 +544,7 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
   sopt.base_oid = cfg_.base_oid;
   const store::KeySlot* slot = meter->slot_for_key_id(key_id);
   Result<c1222::Opened> opened = Error(Errc::bad_mac, "MAC does not verify");
+  std::optional<std::string> key_error;
   for (bool reread = !from_cache;;) {
     if (usable(slot)) {
       // MAC (constant time, in the codec) and decryption, under the key in the HSM.
@@ -554,12 +555,21 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
           static_cast<std::uint64_t>(meter->row) * store::kSlotsPerMeter +
           static_cast<std::uint64_t>(slot->slot);
       hsm::KeyAux* aux = nullptr;
-      auto handle = w.keys->get(key_ref, slot->wrapped, &aux);
-      if (!handle.ok()) return hsm_refusal(handle.error().message());
-      auto eax = eax_for_key(*w.aes, *handle, aux);
-      if (!eax.ok()) return hsm_refusal(eax.error().message());
-      opened = c1222::open(m, [&](std::uint8_t) { return &*eax; }, sopt);
-      if (opened.ok() || opened.error().code != Errc::bad_mac) break;
+      auto handle = w.meter_key(key_ref, *slot, &aux);
+      if (!handle.ok()) {
+        // A cached record may name a KEK generation destroyed since a rotation re-wrapped the
+        // slot (src/kek_rotation.h): read once more before this counts as an HSM failure.
+        if (reread || (w.lease && (*w.lease)->lost())) {
+          return hsm_refusal(handle.error().message());
+        }
+        key_error = handle.error().message();
+      } else {
+        key_error.reset();
+        auto eax = eax_for_key(*w.aes, *handle, aux);
+        if (!eax.ok()) return hsm_refusal(eax.error().message());
+        opened = c1222::open(m, [&](std::uint8_t) { return &*eax; }, sopt);
+        if (opened.ok() || opened.error().code != Errc::bad_mac) break;
+      }
     }
     if (reread) break;
     reread = true;
@@ -574,6 +584,7 @@ DkusService::Outcome DkusService::process(const server::RequestContext& ctx, Byt
     slot = meter->slot_for_key_id(key_id);
     if (!usable(slot) || (was_usable && slot->wrapped == was_wrapped)) break;  // nothing new
   }
+  if (key_error) return hsm_refusal(*key_error);
   if (!usable(slot)) {
     if (meter->state != store::MeterState::active) return meter_refused();
     return sme("bad_key_id", "no usable key for key id " + std::to_string(key_id) +

@@ -588,7 +588,9 @@ struct RolloverEngine::Impl {
   // ---- the HSM side -------------------------------------------------------------------------
 
   // DESIGN §3.2: an ephemeral pair, Z = ECDH(ephemeral, meter key), the new key derived from Z
-  // and the context, wrapped under gs-kek; every session object destroyed again.
+  // and the context, wrapped under the current KEK generation (read now: a rotation may have
+  // switched it since the last key; a key wrapped under a generation that is draining meanwhile
+  // is re-wrapped by the rotation); every session object destroyed again.
   Result<store::PreparedKey> derive(const store::Meter& m, const store::SlotChoice& c,
                                     std::int64_t campaign) {
     hsm::Session& s = hs.lease->session();
@@ -611,13 +613,16 @@ struct RolloverEngine::Impl {
     GS_ASSIGN(Sha256Digest digest, sha256(context_input));
     const ByteView context(digest.data(), c1222::kKeyContextSize);
     GS_ASSIGN(key, hsm::derive_meter_key(s, kp.private_key, m.public_key, context));
-    GS_ASSIGN(Bytes wrapped, hsm::wrap_key(s, hs.kek, key));
+    GS_ASSIGN(const std::uint32_t gen, kek::current_generation(ks->db()));
+    GS_ASSIGN(const hsm::ObjectHandle kek_h, hs.kek_handle(gen));
+    GS_ASSIGN(Bytes wrapped, hsm::wrap_key(s, kek_h, key));
     store::PreparedKey pk;
     pk.campaign = campaign;
     pk.meter_row = m.row;
     pk.target_slot = c.target_slot;
     pk.key_version = c.key_version;
     pk.wrapped = std::move(wrapped);
+    pk.kek = gen;
     pk.ephemeral_point.assign(point.begin(), point.end());
     pk.seal_slot = c.seal_slot;
     return pk;
@@ -628,7 +633,7 @@ struct RolloverEngine::Impl {
     const std::uint64_t ref = static_cast<std::uint64_t>(m.row) * store::kSlotsPerMeter +
                               static_cast<std::uint64_t>(slot.slot);
     hsm::KeyAux* aux = nullptr;
-    GS_ASSIGN(hsm::ObjectHandle h, hs.keys->get(ref, slot.wrapped, &aux));
+    GS_ASSIGN(hsm::ObjectHandle h, hs.meter_key(ref, slot, &aux));
     return eax_for_key(*hs.aes, h, aux);
   }
 

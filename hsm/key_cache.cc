@@ -22,14 +22,15 @@ void MeterKeyCache::drop(std::list<Entry>::iterator it) {
   lru_.erase(it);
 }
 
-Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ByteView wrapped, KeyAux** aux) {
+Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ObjectHandle kek, ByteView wrapped,
+                                        KeyAux** aux) {
   if (wrapped.empty() || wrapped.size() > kMaxWrappedKeySize) {
     return Error(Errc::bad_length, "wrapped meter key size");
   }
   auto found = map_.find(id);
   if (found != map_.end()) {
     auto it = found->second;
-    if (it->wrapped_len == wrapped.size() &&
+    if (it->kek == kek && it->wrapped_len == wrapped.size() &&
         std::memcmp(it->wrapped.data(), wrapped.data(), wrapped.size()) == 0) {
       lru_.splice(lru_.begin(), lru_, it);
       ++hits_;
@@ -39,11 +40,11 @@ Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ByteView wrapped, KeyA
     drop(it);  // a new key for this id
   }
   ++misses_;
-  GS_ASSIGN(ObjectHandle h, unwrap_meter_key(*session_, kek_, wrapped));
+  GS_ASSIGN(ObjectHandle h, unwrap_meter_key(*session_, kek, wrapped));
   while (lru_.size() >= capacity_) {
     drop(std::prev(lru_.end()));
   }
-  Entry e{id, h, {}, wrapped.size(), {}};
+  Entry e{id, h, kek, {}, wrapped.size(), {}};
   std::memcpy(e.wrapped.data(), wrapped.data(), wrapped.size());
   lru_.push_front(e);
   map_[id] = lru_.begin();

@@ -34,7 +34,13 @@ class MeterKeyCache {
 
   // The handle of the unwrapped key; with `aux`, also the entry's KeyAux (valid until the next
   // call on this cache).
-  Result<ObjectHandle> get(std::uint64_t id, ByteView wrapped, KeyAux** aux = nullptr);
+  Result<ObjectHandle> get(std::uint64_t id, ByteView wrapped, KeyAux** aux = nullptr) {
+    return get(id, kek_, wrapped, aux);
+  }
+  // The same, unwrapping with `kek` (the KEK generation the stored form names); an entry is
+  // reused only for the same KEK and the same stored form.
+  Result<ObjectHandle> get(std::uint64_t id, ObjectHandle kek, ByteView wrapped,
+                           KeyAux** aux = nullptr);
   // Destroys the entry (key state changed: compromised, destroyed, ...).
   void erase(std::uint64_t id);
   // Destroys every entry.
@@ -52,6 +58,7 @@ class MeterKeyCache {
   struct Entry {
     std::uint64_t id;
     ObjectHandle handle;
+    ObjectHandle kek;
     std::array<std::uint8_t, kMaxWrappedKeySize> wrapped;
     std::size_t wrapped_len;
     KeyAux aux;

@@ -12,7 +12,9 @@
 #include "ses/ses_service.h"
 #include "src/audit.h"
 #include "src/daemon_main.h"
+#include "src/key_store.h"
 #include "src/policy.h"
+#include "src/policy_record.h"
 
 namespace {
 
@@ -24,6 +26,37 @@ constexpr const char* kUsage =
 const std::vector<gs::daemon::IntFlag> kWorkerFlags = {{"--limiter-fd", 3, 1 << 20}};
 
 int fail(const std::string& what) { return gs::daemon::fail(kName, what); }
+
+std::string hex(const gs::Sha256Digest& d) { return gs::to_hex(gs::ByteView(d.data(), d.size())); }
+
+// Reads the policy file once (the bytes hashed are the bytes parsed) and, under [policy]
+// ses.require_approved_policy, checks that it is the newest policy applied with
+// `gridseal policy apply`.
+// `who` prefixes the bootstrap warning (none applied yet), printed when `warn`.
+gs::Result<gs::policy::PolicyFile> load_approved_policy(const gs::ses::SesConfig& cfg,
+                                                        const std::string& who, bool warn) {
+  GS_ASSIGN(auto pf, gs::policy::read_policy_file(cfg.policy_file, cfg.base_oid));
+  if (!cfg.require_approved_policy) return pf;
+  auto store = gs::store::KeyStore::open(cfg.base.store.path, {.create = false});
+  if (!store.ok()) {
+    return gs::Error(store.error().code, "ses.require_approved_policy: cannot read the applied "
+                                         "policies: " + store.error().message());
+  }
+  auto approval = gs::policy::check_approved(store->db(), cfg.policy_file, pf.sha256);
+  if (!approval.ok()) {
+    return gs::Error(approval.error().code,
+                     "policy refused (ses.require_approved_policy): " + approval.error().detail);
+  }
+  if (*approval == gs::policy::Approval::bootstrap && warn) {
+    std::fprintf(stderr,
+                 "%s: warning: no policy was ever applied, so %s (sha256 %s) is served "
+                 "unapproved; approve it with `gridseal policy apply %s` (from then on only the "
+                 "newest applied policy is served)\n",
+                 who.c_str(), cfg.policy_file.c_str(), hex(pf.sha256).c_str(),
+                 cfg.policy_file.c_str());
+  }
+  return pf;
+}
 
 // --check: everything a worker opens, in this process, then exit. The audit trail is checked
 // against the HSM anchor but not written to.
@@ -82,15 +115,30 @@ int run_worker(gs::ses::SesConfig cfg, gs::policy::Policy pol, const gs::daemon:
   };
   spec.registry = &registry;
   spec.health = [svc] { return svc->health(); };
-  spec.on_sighup = [svc, &cfg, &me] {
-    auto fresh = gs::policy::load_policy(cfg.policy_file, cfg.base_oid);
-    gs::Status st = fresh.ok() ? svc->reload_policy(std::move(fresh).value())
+  gs::metrics::Counter& reload_refused = registry.counter(
+      "gridseal_ses_policy_reload_refused_total",
+      "SIGHUP policy reloads refused (invalid file, or not the applied policy under "
+      "ses.require_approved_policy): the current policy stayed");
+  spec.on_sighup = [svc, &cfg, &me, &reload_refused] {
+    auto fresh = load_approved_policy(cfg, me, true);
+    gs::Status st = fresh.ok() ? svc->reload_policy(std::move(fresh->policy))
                                : gs::Status(fresh.error());
+    gs::audit::Detail d;
+    if (fresh.ok()) d.add("sha256", hex(fresh->sha256));
     if (st.ok()) {
-      std::fprintf(stderr, "%s: policy reloaded from %s\n", me.c_str(), cfg.policy_file.c_str());
+      std::fprintf(stderr, "%s: policy reloaded from %s (sha256 %s)\n", me.c_str(),
+                   cfg.policy_file.c_str(), hex(fresh->sha256).c_str());
     } else {
+      reload_refused.inc();
+      d.add("reason", gs::audit::clip(st.error().message(), gs::audit::kMaxDetailValue));
       std::fprintf(stderr, "%s: policy not reloaded, the current one stays: %s\n", me.c_str(),
                    st.error().message().c_str());
+    }
+    gs::Status rec = svc->record_policy(st.ok() ? "policy_reloaded" : "policy_reload_refused",
+                                        cfg.policy_file, d.str());
+    if (!rec.ok()) {
+      std::fprintf(stderr, "%s: audit record of the policy reload: %s\n", me.c_str(),
+                   rec.error().message().c_str());
     }
   };
   // Drain first (responses in flight wait for their audit records), then the stop record, the
@@ -139,10 +187,13 @@ int main(int argc, char** argv) {
   }
   auto cfg = gs::ses::load_ses_config(a.config);
   if (!cfg.ok()) return fail(cfg.error().message());
-  auto pol = gs::policy::load_policy(cfg->policy_file, cfg->base_oid);
-  if (!pol.ok()) return fail(pol.error().message());
+  // Every process checks (a worker restarted later reads the file again): an unapproved file
+  // never serves, even for a moment.
+  auto pf = load_approved_policy(*cfg, kName, a.worker < 0);
+  if (!pf.ok()) return fail(pf.error().message());
+  gs::policy::Policy pol = std::move(pf->policy);
 
-  if (a.check) return check(*cfg, std::move(pol).value());
-  if (a.worker >= 0) return run_worker(std::move(cfg).value(), std::move(pol).value(), a);
-  return run_supervisor(*cfg, *pol, a.config);
+  if (a.check) return check(*cfg, std::move(pol));
+  if (a.worker >= 0) return run_worker(std::move(cfg).value(), std::move(pol), a);
+  return run_supervisor(*cfg, pol, a.config);
 }

@@ -35,6 +35,11 @@ struct SesConfig {
   std::uint32_t meter_cache_ttl_ms = 5000;  // ses.meter_cache_ttl_ms
   std::uint32_t id_block_size = 1024;  // ses.id_block_size: invocation ids reserved per DB write
   AuditConfig audit;                   // [audit]
+  // ses.require_approved_policy: serve only a policy file whose SHA-256 is the newest one applied
+  // with `gridseal policy apply` (until the first apply, a fresh install, any valid file with a
+  // warning). At start an unapproved file is fatal; on SIGHUP it is refused and the current
+  // policy stays.
+  bool require_approved_policy = true;
 };
 
 // Reads and validates the whole file. Relative paths resolve against the file's directory.

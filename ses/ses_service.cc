@@ -41,6 +41,8 @@ SesService::SesService(const SesConfig& cfg, HsmContext& hsm, policy::Policy pol
       limiter_(std::move(limiter)),
       id_store_(std::move(id_store)),
       ids_(std::move(ids)),
+      grant_units_(registry.counter("gridseal_ses_grant_units_used_total",
+                                    "Commands admitted beyond a rate limit by a rate-limit grant")),
       latency_(registry.histogram("gridseal_ses_request_seconds",
                                   "Time from request decoded to response built",
                                   metrics::latency_buckets())),
@@ -80,6 +82,7 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
   SesService* raw = s.get();
   registry.gauge_fn("gridseal_ses_invocation_ids_issued", "Invocation ids issued", {},
                     [raw] { return static_cast<double>(raw->ids_.stats().ids_issued); });
+  GS_TRY(s->open_grants(hsm));
   if (cfg.audit.enabled) {
     auto w = audit::Writer::open(cfg.base.store.path, hsm,
                                  daemon::audit_writer_options(cfg.audit, "gridseal-sesd"), &registry);
@@ -87,6 +90,40 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
     s->audit_ = std::move(w).value();
   }
   return s;
+}
+
+Status SesService::open_grants(HsmContext& hsm) {
+  // gs-audit's public key from the HSM, never from the database: a grant row written by someone
+  // with database access alone does not verify.
+  GS_ASSIGN(auto lease, hsm.pool->acquire());
+  auto pub = hsm::find_object(lease.session(), hsm::ObjectClass::public_key, kLabelAudit);
+  if (!pub.ok()) {
+    std::fprintf(stderr, "gridseal-sesd: %s public key: %s; rate-limit grants are not honoured\n",
+                 kLabelAudit, pub.error().message().c_str());
+    return {};
+  }
+  GS_ASSIGN(EcPoint point, hsm::export_ec_point(lease.session(), *pub));
+  auto ledger = grants::GrantLedger::open(cfg_.base.store.path, point);
+  if (!ledger.ok()) {
+    return Error(ledger.error().code, "rate-limit grants: " + ledger.error().message());
+  }
+  grants_ = std::move(ledger).value();
+  grants::GrantLedger* g = grants_.get();
+  auto gauge = [&](const char* name, const char* help, auto field) {
+    registry_.gauge_fn(name, help, {},
+                       [g, field] { return static_cast<double>(g->stats().*field); });
+  };
+  gauge("gridseal_ses_grant_units_reserved", "Grant units this worker reserved in the store",
+        &grants::LedgerStats::units_reserved);
+  gauge("gridseal_ses_grant_blocks_reserved", "Grant unit blocks this worker reserved",
+        &grants::LedgerStats::blocks_reserved);
+  gauge("gridseal_ses_grants_refused", "Grant rows refused: not signed by gs-audit for their terms",
+        &grants::LedgerStats::refused);
+  gauge("gridseal_ses_grants_cached", "Verified unexpired grants held by this worker",
+        &grants::LedgerStats::cached);
+  gauge("gridseal_ses_grant_store_errors", "Grant reads or reservations that failed",
+        &grants::LedgerStats::store_errors);
+  return {};
 }
 
 void SesService::drop_hsm(WorkerState& w) {
@@ -168,6 +205,7 @@ std::shared_ptr<const policy::Policy> SesService::current_policy() const {
 }
 
 Status SesService::reload_policy(policy::Policy p) {
+  if (grants_) grants_->invalidate();
   std::lock_guard<std::mutex> lock(policy_mu_);
   if (p.meter_rate_slots != policy_->meter_rate_slots) {
     return Error(Errc::conflict, "meter_rate_slots changed from " +
@@ -181,13 +219,23 @@ Status SesService::reload_policy(policy::Policy p) {
 std::optional<SesService::Outcome> SesService::admit(const server::RequestContext& ctx,
                                                      const c1222::Message& m,
                                                      const policy::Policy& pol, ByteView called,
-                                                     CommandParams& params, WorkerState& w) {
+                                                     CommandParams& params, WorkerState& w,
+                                                     std::string& grant) {
   const c1222::CommandClass cls = params.command_class;
   const auto adm = limiter_.admit(pol, cls, called, mono_ns());
   if (adm != policy::Admission::allowed) {
-    return refuse(ctx, &m, c1222::kRespIsc, "rate_limited",
-                  std::string(c1222::command_class_name(cls)) + ": " +
-                      policy::admission_name(adm));
+    // Beyond the limit only with a unit of a valid grant for this client and class (only this,
+    // the refused path, ever touches the grants).
+    const policy::ClientRules* client = pol.client(ctx.client_identity);
+    std::optional<std::string> g;
+    if (grants_ && client != nullptr) g = grants_->take(client->name, cls, params.now);
+    if (!g) {
+      return refuse(ctx, &m, c1222::kRespIsc, "rate_limited",
+                    std::string(c1222::command_class_name(cls)) + ": " +
+                        policy::admission_name(adm));
+    }
+    grant_units_.inc();
+    grant = std::move(*g);
   }
   auto id = ids_.next(calling_title_for(m, params).absolute(cfg_.base_oid), params.now);
   if (!id.ok()) {
@@ -235,7 +283,9 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
     }
     const std::uint32_t now = utc_now();
     CommandParams params = params_for(*o.cls, pol.broadcast_validity(*group, now), now);
-    if (auto refused = admit(ctx, m, pol, called, params, w)) return std::move(*refused);
+    if (auto refused = admit(ctx, m, pol, called, params, w, o.grant)) {
+      return std::move(*refused);
+    }
     auto out = sign_broadcast(m, params, *w.signer);
     if (!out.ok()) {
       return refuse(ctx, &m, c1222::kRespErr, "error", out.error().message());
@@ -286,12 +336,26 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
   }
   const std::uint32_t now = utc_now();
   CommandParams params = params_for(*o.cls, pol.validity(*o.cls, now), now);
-  if (auto refused = admit(ctx, m, pol, called, params, w)) return std::move(*refused);
+  if (auto refused = admit(ctx, m, pol, called, params, w, o.grant)) return std::move(*refused);
   const std::uint64_t key_ref =
       static_cast<std::uint64_t>(meter->row) * store::kSlotsPerMeter +
       static_cast<std::uint64_t>(choice.slot->slot);
   hsm::KeyAux* aux = nullptr;
-  auto handle = w.keys->get(key_ref, choice.slot->wrapped, &aux);
+  auto handle = w.meter_key(key_ref, *choice.slot, &aux);
+  if (!handle.ok() && !(w.lease && (*w.lease)->lost())) {
+    // A cached record may name a KEK generation destroyed since a rotation re-wrapped the slot
+    // (src/kek_rotation.h): the same key (slot and version) from a fresh read of the record.
+    w.meters.invalidate(called);
+    auto fresh = w.meters.by_title(*w.store, called);
+    const store::KeySlot* k =
+        fresh.ok() && *fresh != nullptr
+            ? (*fresh)->slot_for_key_id(static_cast<std::uint8_t>(choice.slot->slot))
+            : nullptr;
+    if (k != nullptr && k->key_version == choice.slot->key_version &&
+        k->kek != choice.slot->kek && !k->wrapped.empty()) {
+      handle = w.meter_key(key_ref, *k, &aux);
+    }
+  }
   Result<Bytes> out = Errc::hsm_failure;
   if (handle.ok()) {
     auto eax = eax_for_key(*w.aes, *handle, aux);
@@ -342,6 +406,7 @@ audit::Event SesService::audit_event(const server::RequestContext& ctx, const Ou
     d.add("invocation_id", std::uint64_t{o.invocation_id});
     if (o.key_id >= 0) d.add("key_id", o.key_id);
     d.add("signer", "gs-cmd-" + std::to_string(cfg_.command_key_id));
+    if (!o.grant.empty()) d.add("grant", o.grant);  // admitted beyond a rate limit by it
   } else {
     d.add("code", c1222::response_code_name(o.code)).add("result", o.result);
     d.add("reason", o.reason);
@@ -417,6 +482,13 @@ Status SesService::record_start(int worker) {
 
 void SesService::record_stop(int worker) {
   if (audit_) audit::record_worker_stop(*audit_, "gridseal-sesd", worker);
+}
+
+Status SesService::record_policy(std::string_view event, std::string_view file,
+                                 std::string detail) {
+  if (!audit_) return {};
+  return audit_->append({0, audit::kSystemActor, std::string(event),
+                         audit::clip(file, audit::kMaxSubject), std::move(detail)});
 }
 
 }  // namespace gs::ses

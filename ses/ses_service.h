@@ -21,6 +21,7 @@
 #include "ses/ses_config.h"
 #include "src/audit.h"
 #include "src/command_signer.h"
+#include "src/grants.h"
 #include "src/handler_state.h"
 #include "src/hsm_context.h"
 #include "src/invocation_ids.h"
@@ -67,11 +68,15 @@ class SesService {
   // server drained (responses in flight wait for their records).
   Status record_start(int worker);
   void record_stop(int worker);
+  // A policy record of this worker ("system", subject the policy file; detail with its SHA-256):
+  // policy_reloaded, or policy_reload_refused when SIGHUP kept the current policy.
+  Status record_policy(std::string_view event, std::string_view file, std::string detail);
 
   metrics::Health health() const;
 
   // SIGHUP: requests that start after this call see `p`; those in flight finish under the old
   // policy. The rate-limit table size (meter_rate_slots) must not change (Errc::conflict).
+  // Rate-limit grants are re-read at their next use, whatever the outcome.
   Status reload_policy(policy::Policy p);
 
  private:
@@ -92,6 +97,7 @@ class SesService {
     int key_id = -1;                 // meter key slot of a secured command
     std::uint8_t code = 0;           // refusals: the C12.22 response code
     std::string reason;              // refusals
+    std::string grant;               // the rate-limit grant that admitted it beyond a limit
   };
   struct Pending;
   audit::Event audit_event(const server::RequestContext& ctx, const Outcome& o) const;
@@ -102,15 +108,18 @@ class SesService {
   // The signed-command parameters of a class and validity window (invocation id left 0).
   CommandParams params_for(c1222::CommandClass cls, const policy::Validity& v,
                            std::uint32_t now) const;
-  // Rate limit, invocation id (into params) and HSM session for a command the policy allows;
-  // the refusal when one of them fails.
+  // Rate limit (or a unit of a rate-limit grant of the client beyond it: its id into `grant`),
+  // invocation id (into params) and HSM session for a command the policy allows; the refusal
+  // when one of them fails.
   std::optional<Outcome> admit(const server::RequestContext& ctx, const c1222::Message& m,
                                const policy::Policy& pol, ByteView called, CommandParams& params,
-                               WorkerState& w);
+                               WorkerState& w, std::string& grant);
   Outcome refuse(const server::RequestContext& ctx, const c1222::Message* request,
                  std::uint8_t code, const char* result, const std::string& reason);
   Status ensure_hsm(WorkerState& w);
   void drop_hsm(WorkerState& w);
+  // Opens the rate-limit grant ledger with gs-audit's public key (no key: grants not honoured).
+  Status open_grants(HsmContext& hsm);
 
   const SesConfig& cfg_;
   HsmContext& hsm_;
@@ -122,6 +131,9 @@ class SesService {
   policy::RateLimiter limiter_;
   std::unique_ptr<store::KeyStore> id_store_;  // used only under the allocator's mutex
   ids::InvocationIdAllocator ids_;
+  // Rate-limit grants (src/grants.h): verified with gs-audit's public key, spent in blocks.
+  std::unique_ptr<grants::GrantLedger> grants_;
+  metrics::Counter& grant_units_;
 
   StatePool<WorkerState> states_;
 

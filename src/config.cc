@@ -28,6 +28,7 @@ Result<Config> load(const std::string& path) {
                                      "policy", "metrics", "tls", "log", "relay", "rollover",
                                      "audit"}));
   GS_TRY(get_string(root, "base_oid", path, "", c.base_oid));
+  GS_TRY(get_string(root, "policy", path, "", c.policy));
   if (const toml::node* h = root.get("hsm")) {
     const toml::table* t = h->as_table();
     if (t == nullptr) return key_error(path, "hsm", "must be a table");
@@ -60,6 +61,7 @@ Result<Config> load(const std::string& path) {
   c.hsm.so_pin_file = resolve_path(dir, c.hsm.so_pin_file);
   c.hsm.softhsm_dir = resolve_path(dir, c.hsm.softhsm_dir);
   c.store.path = resolve_path(dir, c.store.path);
+  if (!c.policy.empty()) c.policy = resolve_path(dir, c.policy);
   return c;
 }
 

@@ -32,6 +32,9 @@ struct Config {
   std::string base_oid = "2.16.124.113620.1.22.0";
   HsmConfig hsm;
   StoreConfig store;
+  // The policy file (conf/policy.toml): the SES's rules, and the [[quorum]] rules the `gridseal`
+  // CLI enforces. Empty: no quorum rules.
+  std::string policy;
 };
 
 // Reads a TOML file. Unknown keys in known tables are errors (typos must not pass silently).

@@ -11,12 +11,24 @@ Status HsmThreadState::ensure_hsm(HsmContext& hsm, std::size_t key_cache) {
   GS_ASSIGN(auto l, hsm.pool->acquire());
   lease.emplace(std::move(l));
   hsm::Session& s = lease->session();
-  auto k = hsm::find_object(s, hsm::ObjectClass::secret_key, kLabelKek);
-  if (!k.ok()) return Error(k.error().code, std::string(kLabelKek) + ": " + k.error().message());
-  kek = *k;
-  GS_ASSIGN(aes, hsm::HsmAes::make(s, kek));
-  keys = std::make_unique<hsm::MeterKeyCache>(s, kek, key_cache);
+  keks.clear();
+  // The KEK of each slot is found by its generation on first use (meter_key), not here: after
+  // a rotation gs-kek itself may be gone.
+  GS_ASSIGN(aes, hsm::HsmAes::make(s, hsm::kNoObject));
+  keys = std::make_unique<hsm::MeterKeyCache>(s, hsm::kNoObject, key_cache);
   return {};
+}
+
+Result<hsm::ObjectHandle> HsmThreadState::kek_handle(std::uint32_t gen) {
+  if (!lease) return Error(Errc::hsm_failure, "no HSM session");
+  return keks.get(lease->session(), gen);
+}
+
+Result<hsm::ObjectHandle> HsmThreadState::meter_key(std::uint64_t ref, const store::KeySlot& slot,
+                                                    hsm::KeyAux** aux) {
+  if (!keys) return Error(Errc::hsm_failure, "no HSM session");
+  GS_ASSIGN(const hsm::ObjectHandle k, kek_handle(slot.kek));
+  return keys->get(ref, k, slot.wrapped, aux);
 }
 
 void HsmThreadState::drop_hsm() {
@@ -26,6 +38,7 @@ void HsmThreadState::drop_hsm() {
     keys.reset();
   }
   aes.reset();
+  keks.clear();
   lease.reset();
 }
 

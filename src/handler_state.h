@@ -18,6 +18,7 @@
 #include "hsm/key_cache.h"
 #include "hsm/session.h"
 #include "src/hsm_context.h"
+#include "src/kek_rotation.h"
 #include "src/key_store.h"
 #include "src/meter_cache.h"
 
@@ -25,15 +26,22 @@ namespace gs {
 
 struct HsmThreadState {
   std::optional<hsm::SessionPool::Lease> lease;
-  hsm::ObjectHandle kek = 0;
+  kek::KekHandles keks;  // the KEK generations met so far (src/kek_rotation.h)
   std::unique_ptr<hsm::MeterKeyCache> keys;
   std::unique_ptr<hsm::HsmAes> aes;
 
   // True while the session is open and the objects are usable.
   bool hsm_ready() { return lease && !(*lease)->lost(); }
-  // Acquires a session and finds the KEK when missing or lost; the key cache holds at most
-  // `key_cache` unwrapped meter keys.
+  // Acquires a session when missing or lost; the key cache holds at most `key_cache` unwrapped
+  // meter keys.
   Status ensure_hsm(HsmContext& hsm, std::size_t key_cache);
+  // The unwrapped key of a stored slot (cached under `ref`), unwrapped with the KEK generation
+  // its row names: slots re-wrapped by a rotation running in another process are read with the
+  // new generation, the others with the old one, both live until the old one is destroyed.
+  Result<hsm::ObjectHandle> meter_key(std::uint64_t ref, const store::KeySlot& slot,
+                                      hsm::KeyAux** aux);
+  // The handle of KEK generation `gen` (new keys go under kek::current_generation).
+  Result<hsm::ObjectHandle> kek_handle(std::uint32_t gen);
   // Gives the session back (the cached key objects are destroyed, or forgotten when the
   // session was lost with them).
   void drop_hsm();

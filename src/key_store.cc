@@ -191,6 +191,117 @@ ALTER TABLE replay_state ADD COLUMN window_bits INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE replay_state ADD COLUMN window_floor INTEGER NOT NULL DEFAULT 0;
 UPDATE replay_state SET window_floor = last_invocation_id;
 )sql",
+    // v8: M-of-N approvals (src/approvals.h): a request for a command named by the policy's
+    // [[quorum]], the distinct operators' signatures it collected, and its single execution.
+    R"sql(
+CREATE TABLE approval_requests (
+  id            INTEGER PRIMARY KEY AUTOINCREMENT,
+  command       TEXT NOT NULL,
+  argv          BLOB NOT NULL,
+  description   TEXT NOT NULL,
+  digest        BLOB NOT NULL,
+  rule          TEXT NOT NULL,
+  role          TEXT NOT NULL,
+  required      INTEGER NOT NULL,
+  requested_by  TEXT NOT NULL,
+  created_at    INTEGER NOT NULL,
+  expires_at    INTEGER NOT NULL,
+  state         TEXT NOT NULL CHECK (state IN ('pending','running','done','failed','cancelled')),
+  executed_by   TEXT NOT NULL DEFAULT '',
+  started_at    INTEGER,
+  finished_at   INTEGER,
+  exit_code     INTEGER
+);
+CREATE INDEX approval_requests_by_state ON approval_requests (state, id);
+CREATE TABLE approval_signatures (
+  request    INTEGER NOT NULL REFERENCES approval_requests (id),
+  operator   TEXT NOT NULL,
+  role       TEXT NOT NULL,
+  signed_at  INTEGER NOT NULL,
+  nonce      BLOB NOT NULL,
+  time       INTEGER NOT NULL,
+  signature  BLOB NOT NULL,
+  PRIMARY KEY (request, operator)
+) WITHOUT ROWID;
+)sql",
+    // v9: KEK rotation (src/kek_rotation.h): the generations of the key-encryption key and
+    // which one wraps each key slot. Generation 1 is gs-kek, the one every earlier row is wrapped
+    // under. The triggers keep a slot from being written under a KEK that is being created or
+    // destroyed, and bring a retired generation back to draining when a slot (a writer that
+    // read the generation before the rotation switched) is written under it again.
+    R"sql(
+CREATE TABLE kek_generations (
+  gen         INTEGER PRIMARY KEY CHECK (gen >= 1),
+  label       TEXT NOT NULL UNIQUE,
+  state       TEXT NOT NULL CHECK (state IN
+                ('creating','current','draining','retired','destroyed')),
+  created_by  TEXT NOT NULL,
+  created_at  INTEGER NOT NULL,
+  changed_at  INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX kek_one_current ON kek_generations (state) WHERE state = 'current';
+INSERT INTO kek_generations VALUES (1, 'gs-kek', 'current', 'hsm init',
+                                    CAST(strftime('%s','now') AS INTEGER),
+                                    CAST(strftime('%s','now') AS INTEGER));
+ALTER TABLE key_slots ADD COLUMN kek INTEGER NOT NULL DEFAULT 1;
+CREATE INDEX key_slots_by_kek ON key_slots (kek);
+CREATE TRIGGER key_slots_kek_usable_insert BEFORE INSERT ON key_slots
+  WHEN NEW.wrapped IS NOT NULL AND NOT EXISTS (SELECT 1 FROM kek_generations WHERE
+    gen = NEW.kek AND state IN ('current','draining','retired'))
+  BEGIN SELECT RAISE(ABORT, 'key slot wrapped under a KEK generation that is not usable'); END;
+CREATE TRIGGER key_slots_kek_usable_update BEFORE UPDATE OF wrapped, kek ON key_slots
+  WHEN NEW.wrapped IS NOT NULL AND NOT EXISTS (SELECT 1 FROM kek_generations WHERE
+    gen = NEW.kek AND state IN ('current','draining','retired'))
+  BEGIN SELECT RAISE(ABORT, 'key slot wrapped under a KEK generation that is not usable'); END;
+CREATE TRIGGER key_slots_kek_unretire_insert AFTER INSERT ON key_slots
+  WHEN NEW.wrapped IS NOT NULL
+  BEGIN UPDATE kek_generations SET state = 'draining' WHERE gen = NEW.kek AND state = 'retired';
+  END;
+CREATE TRIGGER key_slots_kek_unretire_update AFTER UPDATE OF wrapped, kek ON key_slots
+  WHEN NEW.wrapped IS NOT NULL
+  BEGIN UPDATE kek_generations SET state = 'draining' WHERE gen = NEW.kek AND state = 'retired';
+  END;
+)sql",
+    // v10: applied SES policies (`gridseal policy apply`, src/policy_record.h): each approved
+    // policy file's SHA-256, size and content, who applied it and when. gridseal-sesd with
+    // ses.require_approved_policy serves only the newest one. Append-only: approved acts.
+    R"sql(
+CREATE TABLE policy_applied (
+  seq         INTEGER PRIMARY KEY CHECK (seq >= 1),
+  sha256      BLOB NOT NULL CHECK (length(sha256) = 32),
+  size        INTEGER NOT NULL CHECK (size >= 0),
+  content     BLOB NOT NULL,
+  applied_by  TEXT NOT NULL,
+  applied_at  INTEGER NOT NULL
+);
+CREATE TRIGGER policy_applied_no_update BEFORE UPDATE ON policy_applied
+  BEGIN SELECT RAISE(ABORT, 'applied policies are append-only'); END;
+CREATE TRIGGER policy_applied_no_delete BEFORE DELETE ON policy_applied
+  BEGIN SELECT RAISE(ABORT, 'applied policies are append-only'); END;
+)sql",
+    // v11: rate-limit grants (src/grants.h, `gridseal grants`): signed by gs-audit over id,
+    // client, class, units, not_before, not_after; `reserved` counts the units handed out to SES
+    // workers in blocks (used, or lost in a crash), never above `units`. Never deleted.
+    R"sql(
+CREATE TABLE rate_grants (
+  id          TEXT PRIMARY KEY CHECK (length(id) = 16),
+  client      TEXT NOT NULL,
+  class       INTEGER NOT NULL CHECK (class BETWEEN 0 AND 6),
+  units       INTEGER NOT NULL CHECK (units >= 1),
+  not_before  INTEGER NOT NULL,
+  not_after   INTEGER NOT NULL CHECK (not_after > not_before),
+  signature   BLOB NOT NULL,
+  reserved    INTEGER NOT NULL DEFAULT 0 CHECK (reserved >= 0 AND reserved <= units),
+  reason      TEXT NOT NULL,
+  issued_by   TEXT NOT NULL,
+  issued_at   INTEGER NOT NULL,
+  revoked_at  INTEGER,
+  revoked_by  TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID;
+CREATE INDEX rate_grants_by_expiry ON rate_grants (not_after);
+CREATE TRIGGER rate_grants_no_delete BEFORE DELETE ON rate_grants
+  BEGIN SELECT RAISE(ABORT, 'rate-limit grants are revoked, never deleted'); END;
+)sql",
 };
 
 constexpr int kMigrationCount = static_cast<int>(sizeof kMigrations / sizeof kMigrations[0]);
@@ -199,7 +310,7 @@ static_assert(kMigrationCount == kSchemaVersion);
 constexpr const char* kMeterColumns =
     "SELECT m.row, m.meter_id, m.ap_title, m.ap_title_text, m.public_key, m.state, "
     "m.state_reason, m.created_at, s.slot, s.wrapped, s.key_version, s.state, s.origin, "
-    "s.created_at, s.changed_at FROM meters m LEFT JOIN key_slots s ON s.meter = m.row ";
+    "s.created_at, s.changed_at, s.kek FROM meters m LEFT JOIN key_slots s ON s.meter = m.row ";
 
 }  // namespace
 
@@ -318,6 +429,17 @@ Result<KeyStore> KeyStore::open(const std::string& path, const db::OpenOptions& 
   return ks;
 }
 
+Status create_schema_version(db::Db& db, int version) {
+  if (version < 1 || version > kSchemaVersion) {
+    return {Errc::invalid_argument, "no schema version " + std::to_string(version)};
+  }
+  GS_ASSIGN(auto tx, db::Transaction::begin(db));
+  GS_TRY(db.exec("CREATE TABLE schema_version (version INTEGER NOT NULL)"));
+  for (int v = 0; v < version; ++v) GS_TRY(db.exec(kMigrations[v]));
+  GS_TRY(db.exec("INSERT INTO schema_version VALUES (" + std::to_string(version) + ")"));
+  return tx.commit();
+}
+
 Status KeyStore::migrate() {
   GS_TRY(db_.exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"));
   GS_ASSIGN(auto tx, db::Transaction::begin(db_));
@@ -378,6 +500,7 @@ Result<std::optional<Meter>> KeyStore::load(db::Stmt& st) {
     k.origin = st.text(12);
     k.created_at = st.int64(13);
     k.changed_at = st.int64(14);
+    k.kek = static_cast<std::uint32_t>(st.int64(15));
     out->slots.push_back(std::move(k));
   }
   st.reset();
@@ -433,8 +556,8 @@ Result<ImportOutcome> KeyStore::import_meters(std::span<const NewMeter> batch) {
                         "created_at) VALUES (?1, ?2, ?3, ?4, ?5)"));
   GS_ASSIGN(auto ins_slot,
             db_.prepare("INSERT INTO key_slots (meter, slot, wrapped, key_version, state, "
-                        "origin, created_at, changed_at) VALUES (?1, ?2, ?3, ?4, 'active', ?5, "
-                        "?6, ?6)"));
+                        "origin, created_at, changed_at, kek) VALUES (?1, ?2, ?3, ?4, 'active', "
+                        "?5, ?6, ?6, ?7)"));
   const std::int64_t now = now_seconds();
   for (const NewMeter& n : batch) {
     if (n.meter_id.empty() || n.meter_id.size() > kMaxMeterIdLength) {
@@ -450,7 +573,8 @@ Result<ImportOutcome> KeyStore::import_meters(std::span<const NewMeter> batch) {
     if (existing) {
       const KeySlot* s = existing->slot_for_key_id(static_cast<std::uint8_t>(n.slot));
       bool same = existing->ap_title == n.ap_title && existing->public_key == n.public_key &&
-                  s != nullptr && s->wrapped == n.wrapped_key && s->key_version == n.key_version;
+                  s != nullptr && s->kek == n.kek && s->wrapped == n.wrapped_key &&
+                  s->key_version == n.key_version;
       if (!same) {
         return {Errc::conflict,
                 "meter " + n.meter_id + " is already registered with other values"};
@@ -474,6 +598,7 @@ Result<ImportOutcome> KeyStore::import_meters(std::span<const NewMeter> batch) {
     std::int64_t row = db_.last_insert_rowid();
     ins_slot.bind(1, row).bind(2, std::int64_t{n.slot}).bind(3, ByteView(n.wrapped_key));
     ins_slot.bind(4, std::int64_t{n.key_version}).bind(5, n.origin).bind(6, now);
+    ins_slot.bind(7, std::int64_t{n.kek});
     GS_TRY(ins_slot.run());
     ++outcome.inserted;
   }

@@ -13,7 +13,7 @@
 namespace gs::store {
 
 inline constexpr int kSlotsPerMeter = 4;
-inline constexpr int kSchemaVersion = 7;
+inline constexpr int kSchemaVersion = 11;
 inline constexpr std::size_t kMaxMeterIdLength = 64;
 inline constexpr std::size_t kPublicKeySize = 65;  // uncompressed P-256 point
 
@@ -29,7 +29,8 @@ std::optional<KeyState> key_state_from(std::string_view s) noexcept;
 
 struct KeySlot {
   int slot = 0;  // also the C12.22 key id
-  Bytes wrapped;  // AES-KWP under gs-kek
+  Bytes wrapped;  // AES-KWP under the KEK of generation `kek`
+  std::uint32_t kek = 1;  // KEK generation (src/kek_rotation.h): 1 = gs-kek, n = gs-kek-<n>
   std::uint32_t key_version = 0;
   KeyState state = KeyState::pending;
   std::string origin;  // plain | wrapped | ecdh | rollover
@@ -60,6 +61,7 @@ struct NewMeter {
   Bytes public_key;
   int slot = 0;
   Bytes wrapped_key;
+  std::uint32_t kek = 1;  // the KEK generation wrapped_key is wrapped under
   std::uint32_t key_version = 1;
   std::string origin;
 };
@@ -116,6 +118,10 @@ struct ImportOutcome {
   std::size_t inserted = 0;
   std::size_t unchanged = 0;
 };
+
+// For tests of migrations: creates the schema of an older `version` (its first `version`
+// migrations) in an empty database, as a gridseal of that version left it.
+Status create_schema_version(db::Db& db, int version);
 
 // One connection to the store. Not thread-safe: one per thread or worker process.
 class KeyStore {

@@ -5,6 +5,7 @@
 
 #include "hsm/ops.h"
 #include "src/hsm_context.h"
+#include "src/kek_rotation.h"
 
 namespace gs {
 
@@ -108,12 +109,13 @@ Result<FleetRow> parse_fleet_row(std::string_view line, std::size_t line_no, Byt
 namespace {
 
 struct HsmKeys {
+  std::uint32_t kek_generation = 1;  // the current one when the import started
   hsm::ObjectHandle kek = hsm::kNoObject;
   hsm::ObjectHandle provision = hsm::kNoObject;
   hsm::ObjectHandle transport = hsm::kNoObject;
 };
 
-// The wrapped (under gs-kek) form of the row's key, made inside the HSM.
+// The wrapped (under the current KEK generation) form of the row's key, made inside the HSM.
 Result<Bytes> prepare_key(hsm::Session& s, const HsmKeys& k, FleetRow& r) {
   switch (r.source) {
     case KeySource::plain: {
@@ -129,7 +131,7 @@ Result<Bytes> prepare_key(hsm::Session& s, const HsmKeys& k, FleetRow& r) {
                          "LABEL (loaded with `gridseal hsm import-transport-key`)");
       }
       // Unwrapped as a meter-key session object (the transport key's unwrap template forces
-      // that policy too), wrapped under gs-kek, destroyed.
+      // that policy too), wrapped under the KEK, destroyed.
       auto h = hsm::unwrap_meter_key(s, k.transport, r.key_material);
       if (!h.ok()) {
         return Error(Errc::crypto_failure, "key does not unwrap under the transport key (" +
@@ -158,7 +160,13 @@ Result<Bytes> prepare_key(hsm::Session& s, const HsmKeys& k, FleetRow& r) {
 Result<ImportProgress> import_fleet(std::istream& in, hsm::Session& session,
                                     store::KeyStore& store, const ImportOptions& opt) {
   HsmKeys keys;
-  GS_ASSIGN(keys.kek, hsm::find_object(session, hsm::ObjectClass::secret_key, kLabelKek));
+  // A rotation switching generations during the import re-wraps what this run wrote under the
+  // older one (src/kek_rotation.h).
+  GS_ASSIGN(keys.kek_generation, kek::current_generation(store.db()));
+  {
+    kek::KekHandles handles;
+    GS_ASSIGN(keys.kek, handles.get(session, keys.kek_generation));
+  }
   auto prov = hsm::find_object(session, hsm::ObjectClass::private_key, kLabelProvision);
   if (prov.ok()) keys.provision = *prov;
   if (!opt.transport_key.empty()) {
@@ -254,6 +262,7 @@ Result<ImportProgress> import_fleet(std::istream& in, hsm::Session& session,
         m.public_key = row->public_key;
         m.slot = row->slot;
         m.wrapped_key = std::move(*wrapped);
+        m.kek = keys.kek_generation;
         m.key_version = 1;
         m.origin = row->source == KeySource::plain ? "plain" : row->source == KeySource::ecdh ? "ecdh" : "wrapped";
         batch.push_back(std::move(m));

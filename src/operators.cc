@@ -32,12 +32,24 @@ constexpr CommandRule kRules[] = {
     {"audit reset-anchor", kSO, ""},
     {"hsm init", kSO | kKC, "--officer-pubkey"},
     {"hsm import-transport-key", kKC, ""},
+    {"hsm rotate-kek", kKC, ""},
+    {"hsm destroy-kek", kKC, ""},
     {"meters import", kOP, "FILE"},
     {"meters revoke", kOP, ""},
+    {"meters reinstate", kOP, ""},
+    {"policy apply", kSO, "FILE"},
     {"meters challenge", kOP, "--file"},
     {"rollover start", kOP, "--file"},
     {"rollover resume", kOP, ""},
     {"rollover abort", kOP, ""},
+    // Rate-limit grants (src/grants.h): traffic beyond the policy's limits is the fleet's.
+    {"grants issue", kOP, ""},
+    {"grants revoke", kOP, ""},
+    // M-of-N approvals (src/approvals.h): who may ask and sign is checked again against the
+    // [[quorum]] rule's role; the auditor only reads.
+    {"approvals request", kSO | kKC | kOP, ""},
+    {"approvals approve", kSO | kKC | kOP, ""},
+    {"approvals cancel", kSO | kKC | kOP, ""},
 };
 constexpr CommandRule kUnclassified = {"", kSO, ""};
 
@@ -46,7 +58,8 @@ constexpr std::string_view kOpen[] = {
     "receipts show",     "rollover status",         "rollover list",     "audit verify",
     "audit export",      "c1222 decode",            "c1222 seal",        "c1222 open",
     "c1222 encode",      "operators list",          "operators roles",   "operators challenge",
-    "operators sign-request",
+    "operators sign-request", "policy show",           "approvals list",    "approvals show",
+    "grants list",
 };
 
 using PkeyPtr = std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)>;

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -26,6 +27,9 @@ constexpr std::uint32_t kMaxSkew = 3600;
 constexpr std::size_t kMaxClients = 4096;
 constexpr std::size_t kMaxGroups = 65536;
 constexpr std::size_t kMaxListEntries = 4096;
+constexpr std::size_t kMaxQuorumRules = 256;
+constexpr std::uint32_t kMaxQuorumApprovals = 16;
+constexpr std::uint32_t kMaxQuorumExpiry = 7U * 24 * 3600;
 
 struct Ctx {
   std::string file;
@@ -143,13 +147,72 @@ Status parse_class_list(const Ctx& cx, const toml::table& t, const std::string& 
   return {};
 }
 
+// [[quorum]]: which `gridseal` commands need M approvals (src/approvals.h).
+Status parse_quorum(const Ctx& cx, const toml::node& n, std::vector<QuorumRule>& out) {
+  const toml::array* arr = n.as_array();
+  if (arr == nullptr) return cx.err("quorum", "must be an array of tables ([[quorum]])");
+  if (arr->size() > kMaxQuorumRules) return cx.err("quorum", "too many rules");
+  std::set<std::string> names;
+  for (std::size_t i = 0; i < arr->size(); ++i) {
+    const std::string name = "quorum[" + std::to_string(i) + "]";
+    const toml::table* qt = (*arr)[i].as_table();
+    if (qt == nullptr) return cx.err(name, "must be a table");
+    GS_TRY(check_keys(cx, *qt, name + ".", {"name", "command", "when", "role", "approvals",
+                                             "expires"}));
+    QuorumRule q;
+    GS_TRY(get_string(cx, *qt, "command", name + ".command", q.command, true));
+    const operators::CommandRule* rule = operators::rule_for(q.command);
+    if (rule == nullptr || q.command.starts_with("approvals ")) {
+      return cx.err(name + ".command",
+                    "\"" + q.command + "\" is not a state-changing gridseal command that a quorum "
+                    "can approve (see `gridseal operators roles`)");
+    }
+    q.name = q.command;
+    GS_TRY(get_string(cx, *qt, "name", name + ".name", q.name, false));
+    if (q.name.empty() || q.name.size() > 64) {
+      return cx.err(name + ".name", "must be 1..64 characters");
+    }
+    if (!names.insert(q.name).second) return cx.err(name + ".name", "used twice");
+    if (const toml::node* w = qt->get("when")) {
+      const toml::array* wa = w->as_array();
+      if (wa == nullptr || wa->size() > 16) {
+        return cx.err(name + ".when", "must be an array of at most 16 argument names");
+      }
+      for (std::size_t j = 0; j < wa->size(); ++j) {
+        auto a = (*wa)[j].value<std::string>();
+        if (!a || !(*wa)[j].is_string() || a->empty() || a->size() > 64) {
+          return cx.err(name + ".when[" + std::to_string(j) + "]",
+                        "must be an argument name such as \"--all\"");
+        }
+        q.when.push_back(*a);
+      }
+    }
+    std::string role;
+    GS_TRY(get_string(cx, *qt, "role", name + ".role", role, true));
+    auto r = operators::role_from(role);
+    if (!r) {
+      return cx.err(name + ".role", "must be security-officer, key-custodian or operator");
+    }
+    if (*r == operators::Role::auditor || !operators::allows(*rule, *r)) {
+      return cx.err(name + ".role", "\"" + role + "\" may not run `" + q.command + "` (" +
+                                        operators::roles_text(rule->roles) + " may)");
+    }
+    q.role = *r;
+    GS_TRY(get_u32(cx, *qt, "approvals", name + ".approvals", 2, kMaxQuorumApprovals,
+                   q.approvals));
+    GS_TRY(get_u32(cx, *qt, "expires", name + ".expires", 60, kMaxQuorumExpiry, q.expires_s));
+    out.push_back(std::move(q));
+  }
+  return {};
+}
+
 Result<Policy> parse_root(const Ctx& cx, const toml::table& root, ByteView base_oid) {
   Policy p;
   p.source = cx.file;
   const ByteView base = base_oid.empty() ? c1222::default_base_oid() : base_oid;
   GS_TRY(check_keys(cx, root, "",
                     {"clock_skew", "invocation_ids", "rate_limits", "classes", "procedures",
-                     "table_writes", "client", "demand_response_group"}));
+                     "table_writes", "client", "demand_response_group", "quorum"}));
   GS_TRY(get_u32(cx, root, "clock_skew", "clock_skew", 0, kMaxSkew, p.clock_skew_s));
 
   GS_TRY(need_table(cx, root, "invocation_ids", "invocation_ids"));
@@ -283,6 +346,8 @@ Result<Policy> parse_root(const Ctx& cx, const toml::table& root, ByteView base_
     }
   }
 
+  if (const toml::node* n = root.get("quorum")) GS_TRY(parse_quorum(cx, *n, p.quorum));
+
   for (std::size_t i = 0; i < kClassCount; ++i) {
     const auto c = static_cast<CommandClass>(i);
     Status w = ids::check_window(p.classes[i].window_s, p.peak_rate, p.max_block_age_s);
@@ -295,6 +360,25 @@ Result<Policy> parse_root(const Ctx& cx, const toml::table& root, ByteView base_
 }
 
 }  // namespace
+
+bool QuorumRule::applies(std::string_view path,
+                         const std::vector<std::pair<std::string, std::string>>& args) const {
+  if (path != command) return false;
+  for (const auto& w : when) {
+    if (std::none_of(args.begin(), args.end(), [&](const auto& a) { return a.first == w; })) {
+      return false;
+    }
+  }
+  return true;
+}
+
+const QuorumRule* Policy::quorum_for(
+    std::string_view path, const std::vector<std::pair<std::string, std::string>>& args) const {
+  for (const auto& q : quorum) {
+    if (q.applies(path, args)) return &q;
+  }
+  return nullptr;
+}
 
 const ClientRules* Policy::client(std::string_view subject) const noexcept {
   for (const auto& c : clients) {

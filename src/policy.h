@@ -17,6 +17,7 @@
 #include "c1222/services.h"
 #include "gridseal/bytes.h"
 #include "gridseal/result.h"
+#include "src/operators.h"
 
 namespace gs::policy {
 
@@ -61,6 +62,21 @@ struct Validity {
 // A procedure key: number (11 bits) | 0x0800 when it is a manufacturer procedure.
 inline constexpr std::uint16_t kMfgProcedure = 0x0800;
 
+// One [[quorum]] entry: a state-changing `gridseal` command that runs only once M distinct
+// operators of `role` approved it (`gridseal approvals`, src/approvals.h).
+struct QuorumRule {
+  std::string name;               // label in messages and audit records
+  std::string command;            // CLI path, e.g. "rollover start"
+  std::vector<std::string> when;  // argument names that must all be given ("--all"); empty: always
+  operators::Role role = operators::Role::operator_;  // whose signatures count
+  std::uint32_t approvals = 2;    // M (the requester's own signature counts as the first)
+  std::uint32_t expires_s = 86400;  // a request not complete by then can no longer run
+
+  // Whether this rule covers `command` with these (canonical) argument names/values.
+  bool applies(std::string_view path,
+               const std::vector<std::pair<std::string, std::string>>& args) const;
+};
+
 struct Policy {
   std::string source;
   std::uint32_t clock_skew_s = 60;         // not_before = now - skew
@@ -74,6 +90,11 @@ struct Policy {
   std::map<std::uint16_t, CommandClass> procedures;    // key: number | kMfgProcedure
   std::optional<CommandClass> unlisted_procedure;      // nullopt: refused
   std::map<std::uint16_t, CommandClass> table_writes;  // key: table number | 0x0800 (MT)
+  std::vector<QuorumRule> quorum;  // read by the `gridseal` CLI; the daemons ignore it
+
+  // The first [[quorum]] rule that covers the command, or nullptr.
+  const QuorumRule* quorum_for(
+      std::string_view path, const std::vector<std::pair<std::string, std::string>>& args) const;
 
   // nullptr when the subject is not configured (refuse: isc).
   const ClientRules* client(std::string_view subject) const noexcept;

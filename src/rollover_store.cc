@@ -554,7 +554,7 @@ constexpr const char* kStepStateSql =
     "s.campaign WHERE s.campaign = ?1 AND s.meter = ?2";
 constexpr const char* kPendingSlotSql =
     "INSERT OR REPLACE INTO key_slots (meter, slot, wrapped, key_version, state, origin, "
-    "created_at, changed_at) VALUES (?1, ?2, ?3, ?4, 'pending', 'rollover', ?5, ?5)";
+    "created_at, changed_at, kek) VALUES (?1, ?2, ?3, ?4, 'pending', 'rollover', ?5, ?5, ?6)";
 constexpr const char* kStepPreparedSql =
     "UPDATE rollover_steps SET state = 'prepared', target_slot = ?3, key_version = ?4, "
     "ephemeral_point = ?5, seal_slot = ?6, attempts = 0, next_attempt_at = 0, last_error = '', "
@@ -704,7 +704,8 @@ Result<std::vector<bool>> RolloverStore::prepare(std::span<const PreparedKey> ke
         .bind(2, std::int64_t{k.target_slot})
         .bind(3, ByteView(k.wrapped))
         .bind(4, std::int64_t{k.key_version})
-        .bind(5, now);
+        .bind(5, now)
+        .bind(6, std::int64_t{k.kek});
     GS_TRY(slot_st->run());
     up_st->bind(1, k.campaign)
         .bind(2, k.meter_row)

@@ -121,7 +121,8 @@ struct PreparedKey {
   std::int64_t meter_row = 0;
   std::uint8_t target_slot = 0;
   std::uint32_t key_version = 0;
-  Bytes wrapped;          // the new key under gs-kek
+  Bytes wrapped;          // the new key under KEK generation `kek`
+  std::uint32_t kek = 1;  // src/kek_rotation.h
   Bytes ephemeral_point;  // 65 bytes
   std::uint8_t seal_slot = 0;
 };

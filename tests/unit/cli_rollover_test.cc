@@ -132,7 +132,7 @@ TEST_F(RolloverCli, StartStatusListAbortResume) {
   ASSERT_EQ(s1.code, 0) << s1.out;
   EXPECT_TRUE(has(s1.out,
                   "\"campaign\":{\"id\":1,\"state\":\"running\",\"reason\":\"operator\","
-                  "\"rate_per_hour\":18000,\"created_by\":\"cli:"))
+                  "\"rate_per_hour\":18000,\"created_by\":\"bootstrap:"))
       << s1.out;
   EXPECT_TRUE(has(s1.out,
                   "\"total\":2},\"queued\":2,\"prepared\":0,\"in_flight\":0,\"sent\":0,"

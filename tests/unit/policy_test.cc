@@ -74,6 +74,44 @@ TEST(Policy, ValidityWindows) {
   EXPECT_EQ(p->validity(CommandClass::read, 0).not_before, 0u);
 }
 
+TEST(Policy, QuorumRulesMatchCommandsAndArgumentsAndAreValidated) {
+  auto p = load_policy(GS_SOURCE_DIR "/conf/policy.toml");
+  ASSERT_TRUE(p.ok()) << p.error().message();
+  using Args = std::vector<std::pair<std::string, std::string>>;
+  const QuorumRule* fleet = p->quorum_for("rollover start", Args{{"--all", "true"}});
+  ASSERT_NE(fleet, nullptr);
+  EXPECT_EQ(fleet->name, "fleet-rollover");
+  EXPECT_EQ(fleet->approvals, 2u);
+  EXPECT_EQ(fleet->role, gs::operators::Role::operator_);
+  EXPECT_EQ(p->quorum_for("rollover start", Args{{"--file", "x"}}), nullptr);
+  EXPECT_NE(p->quorum_for("policy apply", Args{{"FILE", "p.toml"}}), nullptr);
+  EXPECT_EQ(p->quorum_for("meters import", Args{}), nullptr);
+
+  const std::string ok = "[[quorum]]\ncommand = \"meters import\"\nrole = \"operator\"\n";
+  auto q = parse_policy(ok, "p.toml");
+  ASSERT_TRUE(q.ok()) << q.error().message();
+  ASSERT_EQ(q->quorum.size(), 1u);
+  EXPECT_EQ(q->quorum[0].name, "meters import");
+  EXPECT_EQ(q->quorum[0].expires_s, 86400u);
+  auto bad = [](const std::string& t, const std::string& key) {
+    auto r = parse_policy(t, "p.toml");
+    ASSERT_FALSE(r.ok()) << t;
+    EXPECT_NE(r.error().message().find(key), std::string::npos) << r.error().message();
+  };
+  bad("[[quorum]]\ncommand = \"meters list\"\nrole = \"operator\"\n", "quorum[0].command");
+  bad("[[quorum]]\ncommand = \"approvals approve\"\nrole = \"operator\"\n",
+      "quorum[0].command");
+  bad("[[quorum]]\ncommand = \"meters import\"\nrole = \"key-custodian\"\n", "quorum[0].role");
+  bad("[[quorum]]\ncommand = \"meters import\"\nrole = \"auditor\"\n", "quorum[0].role");
+  bad("[[quorum]]\ncommand = \"meters import\"\n", "quorum[0].role");
+  bad(ok + "approvals = 1\n", "quorum[0].approvals");
+  bad(ok + "approvals = 17\n", "quorum[0].approvals");
+  bad(ok + "expires = 10\n", "quorum[0].expires");
+  bad(ok + "when = \"--all\"\n", "quorum[0].when");
+  bad(ok + "colour = 1\n", "quorum[0].colour");
+  bad(ok + ok, "quorum[1].name");
+}
+
 TEST(Policy, ErrorsNameTheKey) {
   expect_error("colck_skew = 1\n", "colck_skew");
   expect_error("clock_skew = 99999\n", "clock_skew");

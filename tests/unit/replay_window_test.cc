@@ -197,17 +197,21 @@ TEST_F(ReplayWindowTest, AWindowMadeLargerNeverReopensForgottenIds) {
 }
 
 TEST_F(ReplayWindowTest, MarksFromBeforeTheWindowsRefuseEverythingBelowThem) {
-  // A database from before the window columns (the version below this one) with a mark of 500.
+  // A database of schema v6 (before the window columns) with one meter whose mark is 500.
   ks_.reset();
+  for (const char* ext : {"", "-wal", "-shm"}) std::filesystem::remove(path_ + ext);
   {
     auto db = db::Db::open(path_).value();
-    ASSERT_TRUE(db.exec("ALTER TABLE replay_state DROP COLUMN window_bits").ok());
-    ASSERT_TRUE(db.exec("ALTER TABLE replay_state DROP COLUMN window_floor").ok());
+    ASSERT_TRUE(create_schema_version(db, 6).ok());
+    const std::string title = "2.16.124.113620.1.22.0.7.1";
+    const Bytes oid = c1222::oid_from_dotted(title).value();
+    auto ins = db.prepare("INSERT INTO meters (row, meter_id, ap_title, ap_title_text, "
+                          "created_at) VALUES (?1, 'M1', ?2, ?3, 0)")
+                   .value();
+    ins.bind(1, rows_[0]).bind(2, ByteView(oid)).bind(3, title);
+    ASSERT_TRUE(ins.run().ok());
     ASSERT_TRUE(db.exec("INSERT INTO replay_state VALUES (" + std::to_string(rows_[0]) +
                         ", 500, 9)")
-                    .ok());
-    ASSERT_TRUE(db.exec("UPDATE schema_version SET version = " +
-                        std::to_string(kSchemaVersion - 1))
                     .ok());
   }
   auto ks = KeyStore::open(path_);

@@ -28,51 +28,11 @@ ROLL="${DEMO_ROLLOVER:-1000}"   # meters rekeyed by the rollover step
 if [ "$ROLL" -gt "$METERS" ]; then ROLL="$METERS"; fi
 JOBS="$(nproc)"
 
-NAMES=()    # step names, in order
-RESULTS=()  # PASS, FAIL or the text to print instead
-DETAILS=()
-FAILED=0
-PIDS=()     # daemons we started
+# step bookkeeping, start_daemon/stop_all, hsm_store_config, export_fleet (shared with
+# bench/run-all.sh).
+# shellcheck source=tools/demo/lib.sh
+. "$ROOT/tools/demo/lib.sh"
 
-say() { printf '\n== %s\n' "$*"; }
-
-record() {  # record NAME RESULT DETAIL
-  NAMES+=("$1")
-  RESULTS+=("$2")
-  DETAILS+=("$3")
-  if [ "$2" = FAIL ]; then FAILED=1; fi
-}
-
-# step NAME DETAIL COMMAND...: runs the command (output to the terminal), records the result.
-step() {
-  local name="$1" detail="$2"
-  shift 2
-  local t0=$SECONDS
-  if "$@"; then
-    record "$name" PASS "$detail ($((SECONDS - t0)) s)"
-    return 0
-  fi
-  record "$name" FAIL "$detail ($((SECONDS - t0)) s)"
-  return 1
-}
-
-stop_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 150); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-}
 trap stop_all EXIT
 trap 'echo "demo: interrupted" >&2; exit 130' INT TERM
 
@@ -94,36 +54,6 @@ finish() {
   stop_all
   summary
   exit "$FAILED"
-}
-
-# Waits (bounded) for "listening on ADDR:PORT" in a log; prints the port.
-port_of() {  # port_of LOGFILE PID
-  local i line
-  for i in $(seq 1 300); do
-    line="$(grep -o 'listening on [0-9.]*:[0-9]*' "$1" 2>/dev/null | head -n1)"
-    if [ -n "$line" ]; then
-      echo "${line##*:}"
-      return 0
-    fi
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
-
-start_daemon() {  # start_daemon NAME LOG COMMAND... ; sets STARTED_PORT
-  local name="$1" log="$2"
-  shift 2
-  "$@" >"$log" 2>"${log%.out}.err" &
-  local pid=$!
-  PIDS+=("$pid")
-  if STARTED_PORT="$(port_of "$log" "$pid")"; then
-    echo "$name: pid $pid, port $STARTED_PORT"
-    return 0
-  fi
-  echo "$name did not start; its log:" >&2
-  tail -n 20 "${log%.out}.err" >&2
-  return 1
 }
 
 # ---- 1. packages and build --------------------------------------------------------------------
@@ -157,15 +87,7 @@ chmod 700 "$DIR"
 
 write_configs() {
   local common
-  common="base_oid = \"2.16.124.113620.1.22.0\"
-[hsm]
-module = \"/usr/lib/softhsm/libsofthsm2.so\"
-softhsm_dir = \"hsm\"
-token_label = \"gridseal-demo\"
-pin_file = \"hsm/user.pin\"
-so_pin_file = \"hsm/so.pin\"
-[store]
-path = \"gridseal.db\""
+  common="$(hsm_store_config gridseal-demo)"
   cat >"$DIR/ses.toml" <<EOF
 # gridseal-sesd for the demo (every key: conf/ses.toml).
 $common
@@ -262,18 +184,9 @@ say "TLS certificates (gridseal-bench make-pki)"
 step "TLS 1.3 test PKI (gridseal-bench make-pki)" "$DIR/pki" \
   "$BIN/gridseal-bench" make-pki "$DIR/pki" || finish
 
-export_fleet() {
-  local cmd1 cmd2 prov
-  cmd1="$("$BIN/gridseal" hsm export-pubkey gs-cmd-1 --hex --config "$DIR/ses.toml")" || return 1
-  cmd2="$("$BIN/gridseal" hsm export-pubkey gs-cmd-2 --hex --config "$DIR/ses.toml")" || return 1
-  prov="$("$BIN/gridseal" hsm export-pubkey gs-provision --hex --config "$DIR/ses.toml")" || return 1
-  echo "$cmd1" >"$DIR/gs-cmd-1.hex"
-  "$BIN/gridseal-metersim" export --meters "$METERS" --keys ecdh --provision-pub "$prov" \
-    --trust-cmd1 "$cmd1" --trust-cmd2 "$cmd2" --out "$DIR/fleet.csv" --state "$DIR/fleet.state"
-}
 say "fleet of $METERS simulated meters (gridseal-metersim export)"
 step "fleet export ($METERS meters, ecdh keys)" "meters .7.1..7.$METERS trust gs-cmd-1/2" \
-  export_fleet || finish
+  export_fleet "$METERS" "$DIR/fleet.csv" "$DIR/fleet.state" || finish
 
 say "fleet import (gridseal meters import)"
 step "fleet import (gridseal meters import)" "keys derived in the HSM, stored wrapped" \

@@ -22,6 +22,12 @@ void register_meters(CLI::App& app, int& exit_code);
 void register_receipts(CLI::App& app, int& exit_code);
 void register_audit(CLI::App& app, int& exit_code);
 void register_rollover(CLI::App& app, int& exit_code);
+// `policy apply|show`: approved SES policies (policy_cmd.cc).
+void register_policy(CLI::App& app, int& exit_code);
+// `approvals …`: M-of-N quorum requests; request/approve need the gate's verified signature.
+void register_approvals(CLI::App& app, int& exit_code, Gate& gate);
+// `grants issue|list|revoke`: signed rate-limit grants for SES clients (grants_cmd.cc).
+void register_grants(CLI::App& app, int& exit_code);
 // `operators …`: enrol/remove need the gate for who signed (operator_gate.h).
 void register_operators(CLI::App& app, int& exit_code, Gate& gate);
 

@@ -2,6 +2,7 @@
 // objects.
 #include <fcntl.h>
 #include <openssl/rand.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 
 #include "hsm/ops.h"
 #include "src/hsm_context.h"
+#include "src/kek_rotation.h"
 #include "src/key_store.h"
 #include "src/operators.h"
 #include "tools/gridseal/commands.h"
@@ -137,14 +139,27 @@ int run_init_objects(const std::string& config_path) {
   auto user_pin = read_user_pin(h);
   if (!user_pin.ok()) return fail(user_pin.error().message());
 
-  // The KEK first: its creation needs the SO and must run with no other session logged in.
+  // The KEK first: its creation needs the SO and must run with no other session logged in. After
+  // a KEK rotation the store names a later generation (gs-kek-<n>) and gs-kek may be gone: the
+  // current one is what must exist.
+  std::uint32_t kek_gen = 1;
+  if (std::filesystem::exists(cfg->store.path)) {
+    db::OpenOptions opt;
+    opt.create = false;
+    auto store = store::KeyStore::open(cfg->store.path, opt);
+    if (!store.ok()) return fail(cfg->store.path + ": " + store.error().message());
+    auto g = kek::current_generation(store->db());
+    if (!g.ok()) return fail(g.error().message());
+    kek_gen = *g;
+  }
+  const std::string kek_label = kek::label_for(kek_gen);
   bool kek_exists = false;
   {
     auto s = hsm::Session::open(**module, *slot, true);
     if (!s.ok()) return fail(s.error().message());
     auto login = s->login(hsm::UserType::user, *user_pin);
     if (!login.ok()) return fail(login.error().message());
-    auto found = hsm::find_object(*s, hsm::ObjectClass::secret_key, kLabelKek);
+    auto found = hsm::find_object(*s, hsm::ObjectClass::secret_key, kek_label);
     kek_exists = found.ok();
     if (!found.ok() && found.error().code != Errc::not_found) {
       return fail(found.error().message());
@@ -152,7 +167,10 @@ int run_init_objects(const std::string& config_path) {
     (void)s->logout();
   }
   if (kek_exists) {
-    std::printf("exists  %s\n", kLabelKek);
+    std::printf("exists  %s\n", kek_label.c_str());
+  } else if (kek_gen > 1) {
+    return fail(kek_label + " (the current KEK generation in " + cfg->store.path +
+                ") is missing from the token: restore the token, it cannot be recreated");
   } else {
     if (h.so_pin_file.empty()) {
       return fail(config_path + ": hsm.so_pin_file is required to create " + kLabelKek +
@@ -227,10 +245,16 @@ struct Listed {
   hsm::ObjectAttributes attrs;
 };
 
-Result<std::vector<Listed>> list_objects(hsm::Session& s) {
+Result<std::vector<Listed>> list_objects(hsm::Session& s,
+                                         const std::vector<std::string>& kek_labels) {
   std::vector<Listed> out;
-  for (const char* label : {kLabelKek, kLabelCommandKey1, kLabelCommandKey2, kLabelRevocation,
+  std::vector<std::string> labels{kLabelKek};
+  labels.insert(labels.end(), kek_labels.begin(), kek_labels.end());
+  for (const char* label : {kLabelCommandKey1, kLabelCommandKey2, kLabelRevocation,
                             kLabelProvision, kLabelAudit}) {
+    labels.emplace_back(label);
+  }
+  for (const std::string& label : labels) {
     for (auto cls : {hsm::ObjectClass::secret_key, hsm::ObjectClass::private_key,
                      hsm::ObjectClass::public_key}) {
       GS_ASSIGN(auto handles, hsm::find_objects(s, cls, label));
@@ -254,10 +278,31 @@ int run_status(const std::string& config_path, bool json) {
   for (const auto& t : *tokens) {
     if (t.slot == ctx->slot) info = t;
   }
+  // The KEK generations, when the store exists (an `hsm init` before the first import has none).
+  std::vector<kek::Generation> gens;
+  std::vector<std::string> kek_labels;
+  if (std::filesystem::exists(cfg->store.path)) {
+    db::OpenOptions opt;
+    opt.create = false;
+    auto store = store::KeyStore::open(cfg->store.path, opt);
+    if (!store.ok()) return fail(cfg->store.path + ": " + store.error().message());
+    auto g = kek::generations(store->db());
+    if (!g.ok()) return fail(g.error().message());
+    gens = std::move(g).value();
+    for (const auto& k : gens) {
+      if (k.gen > 1 && k.state != kek::GenState::destroyed) kek_labels.push_back(k.label);
+    }
+  }
   auto lease = ctx->pool->acquire();
   if (!lease.ok()) return fail(lease.error().message());
-  auto objs = list_objects(lease->session());
+  auto objs = list_objects(lease->session(), kek_labels);
   if (!objs.ok()) return fail(objs.error().message());
+  auto in_token = [&](const std::string& label) {
+    for (const auto& o : *objs) {
+      if (o.label == label && o.cls == hsm::ObjectClass::secret_key) return true;
+    }
+    return false;
+  };
   if (json) {
     JsonWriter w;
     w.begin_object().key("module").value(cfg->hsm.module).key("token").begin_object();
@@ -273,6 +318,14 @@ int run_status(const std::string& config_path, bool json) {
       w.key("encrypt").value(a.encrypt).key("decrypt").value(a.decrypt);
       w.key("sign").value(a.sign).key("verify").value(a.verify).key("wrap").value(a.wrap);
       w.key("unwrap").value(a.unwrap).key("derive").value(a.derive).end_object();
+    }
+    w.end_array().key("kek_generations").begin_array();
+    for (const auto& k : gens) {
+      w.begin_object().key("generation").value(std::int64_t{k.gen}).key("label").value(k.label);
+      w.key("state").value(kek::to_string(k.state)).key("slots").value(k.slots);
+      w.key("in_token").value(in_token(k.label)).key("created_by").value(k.created_by);
+      w.key("created_at").value(k.created_at).key("changed_at").value(k.changed_at);
+      w.end_object();
     }
     w.end_array().end_object();
     std::printf("%s\n", w.str().c_str());
@@ -303,6 +356,13 @@ int run_status(const std::string& config_path, bool json) {
     add(a.unwrap, "unwrap");
     add(a.derive, "derive");
     std::printf("%-14s %-8s %s\n", o.label.c_str(), class_name(o.cls), f.c_str());
+  }
+  if (!gens.empty()) {
+    std::printf("\n%-4s %-14s %-10s %10s  %s\n", "gen", "KEK", "state", "key slots", "in token");
+    for (const auto& k : gens) {
+      std::printf("%-4u %-14s %-10s %10lld  %s\n", k.gen, k.label.c_str(), kek::to_string(k.state),
+                  static_cast<long long>(k.slots), in_token(k.label) ? "yes" : "no");
+    }
   }
   return kExitOk;
 }
@@ -377,6 +437,255 @@ int run_import_transport(const std::string& config_path, const std::string& labe
   return kExitOk;
 }
 
+// ---- KEK rotation (src/kek_rotation.h) ------------------------------------------------------
+
+std::string cli_actor() {
+  return current_gate() != nullptr ? current_gate()->actor() : "bootstrap:" + unix_user();
+}
+
+// Held for the whole of rotate-kek / destroy-kek: one rotation at a time per store. flock is
+// released by the kernel when the process dies, kill -9 included.
+struct RotationLock {
+  int fd = -1;
+  RotationLock() = default;
+  RotationLock(const RotationLock&) = delete;
+  RotationLock& operator=(const RotationLock&) = delete;
+  ~RotationLock() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+Status take_rotation_lock(const std::string& store_path, RotationLock& lock) {
+  const std::string path = store_path + ".kek-rotation.lock";
+  lock.fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lock.fd < 0) return {Errc::storage_failure, "cannot open " + path};
+  if (::flock(lock.fd, LOCK_EX | LOCK_NB) != 0) {
+    return {Errc::busy, "another `gridseal hsm rotate-kek` or `destroy-kek` is running on " +
+                            store_path};
+  }
+  return {};
+}
+
+// The token object of KEK generation `gen`, made the way `hsm init` makes gs-kek (the SO's
+// session KEK copied to a private token object, hsm::create_trusted_kek), or adopted when a
+// crashed run made it already and it has exactly the KEK's attributes. Uses its own module, so
+// that the SO can log in (no other session of this process may be logged in then).
+Status ensure_kek_object(const config::Config& cfg, std::uint32_t gen, bool& created) {
+  const auto& h = cfg.hsm;
+  const std::string label = kek::label_for(gen);
+  GS_TRY(prepare_embedded_softhsm(h));
+  GS_ASSIGN(auto module, hsm::Module::open(h.module));
+  GS_ASSIGN(const hsm::SlotId slot, module->find_slot(h.token_label));
+  GS_ASSIGN(hsm::Secret user_pin, read_user_pin(h));
+  auto check_existing = [&]() -> Result<bool> {
+    GS_ASSIGN(auto s, hsm::Session::open(*module, slot, true));
+    GS_TRY(s.login(hsm::UserType::user, user_pin));
+    auto found = hsm::find_object(s, hsm::ObjectClass::secret_key, label);
+    if (!found.ok()) {
+      (void)s.logout();
+      if (found.error().code == Errc::not_found) return false;
+      return std::move(found).error();
+    }
+    auto attrs = hsm::object_attributes(s, *found);
+    (void)s.logout();
+    if (!attrs.ok()) return std::move(attrs).error();
+    GS_TRY(kek::check_kek_attributes(*attrs));
+    return true;
+  };
+  GS_ASSIGN(const bool exists, check_existing());
+  created = false;
+  if (exists) return {};
+  if (h.so_pin_file.empty()) {
+    return {Errc::invalid_argument, "hsm.so_pin_file is required to create " + label +
+                                        " (only the security officer may mark a key trusted)"};
+  }
+  GS_ASSIGN(hsm::Secret so, hsm::read_pin_file(h.so_pin_file));
+  auto k = hsm::create_trusted_kek(*module, slot, label, so, user_pin);
+  if (!k.ok()) return Error(k.error().code, "creating " + label + ": " + k.error().message());
+  created = true;
+  GS_ASSIGN(const bool now_there, check_existing());
+  if (!now_there) return {Errc::hsm_failure, label + " vanished after its creation"};
+  return {};
+}
+
+struct RotateOutcome {
+  std::uint32_t from = 0, to = 0;
+  bool started = false, created = false;
+  std::size_t rewrapped = 0, batches = 0;
+  std::vector<std::uint32_t> retired;
+};
+
+int run_rotate(const std::string& config_path, bool json, std::size_t batch, double rate) {
+  if (batch == 0 || batch > kek::kMaxBatch) {
+    return fail("--batch must be 1.." + std::to_string(kek::kMaxBatch));
+  }
+  if (rate < 0) return fail("--rate must not be negative");
+  auto cfg = config::load(config_path);
+  if (!cfg.ok()) return fail(cfg.error().message());
+  RotationLock lock;
+  if (auto st = take_rotation_lock(cfg->store.path, lock); !st.ok()) return fail(st.error().message());
+  db::OpenOptions opt;
+  opt.create = false;
+  auto store = store::KeyStore::open(cfg->store.path, opt);
+  if (!store.ok()) return fail(cfg->store.path + ": " + store.error().message());
+  db::Db& db = store->db();
+  const std::string actor = cli_actor();
+  RotateOutcome out;
+
+  // 1. A rotation to resume (a generation being created, or older ones still draining), else a
+  // new one: its generation recorded as `creating` together with the start record.
+  auto gens = kek::generations(db);
+  if (!gens.ok()) return fail(gens.error().message());
+  std::optional<std::uint32_t> creating;
+  bool draining = false;
+  for (const auto& g : *gens) {
+    if (g.state == kek::GenState::creating) creating = g.gen;
+    if (g.state == kek::GenState::draining) draining = true;
+    if (g.state == kek::GenState::current) out.from = g.gen;
+  }
+  if (!creating && !draining) {
+    std::uint32_t gen = 0;
+    Status st = audited(*cfg, db, [&](db::Db& d, std::vector<audit::Event>& events) -> Status {
+      GS_ASSIGN(const std::uint32_t cur, kek::current_generation(d));
+      GS_ASSIGN(gen, kek::record_new_generation(d, actor));
+      GS_ASSIGN(const std::int64_t slots, kek::slots_to_rewrap(d));
+      audit::Detail det;
+      det.add("from", kek::label_for(cur)).add("generation", unsigned{gen}).add("slots", slots);
+      events.push_back({0, actor, "kek_rotation_started", kek::label_for(gen), det.str()});
+      return Status{};
+    });
+    if (!st.ok()) return fail("starting the KEK rotation: " + st.error().message());
+    creating = gen;
+    out.started = true;
+  }
+
+  // 2. The new KEK in the HSM, then (one transaction) it becomes current: from here on every new
+  // key is wrapped under it and the older generation drains.
+  if (creating) {
+    Status st = ensure_kek_object(*cfg, *creating, out.created);
+    if (!st.ok()) return fail(st.error().message());
+    auto tx = db::Transaction::begin(db);
+    if (!tx.ok()) return fail(tx.error().message());
+    st = kek::activate(db, *creating);
+    if (st.ok()) st = tx->commit();
+    if (!st.ok()) return fail("switching to " + kek::label_for(*creating) + ": " +
+                              st.error().message());
+  }
+  auto cur = kek::current_generation(db);
+  if (!cur.ok()) return fail(cur.error().message());
+  out.to = *cur;
+  if (out.from == out.to) out.from = 0;  // resumed after the switch: older ones are draining
+
+  // 3. Re-wrap, then retire the drained generations with the end record. A writer that read the
+  // old generation just before the switch can add a slot under it after the last batch: the
+  // retirement then finds it and the re-wrap runs again.
+  for (int round = 0;; ++round) {
+    {
+      auto ctx = open_hsm(cfg->hsm);
+      if (!ctx.ok()) return fail(ctx.error().message());
+      auto lease = ctx->pool->acquire();
+      if (!lease.ok()) return fail(lease.error().message());
+      kek::KekHandles keks;
+      kek::RewrapOptions ro;
+      ro.batch = batch;
+      ro.rate = rate;
+      if (!json) {
+        ro.on_batch = [&](const kek::RewrapProgress& p) {
+          std::fprintf(stderr, "\rre-wrapped %zu slots under %s, %lld to go   ", out.rewrapped + p.rewrapped,
+                       kek::label_for(p.to).c_str(), static_cast<long long>(p.remaining));
+        };
+      }
+      auto r = kek::rewrap_all(lease->session(), db, keks, ro);
+      if (!json && r.ok() && r->batches > 0) std::fprintf(stderr, "\n");
+      if (!r.ok()) {
+        return fail("re-wrapping under " + kek::label_for(out.to) + " (" +
+                    std::to_string(out.rewrapped) + " slots done; re-run to resume): " +
+                    r.error().message());
+      }
+      out.rewrapped += r->rewrapped;
+      out.batches += r->batches;
+    }
+    Status st = audited(*cfg, db, [&](db::Db& d, std::vector<audit::Event>& events) -> Status {
+      GS_ASSIGN(out.retired, kek::retire_drained(d));
+      if (out.retired.empty()) return Status{};  // nothing was draining: no rotation to end
+      audit::Detail det;
+      std::string labels;
+      for (auto g : out.retired) labels += (labels.empty() ? "" : ",") + kek::label_for(g);
+      det.add("retired", labels).add("rewrapped", std::uint64_t{out.rewrapped});
+      events.push_back({0, actor, "kek_rotation_finished", kek::label_for(out.to), det.str()});
+      return Status{};
+    });
+    if (st.ok()) break;
+    if (st.error().code != Errc::busy || round >= 3) {
+      return fail("finishing the KEK rotation: " + st.error().message());
+    }
+  }
+
+  if (json) {
+    JsonWriter w;
+    w.begin_object().key("from").value(out.from == 0 ? "" : kek::label_for(out.from));
+    w.key("to").value(kek::label_for(out.to)).key("generation").value(std::int64_t{out.to});
+    w.key("started").value(out.started).key("created").value(out.created);
+    w.key("rewrapped").value(static_cast<std::int64_t>(out.rewrapped));
+    w.key("batches").value(static_cast<std::int64_t>(out.batches));
+    w.key("retired").begin_array();
+    for (auto g : out.retired) w.value(kek::label_for(g));
+    w.end_array().end_object();
+    std::printf("%s\n", w.str().c_str());
+    return kExitOk;
+  }
+  std::printf("%s %s (KEK generation %u)\n", out.created ? "created" : "using  ",
+              kek::label_for(out.to).c_str(), out.to);
+  std::printf("re-wrapped %zu key slots in %zu batches\n", out.rewrapped, out.batches);
+  for (auto g : out.retired) {
+    std::printf("retired %s: no key slot is wrapped under it; it stays in the HSM until "
+                "`gridseal hsm destroy-kek %u`\n",
+                kek::label_for(g).c_str(), g);
+  }
+  return kExitOk;
+}
+
+// Removes a retired generation: recorded `destroyed` first (after which no slot can be written
+// under it), then the token object is destroyed. A re-run after a crash in between finishes it.
+int run_destroy_kek(const std::string& config_path, std::uint32_t gen) {
+  auto cfg = config::load(config_path);
+  if (!cfg.ok()) return fail(cfg.error().message());
+  RotationLock lock;
+  if (auto st = take_rotation_lock(cfg->store.path, lock); !st.ok()) return fail(st.error().message());
+  db::OpenOptions opt;
+  opt.create = false;
+  auto store = store::KeyStore::open(cfg->store.path, opt);
+  if (!store.ok()) return fail(cfg->store.path + ": " + store.error().message());
+  const std::string actor = cli_actor();
+  const std::string label = kek::label_for(gen);
+  bool already = false;
+  Status st = audited(*cfg, store->db(), [&](db::Db& d, std::vector<audit::Event>& events) -> Status {
+    GS_ASSIGN(already, kek::mark_destroyed(d, gen));
+    if (already) return Status{};
+    audit::Detail det;
+    det.add("generation", unsigned{gen});
+    events.push_back({0, actor, "kek_destroyed", label, det.str()});
+    return Status{};
+  });
+  if (!st.ok()) return fail(label + ": " + st.error().message());
+  auto ctx = open_hsm(cfg->hsm);
+  if (!ctx.ok()) return fail(ctx.error().message());
+  auto lease = ctx->pool->acquire();
+  if (!lease.ok()) return fail(lease.error().message());
+  auto found = hsm::find_objects(lease->session(), hsm::ObjectClass::secret_key, label);
+  if (!found.ok()) return fail(found.error().message());
+  for (auto h : *found) {
+    auto d = hsm::destroy_object(lease->session(), h);
+    if (!d.ok()) return fail("destroying " + label + ": " + d.error().message());
+  }
+  if (found->empty() && already) {
+    std::printf("nothing to do: %s was destroyed already\n", label.c_str());
+  } else {
+    std::printf("destroyed %s (KEK generation %u)\n", label.c_str(), gen);
+  }
+  return kExitOk;
+}
+
 }  // namespace
 
 void register_hsm(CLI::App& app, int& exit_code) {
@@ -403,6 +712,31 @@ void register_hsm(CLI::App& app, int& exit_code) {
   status->add_option("--config", *config, "configuration file")->capture_default_str();
   status->add_flag("--json", *json, "machine-readable output");
   status->callback([config, json, &exit_code] { exit_code = run_status(*config, *json); });
+
+  auto* rot = hsm_cmd->add_subcommand(
+      "rotate-kek",
+      "new KEK generation (gs-kek-<n>) and every key slot re-wrapped under it in the HSM; "
+      "resumes an interrupted rotation");
+  auto rot_batch = std::make_shared<std::size_t>(256);
+  auto rot_rate = std::make_shared<double>(0);
+  rot->add_option("--config", *config, "configuration file")->capture_default_str();
+  rot->add_option("--batch", *rot_batch, "key slots per transaction (1..10000)")
+      ->capture_default_str();
+  rot->add_option("--rate", *rot_rate, "key slots per second at most (0: unpaced)")
+      ->capture_default_str();
+  rot->add_flag("--json", *json, "machine-readable output");
+  rot->callback([config, json, rot_batch, rot_rate, &exit_code] {
+    exit_code = run_rotate(*config, *json, *rot_batch, *rot_rate);
+  });
+
+  auto* dk = hsm_cmd->add_subcommand(
+      "destroy-kek", "destroy a retired KEK generation (no key slot wrapped under it)");
+  auto dk_gen = std::make_shared<std::uint32_t>(0);
+  dk->add_option("GENERATION", *dk_gen, "the generation, as `hsm status` lists it")
+      ->required()
+      ->check(CLI::Range(1u, kek::kMaxGeneration));
+  dk->add_option("--config", *config, "configuration file")->capture_default_str();
+  dk->callback([config, dk_gen, &exit_code] { exit_code = run_destroy_kek(*config, *dk_gen); });
 
   auto* exp = hsm_cmd->add_subcommand("export-pubkey", "print a public key (hex point or PEM)");
   auto label = std::make_shared<std::string>();

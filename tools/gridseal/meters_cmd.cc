@@ -1,4 +1,4 @@
-// `gridseal meters import|list|show|revoke|challenge`: the meter registry.
+// `gridseal meters import|list|show|revoke|reinstate|challenge`: the meter registry.
 #include <pwd.h>
 #include <unistd.h>
 
@@ -13,9 +13,11 @@
 #include "src/challenge_store.h"
 #include "src/hsm_context.h"
 #include "src/meter_import.h"
+#include "src/meter_reinstate.h"
 #include "src/rollover_store.h"
 #include "tools/gridseal/commands.h"
 #include "tools/gridseal/json.h"
+#include "tools/gridseal/operator_gate.h"
 
 namespace gs::cli {
 
@@ -251,16 +253,6 @@ int run_show(const std::string& config_path, const std::string& id, bool json) {
   return kExitOk;
 }
 
-// Who revoked: the operator's login on this host (kept with the revocation campaign).
-std::string operator_identity() {
-  struct passwd pw {};
-  struct passwd* found = nullptr;
-  char buf[1024];
-  if (getpwuid_r(::geteuid(), &pw, buf, sizeof buf, &found) == 0 && found != nullptr) {
-    return std::string("cli:") + found->pw_name;
-  }
-  return "cli:uid " + std::to_string(::geteuid());
-}
 
 int run_revoke(const std::string& config_path, const std::string& id, const std::string& reason,
                bool permanent, bool json) {
@@ -285,7 +277,7 @@ int run_revoke(const std::string& config_path, const std::string& id, const std:
   }
   // Key compromise: quarantine and rekey under the compromised key (a one-meter campaign).
   store::RolloverStore rs(*store);
-  auto r = rs.revoke_key(id, reason, operator_identity());
+  auto r = rs.revoke_key(id, reason, current_actor());
   if (!r.ok()) {
     if (r.error().code == Errc::invalid_argument) {
       return fail(r.error().detail + "; use --permanent to revoke it for good");
@@ -321,6 +313,60 @@ int run_revoke(const std::string& config_path, const std::string& id, const std:
               "Follow it with: gridseal rollover status %lld\n",
               static_cast<long long>(r->campaign), unsigned{r->seal_slot},
               static_cast<long long>(r->campaign));
+  return kExitOk;
+}
+
+// `meters reinstate`: lifts a revocation by a new revocation rekey (src/meter_reinstate.h),
+// recorded in the audit trail in the same transaction. A refusal changes nothing and records
+// nothing itself (the operator gate records the command and its exit code).
+int run_reinstate(const std::string& config_path, const std::string& id,
+                  const std::string& reason, bool lift_permanent, bool json) {
+  auto o = load(config_path);
+  if (!o.ok()) return fail(o.error().message());
+  auto store = store::KeyStore::open(o->cfg.store.path, {.create = false});
+  if (!store.ok()) return fail(store.error().message());
+  const Gate* gate = current_gate();
+  const std::string actor = gate != nullptr ? gate->actor() : "bootstrap:" + unix_user();
+  store::ReinstateOutcome r;
+  Status st = audited(o->cfg, store->db(),
+                      [&](db::Db&, std::vector<audit::Event>& events) -> Status {
+    GS_ASSIGN(r, store::reinstate_meter(*store, id, reason, actor, lift_permanent));
+    audit::Detail d;
+    d.add("from", store::to_string(r.before)).add("to", store::to_string(r.after));
+    d.add("reason", audit::clip(reason, audit::kMaxDetailValue));
+    if (r.campaign != 0) d.add("campaign", r.campaign).add("seal_slot", unsigned{r.seal_slot});
+    if (r.slots_destroyed != 0) d.add("slots_destroyed", r.slots_destroyed);
+    events.push_back({0, actor, "meter_reinstated", audit::clip(id, audit::kMaxSubject), d.str()});
+    return Status{};
+  });
+  if (!st.ok()) {
+    return fail(st.error().detail.empty() ? st.error().message() : st.error().detail);
+  }
+  if (json) {
+    JsonWriter w;
+    w.begin_object().key("meter_id").value(id).key("from").value(store::to_string(r.before));
+    w.key("state").value(store::to_string(r.after)).key("campaign").value(r.campaign);
+    w.key("seal_slot").value(unsigned{r.seal_slot}).key("slots_destroyed").value(r.slots_destroyed);
+    w.key("proven").value(r.proven).end_object();
+    std::printf("%s\n", w.str().c_str());
+    return kExitOk;
+  }
+  if (r.after == store::MeterState::active) {
+    std::printf("meter %s reinstated: its key was already replaced, it is served again\n",
+                id.c_str());
+    return kExitOk;
+  }
+  std::printf("meter %s reinstated from %s: rollover campaign %lld rekeys it under its "
+              "compromised key (slot %u), whose keys stay compromised and are never used for "
+              "anything else; the meter is served again once it answers under its new key. "
+              "Follow it with: gridseal rollover status %lld\n",
+              id.c_str(), store::to_string(r.before), static_cast<long long>(r.campaign),
+              unsigned{r.seal_slot}, static_cast<long long>(r.campaign));
+  if (!r.proven) {
+    std::printf("it has no MT-2043 proof (or its last challenge failed): the rekey waits for "
+                "one; run: gridseal meters challenge %s --wait\n",
+                id.c_str());
+  }
   return kExitOk;
 }
 
@@ -378,7 +424,7 @@ int run_challenge(const std::string& config_path, std::vector<std::string> ids,
   auto store = store::KeyStore::open(o->cfg.store.path, {.create = false});
   if (!store.ok()) return fail(store.error().message());
   store::ChallengeStore cs(*store);
-  auto r = cs.request(ids, all_unproven, operator_identity(), now_ms());
+  auto r = cs.request(ids, all_unproven, current_actor(), now_ms());
   if (!r.ok()) return fail(r.error().detail.empty() ? r.error().message() : r.error().detail);
   if (!json) {
     std::printf("%lld challenge%s queued, %lld already pending", static_cast<long long>(r->queued),
@@ -527,6 +573,31 @@ void register_meters(CLI::App& app, int& exit_code) {
   revoke->add_flag("--json", *json, "machine-readable output");
   revoke->callback([=, &exit_code] {
     exit_code = run_revoke(*config, *id, *reason, *permanent, *json);
+  });
+
+  auto* reinstate = meters->add_subcommand(
+      "reinstate",
+      "lift a revocation: put a revoked meter back on the road to service under a NEW key. Its "
+      "revoked keys are never used again (they only seal the update, as for `revoke`): a "
+      "quarantined meter whose rekey was aborted gets a new revocation rekey, and is served "
+      "again only once it answers under its new key. A meter revoked --permanent stays refused "
+      "unless --lift-permanent. Refused (exit 1, nothing changed) for an active meter or one "
+      "already being rekeyed");
+  auto lift = std::make_shared<bool>(false);
+  reinstate->add_option("ID", *id, "meter id")->required();
+  reinstate->add_option("--reason", *reason, "why")
+      ->required()
+      ->check([](const std::string& r) -> std::string {
+        return r.empty() || r.size() > 256 ? "the reason must be 1..256 characters" : "";
+      });
+  reinstate->add_flag("--lift-permanent", *lift,
+                      "also lift a --permanent revocation: ONLY when it was an error and the "
+                      "meter never left custody (a stolen meter's private key may be known, and "
+                      "so then would its new key be: re-provision it instead)");
+  reinstate->add_option("--config", *config, "configuration file")->capture_default_str();
+  reinstate->add_flag("--json", *json, "machine-readable output");
+  reinstate->callback([=, &exit_code] {
+    exit_code = run_reinstate(*config, *id, *reason, *lift, *json);
   });
 
   auto* chal = meters->add_subcommand(

@@ -13,9 +13,11 @@
 #include <fstream>
 #include <sstream>
 
+#include "src/approvals.h"
 #include "src/hsm_context.h"
 #include "src/key_store.h"
 #include "src/operators.h"
+#include "src/policy_record.h"
 #include "tools/gridseal/commands.h"
 
 namespace gs::cli {
@@ -154,7 +156,7 @@ const Gate* g_current = nullptr;
 const Gate* current_gate() noexcept { return g_current; }
 
 void Gate::install(CLI::App& app) {
-  if (mode_ == Mode::run) g_current = this;
+  if (mode_ == Mode::run || mode_ == Mode::quorum) g_current = this;
   std::function<void(CLI::App*)> walk = [&](CLI::App* a) {
     auto named = a->get_subcommands([](CLI::App* s) { return !s->get_name().empty(); });
     if (named.empty()) {
@@ -181,8 +183,59 @@ void Gate::set_signing(std::string operator_name, std::string key_file, Bytes no
   sign_out_ = std::move(out_file);
 }
 
+void Gate::set_quorum(std::int64_t request_id, Bytes digest) {
+  quorum_id_ = request_id;
+  quorum_digest_ = std::move(digest);
+}
+
 std::string Gate::actor() const {
+  if (mode_ == Mode::quorum) return "approval:" + std::to_string(quorum_id_);
   return accepted_ ? "operator:" + *accepted_ : "bootstrap:" + unix_user();
+}
+
+void set_current_gate(const Gate* g) noexcept { g_current = g; }
+
+std::string current_actor() {
+  return g_current != nullptr ? g_current->actor() : "bootstrap:" + unix_user();
+}
+
+Result<Gate::Command> capture_command(const std::vector<std::string>& argv) {
+  if (argv.empty()) return Error(Errc::invalid_argument, "no command given");
+  CLI::App inner{"gridseal"};
+  int inner_code = kExitOk;
+  Gate g(Gate::Mode::capture);
+  build_app(inner, inner_code, g);
+  std::vector<std::string> rev(argv.rbegin(), argv.rend());
+  try {
+    inner.parse(rev);
+  } catch (const GateStop& e) {
+    if (e.code() == kExitOk) return g.command();
+    std::string what = e.what();
+    if (what.starts_with("gridseal: ")) what.erase(0, 10);
+    return Error(Errc::invalid_argument, what);
+  } catch (const CLI::Error& e) {
+    return Error(Errc::invalid_argument, std::string("the command: ") + e.what());
+  }
+  return Error(Errc::invalid_argument, "not a state-changing gridseal command");
+}
+
+Result<std::optional<policy::Policy>> quorum_policy(const config::Config& cfg, db::Db& db) {
+  // Once a policy was applied (`gridseal policy apply`, itself under quorum), its recorded
+  // content rules: editing the file on disk changes nothing until the change is approved.
+  auto applied = policy::newest_applied(db, /*with_content=*/true);
+  if (!applied.ok()) {
+    return Error(applied.error().code, "the applied policy: " + applied.error().message());
+  }
+  if (*applied) {
+    auto p = policy::parse_policy((*applied)->content,
+                                  "applied policy #" + std::to_string((*applied)->seq));
+    if (!p.ok()) return Error(p.error().code, "the quorum policy: " + p.error().message());
+    return std::optional<policy::Policy>(std::move(p).value());
+  }
+  if (cfg.policy.empty()) return std::optional<policy::Policy>{};
+  auto p = policy::load_policy(cfg.policy);
+  if (!p.ok()) return Error(p.error().code, "the quorum policy: " + p.error().message());
+  return std::optional<policy::Policy>(std::move(p).value());
 }
 
 void Gate::check(CLI::App& app) {
@@ -198,14 +251,61 @@ void Gate::check(CLI::App& app) {
     if (mode_ == Mode::sign) {
       throw GateStop(kExitUsage, "gridseal: `" + path + "` is read-only: nothing to sign");
     }
+    if (mode_ == Mode::capture) {
+      throw GateStop(kExitUsage, "gridseal: `" + path + "` is read-only: nothing to approve");
+    }
     return;
   }
   const op::CommandRule* rule = op::rule_for(path);
   if (rule == nullptr) rule = &op::unclassified_rule();
   const std::int64_t now = now_s();
+  auto cargs = canonical_args(leaf, *rule);
+  if (path == "approvals request") {
+    // The requester's signature binds what is to be approved, files included.
+    std::vector<std::string> inner;
+    for (const auto& [n, v] : cargs) {
+      if (n == "COMMAND") inner.push_back(v);
+    }
+    auto c = capture_command(inner);
+    if (!c.ok()) throw GateStop(kExitUsage, "gridseal: approvals request: " + c.error().detail);
+    auto d = approvals::command_digest(c->path, c->args);
+    if (!d.ok()) throw GateStop(kExitUsage, "gridseal: " + d.error().detail);
+    cargs.emplace_back("COMMAND#digest", to_hex(*d));
+  }
+  const CLI::Option* conf_opt = leaf->get_option_no_throw("--config");
+  {
+    op::Request shown{"quorum", path, cargs, {}, 0};
+    (void)op::canonicalize(shown);
+    parsed_ = {path, shown.args, rule->roles,
+               conf_opt != nullptr && conf_opt->count() > 0 ? conf_opt->as<std::string>() : "",
+               op::describe(shown)};
+  }
+
+  if (mode_ == Mode::capture) {
+    if (path.starts_with("approvals ")) {
+      throw GateStop(kExitUsage, "gridseal: `" + path + "` cannot itself be put to a quorum");
+    }
+    if (!name_.empty() || !key_file_.empty() || !request_file_.empty()) {
+      throw GateStop(kExitUsage,
+                     "gridseal: the command to approve must not carry --operator, "
+                     "--operator-key or --request: sign the approval request itself");
+    }
+    throw GateStop(kExitOk, "");
+  }
+  if (mode_ == Mode::quorum) {
+    auto d = approvals::command_digest(path, cargs);
+    if (!d.ok() || *d != quorum_digest_) {
+      throw GateStop(kExitRefused, "gridseal: refused: approval request " +
+                                       std::to_string(quorum_id_) +
+                                       ": the command's arguments or files changed since it was "
+                                       "requested (its digest differs)");
+    }
+    command_ = path;
+    return;
+  }
 
   if (mode_ == Mode::sign) {
-    op::Request r{name_, path, canonical_args(leaf, *rule), sign_nonce_, now};
+    op::Request r{name_, path, cargs, sign_nonce_, now};
     if (auto st = op::canonicalize(r); !st.ok()) {
       throw GateStop(kExitUsage, "gridseal: " + st.error().detail);
     }
@@ -224,7 +324,6 @@ void Gate::check(CLI::App& app) {
     throw GateStop(kExitOk, "");
   }
 
-  const CLI::Option* conf_opt = leaf->get_option_no_throw("--config");
   config_path_ = conf_opt != nullptr ? conf_opt->as<std::string>() : "conf/gridseal.toml";
   auto cfg = config::load(config_path_);
   if (!cfg.ok()) return;  // the command reports its own configuration error and changes nothing
@@ -261,7 +360,7 @@ void Gate::check(CLI::App& app) {
     if (!parsed.ok()) throw GateStop(kExitRefused, "gridseal: refused: " + parsed.error().detail);
     r = std::move(parsed->first);
     sig = parsed->second;
-    op::Request local{r.operator_name, path, canonical_args(leaf, *rule), r.nonce, r.time};
+    op::Request local{r.operator_name, path, cargs, r.nonce, r.time};
     if (auto st = op::canonicalize(local); !st.ok()) {
       throw GateStop(kExitUsage, "gridseal: " + st.error().detail);
     }
@@ -281,7 +380,7 @@ void Gate::check(CLI::App& app) {
       throw GateStop(kExitUsage,
                      "gridseal: --operator needs --operator-key FILE (or GS_OPERATOR_KEY=FILE)");
     }
-    r = {name_, path, canonical_args(leaf, *rule), {}, now};
+    r = {name_, path, cargs, {}, now};
     if (auto st = op::canonicalize(r); !st.ok()) {
       throw GateStop(kExitUsage, "gridseal: " + st.error().detail);
     }
@@ -294,10 +393,22 @@ void Gate::check(CLI::App& app) {
     if (!s.ok()) throw GateStop(kExitFailed, "gridseal: " + s.error().message());
     sig = *s;
   } else {
-    r = {"", path, canonical_args(leaf, *rule), {}, now};
+    r = {"", path, cargs, {}, now};
     mismatch = "`" + path + "` changes state and needs a signed request from an operator (" +
                op::roles_text(rule->roles) +
                "): --operator NAME --operator-key FILE, or --request FILE";
+  }
+
+  // A command the policy puts to a quorum runs only through `approvals` (refused and recorded
+  // here like any other refusal; its nonce is consumed).
+  auto qp = quorum_policy(*cfg, store->db());
+  if (!qp.ok()) throw GateStop(kExitFailed, "gridseal: refused: " + qp.error().message());
+  if (mismatch.empty() && *qp && !path.starts_with("approvals ")) {
+    if (const policy::QuorumRule* q = (*qp)->quorum_for(path, cargs)) {
+      mismatch = "`" + path + "` needs " + std::to_string(q->approvals) + " approvals from " +
+                 op::to_string(q->role) + "s (policy [[quorum]] \"" + q->name +
+                 "\"): gridseal approvals request -- " + path + " ...";
+    }
   }
 
   std::string role;
@@ -322,6 +433,9 @@ void Gate::check(CLI::App& app) {
   }
   accepted_ = r.operator_name;
   command_ = path;
+  request_ = r;
+  signature_ = sig;
+  role_ = role;
   std::fprintf(stderr, "gridseal: operator %s (%s) authorized `%s`\n", r.operator_name.c_str(),
                role.c_str(), path.c_str());
 }

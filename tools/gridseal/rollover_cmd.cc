@@ -15,6 +15,7 @@
 #include "src/config.h"
 #include "src/rollover_store.h"
 #include "tools/gridseal/commands.h"
+#include "tools/gridseal/operator_gate.h"
 #include "tools/gridseal/json.h"
 
 namespace gs::cli {
@@ -44,19 +45,6 @@ std::string utc_text(std::int64_t t) {
   return buf;
 }
 
-// Who started a campaign: the operator's login on this host.
-std::string operator_identity() {
-  std::string name;
-  struct passwd pw {};
-  struct passwd* found = nullptr;
-  char buf[1024];
-  if (getpwuid_r(::geteuid(), &pw, buf, sizeof buf, &found) == 0 && found != nullptr) {
-    name = found->pw_name;
-  } else {
-    name = "uid " + std::to_string(::geteuid());
-  }
-  return "cli:" + name;
-}
 
 Result<store::KeyStore> open_store(const std::string& config_path) {
   GS_ASSIGN(auto cfg, config::load(config_path));
@@ -150,7 +138,7 @@ int run_start(const std::string& config_path, const std::vector<std::string>& me
   store::RolloverStore rs(*ks);
   store::CampaignSpec spec;
   spec.rate = rate;
-  spec.created_by = operator_identity();
+  spec.created_by = current_actor();
   auto r = rs.start(spec, ids, all);
   if (!r.ok()) return fail(r.error().detail.empty() ? r.error().message() : r.error().detail);
   if (json) {

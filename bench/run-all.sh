@@ -1,0 +1,420 @@
+#!/usr/bin/env bash
+# `make bench`, second half: reproduces every row of the README "Performance (measured)" table
+# on this machine, with the options the README shows, and the raw HSM limits measured in the
+# same run. `make bench` installs the packages, builds (Release) and runs the Google Benchmark
+# micro-benchmarks first; this script can also be run alone on a build: BUILD=build bench/run-all.sh
+#
+# In a fresh state directory BUILD/bench/state/ (wiped first) it initialises a SoftHSM2 token
+# (bootstrap mode: no operator is enrolled, so `gridseal-bench rollover` can start its campaign
+# unsigned), writes a throw-away TLS PKI (ca.pem, client.pem, ... next to the configurations,
+# the names the README's commands use), imports three fleets:
+#   .7.1 .. .7.10000       simulated meters (ECDH keys) served by gridseal-metersim, for the SES
+#                          rows and the end-to-end rows (read, rollover)
+#   .7.10001 .. .7.100000  more meters with plain keys, only so the SES rows see 100,000 meters
+#   .8.1 .. .8.100000      `gridseal-bench make-fleet` (fleet.csv), for the DKUS rows: the DKUS
+#                          bench's meter ids (from the clock) must not touch the simulated meters'
+#                          replay marks
+# then runs the rows phase by phase, each against the daemons that row needs (loopback, ports
+# chosen by the kernel):
+#   codec     gs_bench codec micro-benchmarks (no daemon)
+#   SES       gridseal-sesd (TLS 1.3): raw HSM composite, SES closed and open loop
+#   chain     + gridseal-metersim serve (5 ms latency) + gridseal-dkusd with [rollover] towards
+#             it, the `make demo` set-up: end-to-end reads, key rollover under read load
+#   DKUS      gridseal-dkusd with processes = 2, io_threads = 1, key_cache = 100000,
+#             meter_cache_ttl_ms = 600000, plain TCP, after 3 warm passes: 16 x 16 (raw EAX' open
+#             measured by the row), raw EAX' open alone, 16 x 64, open loop 2,000/s; the same
+#             over TLS 1.3 (its own warm passes); then the DKUS defaults (key_cache = 4096).
+# Each phase's dkus.toml is a link to dkus-<phase>.toml, so the commands read as in the README.
+# Prints a table (row, figure, raw limit, ratio; then the commands), writes it to
+# BUILD/bench/results.md and results.json (with every row's gridseal-bench --json output, the
+# load average before each row, nproc and the CPU model), stops every daemon it started (also on
+# failure or Ctrl-C) and exits 1 when a set-up step or a row failed.
+#
+# Environment: BUILD (default build), BENCH_QUICK=1 (a smoke run: small fleets, 1-3 s per row,
+# 2-3 minutes), BENCH_WARM_PASSES (DKUS warm passes, default 3; 1 quick), BENCH_ROW_TIMEOUT
+# (seconds one row may take before it is stopped and failed; default 900, quick 240).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+BUILD="${BUILD:-build}"
+case "$BUILD" in /*) ;; *) BUILD="$ROOT/$BUILD" ;; esac
+BIN="$BUILD/bin"
+OUT="$BUILD/bench"        # results.md, results.json (the CMake binary dir of bench/ too)
+DIR="$OUT/state"          # wiped and recreated
+ROWS="$DIR/rows"          # per row: ID.json (the program's JSON), ID.err (its stderr)
+QUICK="${BENCH_QUICK:-0}"
+
+# shellcheck source=tools/demo/lib.sh
+. "$ROOT/tools/demo/lib.sh"
+
+q() { if [ "$QUICK" = 1 ]; then echo "$2"; else echo "$1"; fi; }  # q FULL QUICK
+
+# The README's figures; BENCH_QUICK shrinks fleets and durations, never the shape of a row.
+SES_BIG=$(q 100000 4000)         # meters of the SES rows
+SES_SMALL=$(q 3000 1000)         # "every meter key cached"
+SES_DUR=$(q 15 2)
+SES_WARM=$(q 3 1)
+SES_WARM_SMALL=$(q 5 1)
+HSM_S=$(q 5 1)                   # --hsm-seconds
+CHAIN_METERS=$(q 10000 500)      # simulated meters served by the relay, read and rekeyed
+CHAIN_DUR=$(q 10 2)
+ROLL_AFTER=$(q 5 1)
+DKUS_METERS=$(q 100000 4000)
+WARM_PASSES="${BENCH_WARM_PASSES:-$(q 3 1)}"
+DKUS_WARMUP=$(q 10 1)
+DKUS_DUR=$(q 20 2)
+DKUS_PER_METER=$(q 8 40)         # enough pre-sealed messages for the closed-loop rows
+DKUS_OL_WARMUP=$(q 40 2)
+DKUS_OL_DUR=$(q 30 3)
+DKUS_DEF_WARMUP=$(q 3 1)
+DKUS_DEF_DUR=$(q 20 2)
+ROW_TIMEOUT="${BENCH_ROW_TIMEOUT:-$(q 900 240)}"
+if [ "$CHAIN_METERS" -gt "$SES_BIG" ]; then CHAIN_METERS=$SES_BIG; fi
+
+T_START=$SECONDS
+on_exit() {
+  stop_all
+}
+ROW_PID=
+on_signal() {  # the row running (its own process group, under timeout) first, then the daemons
+  echo "bench: interrupted" >&2
+  if [ -n "$ROW_PID" ]; then
+    kill -TERM "$ROW_PID" 2>/dev/null
+    wait "$ROW_PID" 2>/dev/null
+  fi
+  exit 130
+}
+trap on_exit EXIT
+trap on_signal INT TERM
+
+finish() {
+  stop_all
+  local i
+  printf '\n== set-up steps\n'
+  for i in "${!NAMES[@]}"; do
+    printf '  %-44s %-6s %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${DETAILS[$i]}"
+  done
+  python3 "$ROOT/bench/report.py" --rows "$ROWS/rows.tsv" --setup-failed "$FAILED" \
+    --quick "$QUICK" --seconds "$((SECONDS - T_START))" --md "$OUT/results.md" \
+    --json "$OUT/results.json"
+  local rc=$?
+  if [ "$FAILED" -ne 0 ] || [ "$rc" -ne 0 ]; then
+    printf '\nBENCH FAILED: see the rows and steps marked FAIL (state and logs in %s)\n' "$DIR"
+    exit 1
+  fi
+  printf '\nBENCH PASSED in %d s (results in %s/results.{md,json}, logs in %s)\n' \
+    "$((SECONDS - T_START))" "$OUT" "$DIR"
+  exit 0
+}
+
+for b in gridseal gridseal-sesd gridseal-dkusd gridseal-metersim gridseal-bench gs_bench; do
+  if [ ! -x "$BIN/$b" ]; then
+    echo "bench: missing $BIN/$b (make build first)" >&2
+    exit 1
+  fi
+done
+
+# ---- rows -------------------------------------------------------------------------------------
+# row ID KIND WHAT PROGRAM ARGS...: runs PROGRAM ARGS in DIR (gridseal-bench with --json,
+# gs_bench with JSON output), bounded by ROW_TIMEOUT; one line per row in rows.tsv for
+# report.py: id, kind, exit code, seconds, load average before, the command as shown.
+quote() {  # a shell word as a reader would type it
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+row() {
+  local id="$1" kind="$2" what="$3" prog="$4"
+  shift 4
+  local shown="$prog" a extra=()
+  for a in "$@"; do shown+=" $(quote "$a")"; done
+  if [ "$prog" = gs_bench ]; then
+    shown="$(basename "$BUILD")/bin/$shown"
+    extra=(--benchmark_format=json)
+  else
+    extra=(--json --quiet)
+  fi
+  say "[$id] $what"
+  echo "  \$ $shown"
+  local load t0=$SECONDS rc
+  load="$(cut -d' ' -f1-3 /proc/loadavg)"
+  # In the background and waited for, so that Ctrl-C or a TERM reaches on_signal at once.
+  (cd "$DIR" && exec timeout --kill-after=30 "$ROW_TIMEOUT" "$BIN/$prog" "$@" "${extra[@]}") \
+    >"$ROWS/$id.json" 2>"$ROWS/$id.err" &
+  ROW_PID=$!
+  wait "$ROW_PID"
+  rc=$?
+  ROW_PID=
+  if [ "$rc" -eq 124 ]; then echo "  timed out after $ROW_TIMEOUT s" >>"$ROWS/$id.err"; fi
+  # A warm pass (--until-done) can outlast the DKUS's idle timeout (60 s) for a connection that
+  # has sent its share: gridseal-bench counts that close as a lost connection. Every message
+  # answered and opened with no error is what the pass is for.
+  if [ "$kind" = warm ] && [ "$rc" -eq 1 ] && python3 - "$ROWS/$id.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+sys.exit(0 if d["count"] == d["answered"] == d["presealed"] and d["errors_total"] == 0
+         and d["unanswered"] == 0 and d["exhausted"] == 0 else 1)
+EOF
+  then
+    echo "  every message opened; $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["connection_errors"])' "$ROWS/$id.json") connection(s) closed after sending their share: not an error for a warm pass" |
+      tee -a "$ROWS/$id.err"
+    rc=0
+  fi
+  if [ "$rc" -ne 0 ]; then tail -n 5 "$ROWS/$id.err" | sed 's/^/  /'; fi
+  python3 "$ROOT/bench/report.py" --one "$ROWS/$id.json" --kind "$kind" | sed 's/^/  /'
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$kind" "$rc" "$((SECONDS - t0))" "$load" \
+    "$what" "$shown" >>"$ROWS/rows.tsv"
+  echo "  exit $rc, $((SECONDS - t0)) s, load before: $load"
+  return "$rc"
+}
+
+# ---- 1. state ---------------------------------------------------------------------------------
+say "state directory $DIR (wiped and recreated)"
+rm -rf "$DIR"
+mkdir -p "$ROWS"
+chmod 700 "$DIR"
+: >"$ROWS/rows.tsv"
+rm -f "$OUT/results.md" "$OUT/results.json"
+
+COMMON="$(hsm_store_config gridseal-bench)"
+write_configs() {
+  cat >"$DIR/ses.toml" <<EOF
+# gridseal-sesd for the benchmarks (every key: conf/ses.toml), as in make demo.
+$COMMON
+[server]
+address = "127.0.0.1"
+port = 0
+tls_ca = "ca.pem"
+tls_cert = "server.pem"
+tls_key = "server.key"
+processes = 2
+drain_ms = 3000
+[ses]
+head_end_title = ".1.9"
+ses_title = ".1.10"
+policy = "policy.toml"
+command_key = 1
+metrics_port = 0
+EOF
+  # The policy of make demo (reads are not rate-limited; the bench's certificate is the head-end).
+  cat >"$DIR/policy.toml" <<EOF
+clock_skew = 60
+[classes.read]
+window = 300
+[classes.connect_disconnect]
+window = 300
+fleet = { count = 60000, per = 60 }
+meter = { count = 120, per = 60 }
+[classes.demand_response]
+window = 3600
+fleet = { count = 10, per = 60 }
+[procedures]
+byte_order = "little"
+unlisted = "refuse"
+connect_disconnect = ["SP-26"]
+[table_writes]
+demand_response = ["MT-40"]
+[[client]]
+name = "bench-head-end"
+subject = "CN=head-end-test,O=gridseal test"
+classes = ["read", "connect_disconnect", "demand_response"]
+[[demand_response_group]]
+name = "feeder-3"
+title = ".3.1"
+max_event_window = 3600
+EOF
+}
+step "configuration (ses.toml, policy.toml)" "$DIR" write_configs || finish
+say "SoftHSM2 token (gridseal hsm init, bootstrap mode)"
+step "SoftHSM2 token (gridseal hsm init)" "no operator enrolled (bootstrap mode)" \
+  "$BIN/gridseal" hsm init --config "$DIR/ses.toml" || finish
+say "TLS certificates (gridseal-bench make-pki)"
+step "TLS 1.3 test PKI (gridseal-bench make-pki)" "ca.pem, server.pem, client.pem in $DIR" \
+  "$BIN/gridseal-bench" make-pki "$DIR" || finish
+
+say "fleets: $CHAIN_METERS simulated (ECDH), $((SES_BIG - CHAIN_METERS)) more for the SES, $DKUS_METERS for the DKUS"
+step "simulated fleet export ($CHAIN_METERS meters, ecdh)" ".7.1..7.$CHAIN_METERS" \
+  export_fleet "$CHAIN_METERS" "$DIR/sim-fleet.csv" "$DIR/sim-fleet.state" || finish
+step "simulated fleet import" "keys derived in the HSM" \
+  "$BIN/gridseal" meters import "$DIR/sim-fleet.csv" --config "$DIR/ses.toml" || finish
+if [ "$SES_BIG" -gt "$CHAIN_METERS" ]; then
+  step "SES-only meters export ($((SES_BIG - CHAIN_METERS)), plain)" ".7.$((CHAIN_METERS + 1))..7.$SES_BIG" \
+    "$BIN/gridseal-metersim" export --meters "$((SES_BIG - CHAIN_METERS))" \
+    --first "$((CHAIN_METERS + 1))" --keys plain --out "$DIR/ses-extra.csv" \
+    --state "$DIR/ses-extra.state" || finish
+  step "SES-only meters import" "keys wrapped in the HSM" \
+    "$BIN/gridseal" meters import "$DIR/ses-extra.csv" --config "$DIR/ses.toml" || finish
+fi
+step "DKUS fleet (gridseal-bench make-fleet, $DKUS_METERS)" ".8.1..8.$DKUS_METERS, fleet.csv" \
+  "$BIN/gridseal-bench" make-fleet --meters "$DKUS_METERS" --title-prefix .8 \
+  --out "$DIR/fleet.csv" || finish
+step "DKUS fleet import" "keys wrapped in the HSM" \
+  "$BIN/gridseal" meters import "$DIR/fleet.csv" --config "$DIR/ses.toml" || finish
+
+TLS=(--ca ca.pem --cert client.pem --key client.key)
+
+# ---- 2. codec (no daemon) ---------------------------------------------------------------------
+row codec codec "codec (no HSM): decode / seal mode 2 / open mode 2" gs_bench \
+  "--benchmark_filter=BM_Decode|BM_Seal|BM_Open"
+
+# ---- 3. SES -----------------------------------------------------------------------------------
+say "starting gridseal-sesd (TLS 1.3)"
+step "start gridseal-sesd" "2 workers, TLS 1.3" \
+  start_daemon gridseal-sesd "$DIR/sesd.out" "$BIN/gridseal-sesd" --config "$DIR/ses.toml" || finish
+SES_PORT=$STARTED_PORT
+# ses_load METERS CONNECTIONS DEPTH: the README's SES command up to --duration.
+ses_load() {
+  SES=(ses --host 127.0.0.1 --port "$SES_PORT" "${TLS[@]}" --meters "$1" --title-prefix .7
+    --connections "$2" --depth "$3" --duration "$SES_DUR")
+}
+row ses-raw ses-raw "raw HSM composite (C_Sign gs-cmd-1 + EAX' seal, 2 processes)" gridseal-bench \
+  ses --hsm-config ses.toml --hsm-only --hsm-processes 2 --hsm-threads 1 --hsm-seconds "$HSM_S"
+ses_load "$SES_BIG" 32 16
+row ses-closed ses "SES, $SES_BIG meters, TLS 1.3, 32 x 16, closed loop" gridseal-bench \
+  "${SES[@]}" --warmup "$SES_WARM"
+ses_load "$SES_SMALL" 32 16
+row ses-cached ses "SES, $SES_SMALL meters (every key cached), same load" gridseal-bench \
+  "${SES[@]}" --warmup "$SES_WARM_SMALL"
+ses_load "$SES_BIG" 64 32
+row ses-open-2000 ses-open "SES open loop, $SES_BIG meters, 2,000 /s" gridseal-bench \
+  "${SES[@]}" --warmup "$SES_WARM" --rate 2000
+row ses-open-1500 ses-open "SES open loop, $SES_BIG meters, 1,500 /s" gridseal-bench \
+  "${SES[@]}" --warmup "$SES_WARM" --rate 1500
+
+# ---- 4. end to end: SES -> relay/meter -> DKUS (the make demo set-up) -------------------------
+# dkus_config NAME HSM_LINES SERVER_LINES DKUS_LINES [MORE]: writes dkus-NAME.toml and points
+# dkus.toml at it (the README's commands say dkus.toml).
+dkus_config() {
+  cat >"$DIR/dkus-$1.toml" <<EOF
+# gridseal-dkusd for the benchmarks, phase $1 (every key: conf/dkus.toml).
+$(hsm_store_config gridseal-bench "$2")
+[server]
+address = "127.0.0.1"
+port = 0
+drain_ms = 3000
+$3
+[dkus]
+dkus_title = ".1.11"
+head_end_title = ".1.9"
+metrics_port = 0
+$4
+${5:-}
+EOF
+  ln -sfn "dkus-$1.toml" "$DIR/dkus.toml"
+}
+TLS_SERVER='tls_ca = "ca.pem"
+tls_cert = "server.pem"
+tls_key = "server.key"'
+
+say "starting gridseal-metersim serve and gridseal-dkusd (TLS 1.3, [rollover] towards the relay)"
+CHAIN_OK=1
+step "start gridseal-metersim serve" "relay + $CHAIN_METERS meters, 5 ms latency, TLS 1.3" \
+  start_daemon gridseal-metersim "$DIR/metersim.out" "$BIN/gridseal-metersim" serve \
+  --state "$DIR/sim-fleet.state" --listen 127.0.0.1:0 --tls-ca "$DIR/ca.pem" \
+  --tls-cert "$DIR/server.pem" --tls-key "$DIR/server.key" --latency-ms 5 || CHAIN_OK=0
+RELAY_PORT=$STARTED_PORT
+if [ "$CHAIN_OK" = 1 ]; then
+  # The rollover engine's settings of make demo: 2 relay connections x 16.
+  dkus_config chain "" "$TLS_SERVER
+processes = 2" "" "[rollover]
+enabled = true
+relay_address = \"127.0.0.1\"
+relay_port = $RELAY_PORT
+relay_tls_ca = \"ca.pem\"
+relay_tls_cert = \"client.pem\"
+relay_tls_key = \"client.key\"
+command_key = 1
+connections = 2
+pipeline_depth = 16
+answer_timeout_ms = 5000
+backoff_initial_ms = 500"
+  step "start gridseal-dkusd (chain)" "2 workers, TLS 1.3, rollover engine -> relay" \
+    start_daemon gridseal-dkusd "$DIR/dkusd-chain.out" "$BIN/gridseal-dkusd" \
+    --config "$DIR/dkus.toml" || CHAIN_OK=0
+  DKUS_PID=$STARTED_PID
+fi
+if [ "$CHAIN_OK" = 1 ]; then
+  CHAIN=(--ses "127.0.0.1:$SES_PORT" --relay "127.0.0.1:$RELAY_PORT" --dkus "127.0.0.1:$STARTED_PORT"
+    "${TLS[@]}")
+  row read chain "end to end (SES -> relay/meter -> DKUS), $CHAIN_METERS meters, TLS, 4 x 8" \
+    gridseal-bench read "${CHAIN[@]}" --meters "$CHAIN_METERS" --connections 4 --depth 8 \
+    --duration "$CHAIN_DUR"
+  row rollover rollover "key rollover of all $CHAIN_METERS meters under end-to-end reads, 4 x 8" \
+    gridseal-bench rollover "${CHAIN[@]}" --config dkus.toml --meters "$CHAIN_METERS" \
+    --connections 4 --depth 8 --duration "$CHAIN_DUR" --after "$ROLL_AFTER"
+  stop_one "$DKUS_PID"
+fi
+stop_all  # the SES and the relay: the DKUS rows have the cores to themselves
+
+# ---- 5. DKUS alone ----------------------------------------------------------------------------
+# dkus_phase NAME "DESCRIPTION" TRANSPORT...: starts gridseal-dkusd on dkus.toml, runs the warm
+# passes (one reading of every meter each, filling both workers' key and meter caches; the
+# kernel spreads connections over the workers by hash, hence several passes) when WARM=1.
+DKUS_BASE=()
+dkus_phase() {
+  local name="$1" desc="$2"
+  shift 2
+  say "starting gridseal-dkusd ($desc)"
+  step "start gridseal-dkusd ($name)" "$desc" start_daemon gridseal-dkusd \
+    "$DIR/dkusd-$name.out" "$BIN/gridseal-dkusd" --config "$DIR/dkus.toml" || return 1
+  DKUS_PID=$STARTED_PID
+  DKUS_BASE=(dkus --host 127.0.0.1 --port "$STARTED_PORT" "$@" --fleet fleet.csv)
+  local i
+  for i in $(seq 1 "$WARM"); do
+    row "warm-$name-$i" warm "warm pass $i/$WARM ($name): one reading of each of $DKUS_METERS meters" \
+      gridseal-bench "${DKUS_BASE[@]}" --connections 16 --depth 16 --per-meter 1 --until-done \
+      --duration 600 --warmup 0 || return 1
+  done
+}
+# The README's DKUS set-up: every key of the 100,000 meters cached in each worker.
+TUNED_HSM='key_cache = 100000'
+TUNED_SERVER='processes = 2
+io_threads = 1'
+TUNED_DKUS='meter_cache_ttl_ms = 600000'
+dkus_load() {  # the README's DKUS command after --fleet fleet.csv, DEPTH as given
+  DKUS=("${DKUS_BASE[@]}" --connections 16 --depth "$1" --warmup "$DKUS_WARMUP"
+    --duration "$DKUS_DUR" --per-meter "$DKUS_PER_METER" --hsm-config dkus.toml --hsm-seconds "$HSM_S")
+}
+
+dkus_config tuned "$TUNED_HSM" "plain_tcp = true
+$TUNED_SERVER" "$TUNED_DKUS"
+WARM=$WARM_PASSES
+if dkus_phase tuned "processes 2 x io_threads 1, key_cache 100000, plain TCP" --plain; then
+  dkus_load 16
+  row dkus-16x16 dkus "DKUS, $DKUS_METERS meters, plain TCP, 16 x 16, closed loop, keys cached" \
+    gridseal-bench "${DKUS[@]}"
+  row dkus-raw dkus-raw "raw HSM EAX' open (200 bytes, key handle and subkeys cached, 2 x 1)" \
+    gridseal-bench dkus --hsm-config dkus.toml --hsm-only --hsm-processes 2 --hsm-threads 1 \
+    --hsm-seconds "$HSM_S"
+  dkus_load 64
+  row dkus-16x64 dkus "DKUS, same, 16 x 64" gridseal-bench "${DKUS[@]}"
+  row dkus-open-2000 dkus-open "DKUS open loop, same set-up, 2,000 /s" gridseal-bench \
+    "${DKUS_BASE[@]}" --connections 16 --depth 32 --rate 2000 --warmup "$DKUS_OL_WARMUP" \
+    --duration "$DKUS_OL_DUR" --per-meter "$DKUS_PER_METER" --hsm-config dkus.toml \
+    --hsm-seconds "$HSM_S"
+fi
+stop_all
+
+dkus_config tuned-tls "$TUNED_HSM" "$TLS_SERVER
+$TUNED_SERVER" "$TUNED_DKUS"
+if dkus_phase tuned-tls "the same over TLS 1.3" "${TLS[@]}"; then
+  dkus_load 16
+  row dkus-tls dkus "DKUS, same, TLS 1.3, 16 x 16" gridseal-bench "${DKUS[@]}"
+fi
+stop_all
+
+dkus_config defaults "" "plain_tcp = true
+processes = 2" ""
+WARM=0
+if dkus_phase defaults "the defaults: 2 processes x 2 io_threads, key_cache 4096, plain TCP" --plain; then
+  row dkus-defaults dkus "DKUS with the defaults, $DKUS_METERS meters, 16 x 16 (key-cache misses)" \
+    gridseal-bench "${DKUS_BASE[@]}" --connections 16 --depth 16 --warmup "$DKUS_DEF_WARMUP" \
+    --duration "$DKUS_DEF_DUR" --per-meter "$DKUS_PER_METER" --hsm-config dkus.toml \
+    --hsm-seconds "$HSM_S"
+fi
+stop_all
+
+finish
