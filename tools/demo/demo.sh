@@ -10,7 +10,8 @@
 # relay (gridseal-metersim serve), all three over TLS 1.3 with client certificates, and runs
 # gridseal-bench as the collection engine: reads, a disconnect + connect with signed receipts,
 # a DR broadcast, forged and replayed messages, a short mixed load, a key rollover of
-# DEMO_ROLLOVER (1000) meters run by the DKUS and reads under the new keys. Prints a summary table,
+# DEMO_ROLLOVER (1000) meters approved by two operators (gridseal approvals) and run by the DKUS,
+# and reads under the new keys. Every state change is signed by an enrolled operator. Prints a summary table,
 # stops everything it started (also on failure or Ctrl-C) and exits 1 when any step failed.
 #
 # Environment: DEMO_DIR (default build/demo), BUILD (default build), DEMO_METERS (10000),
@@ -149,6 +150,13 @@ classes = ["read", "connect_disconnect", "demand_response"]
 name = "feeder-3"
 title = ".3.1"
 max_event_window = 3600
+# Key rollovers need two operators (README "Quorum"): the demo's rollover goes through
+# gridseal approvals.
+[[quorum]]
+name = "rollover"
+command = "rollover start"
+role = "operator"
+approvals = 2
 EOF
 }
 step "configuration (ses.toml, dkus.toml, policy)" "$DIR" write_configs || finish
@@ -159,7 +167,7 @@ step "configuration (ses.toml, dkus.toml, policy)" "$DIR" write_configs || finis
 operator_keys() {
   mkdir -p "$DIR/operators" && chmod 700 "$DIR/operators" || return 1
   local who
-  for who in officer operator; do
+  for who in officer operator operator2; do
     openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 \
       -out "$DIR/operators/$who.pem" 2>/dev/null || return 1
     chmod 600 "$DIR/operators/$who.pem"
@@ -167,9 +175,11 @@ operator_keys() {
       2>/dev/null || return 1
   done
 }
-step "operator key pairs (EC P-256)" "demo-officer, demo-operator" operator_keys || finish
+step "operator key pairs (EC P-256)" "demo-officer, demo-operator, demo-operator2" operator_keys ||
+  finish
 OFFICER=(--operator demo-officer --operator-key "$DIR/operators/officer.pem")
 OPERATOR=(--operator demo-operator --operator-key "$DIR/operators/operator.pem")
+OPERATOR2=(--operator demo-operator2 --operator-key "$DIR/operators/operator2.pem")
 
 say "SoftHSM2 token (gridseal hsm init)"
 step "SoftHSM2 token (gridseal hsm init)" "gs-kek, gs-cmd-1/2, gs-provision, ...; officer enrolled" \
@@ -179,6 +189,14 @@ say "gridseal operators enroll demo-operator --role operator (signed by demo-off
 step "operator enrolled (signed by the officer)" "demo-operator, role operator" \
   "$BIN/gridseal" operators enroll demo-operator --role operator \
   --pubkey "$DIR/operators/operator.pub.pem" "${OFFICER[@]}" --config "$DIR/ses.toml" || finish
+step "second operator enrolled" "demo-operator2, role operator (signed by the officer)" \
+  "$BIN/gridseal" operators enroll demo-operator2 --role operator \
+  --pubkey "$DIR/operators/operator2.pub.pem" "${OFFICER[@]}" --config "$DIR/ses.toml" || finish
+# The policy becomes an approved, recorded act: gridseal-sesd serves only this file from now on,
+# and its [[quorum]] rules bind the CLI whatever configuration it is given.
+say "gridseal policy apply policy.toml (signed by demo-officer)"
+step "SES policy applied (gridseal policy apply)" "sesd serves only the applied file" \
+  "$BIN/gridseal" policy apply "$DIR/policy.toml" "${OFFICER[@]}" --config "$DIR/ses.toml" || finish
 
 say "TLS certificates (gridseal-bench make-pki)"
 step "TLS 1.3 test PKI (gridseal-bench make-pki)" "$DIR/pki" \
@@ -361,8 +379,17 @@ fi
 rollover_demo() {
   say "gridseal rollover start --file (meters SIM00000001..$ROLL), then status --watch"
   seq -f 'SIM%08g' 1 "$ROLL" >"$DIR/rollover-meters.txt"
-  "$BIN/gridseal" rollover start --file "$DIR/rollover-meters.txt" "${OPERATOR[@]}" \
-    --config "$DIR/dkus.toml" || return 1
+  # Two operators (policy [[quorum]] "rollover"): demo-operator asks, demo-operator2 approves,
+  # and the second signature starts the campaign.
+  "$BIN/gridseal" approvals request "${OPERATOR[@]}" --config "$DIR/dkus.toml" --json -- \
+    rollover start --file "$DIR/rollover-meters.txt" --config "$DIR/dkus.toml" \
+    >"$DIR/approval.json" || return 1
+  local id
+  id="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' \
+    "$DIR/approval.json")" || return 1
+  echo "  approval request $id: demo-operator asked, demo-operator2 approves"
+  "$BIN/gridseal" approvals approve "$id" "${OPERATOR2[@]}" --config "$DIR/dkus.toml" ||
+    return 1
   timeout 600 "$BIN/gridseal" rollover status --watch --interval-ms 1000 \
     --config "$DIR/dkus.toml" | tail -n 3 || return 1
   "$BIN/gridseal" rollover status --json --config "$DIR/dkus.toml" >"$DIR/rollover-status.json" ||
@@ -382,9 +409,9 @@ EOF
 }
 ROLL_DETAIL=""
 if rollover_demo; then
-  record "key rollover of $ROLL meters (DKUS engine)" PASS "$ROLL_DETAIL"
+  record "key rollover of $ROLL meters (2-of-N quorum)" PASS "$ROLL_DETAIL"
 else
-  record "key rollover of $ROLL meters (DKUS engine)" FAIL "${ROLL_DETAIL:-see $DIR/dkusd.err}"
+  record "key rollover of $ROLL meters (2-of-N quorum)" FAIL "${ROLL_DETAIL:-see $DIR/dkusd.err}"
 fi
 # Reads of the rekeyed meters through the SES (it picks the new active slot up within its
 # meter-cache lifetime, 5 s; until then the meters still accept the standby key).
