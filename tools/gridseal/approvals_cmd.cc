@@ -26,22 +26,6 @@ namespace fs = std::filesystem;
 
 constexpr std::int64_t kListLimit = 200;
 
-std::int64_t now_s() { return static_cast<std::int64_t>(std::time(nullptr)); }
-
-int fail(const std::string& what) {
-  std::fprintf(stderr, "gridseal: %s\n", what.c_str());
-  return kExitFailed;
-}
-
-std::string utc(std::int64_t t) {
-  std::time_t tt = static_cast<std::time_t>(t);
-  std::tm tm{};
-  gmtime_r(&tt, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
 std::string subject(std::int64_t id) { return "approval:" + std::to_string(id); }
 
 ap::Signature signature_of(const Gate& gate, std::int64_t now) {

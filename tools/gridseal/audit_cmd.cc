@@ -27,11 +27,6 @@ namespace gs::cli {
 
 namespace {
 
-int fail(const std::string& what) {
-  std::fprintf(stderr, "gridseal: %s\n", what.c_str());
-  return kExitFailed;
-}
-
 // The store, migrated to the current schema (the audit tables exist from v4 on).
 Result<store::KeyStore> open_store(const config::Config& cfg) {
   auto ks = store::KeyStore::open(cfg.store.path, {.create = false});

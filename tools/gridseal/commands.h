@@ -3,6 +3,9 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cstdint>
+#include <string>
+
 namespace gs::cli {
 
 // Exit codes shared by every command: 0 all well, 1 a checked thing failed, 2 usage error,
@@ -13,6 +16,12 @@ inline constexpr int kExitUsage = 2;
 inline constexpr int kExitRefused = 3;
 
 class Gate;
+
+// Shared by the commands (cli_util.cc). "gridseal: <what>" on stderr; returns kExitFailed.
+int fail(const std::string& what);
+// UTC seconds now, and as ISO 8601 ("2026-11-26T10:00:00Z").
+std::int64_t now_s();
+std::string utc(std::int64_t t);
 
 // Each group adds its sub-commands to `app`. A sub-command's callback stores its exit code in
 // `exit_code` (CLI11 callbacks cannot return one).

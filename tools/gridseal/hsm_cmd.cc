@@ -36,11 +36,6 @@ constexpr EcObject kEcObjects[] = {
     {kLabelAudit, hsm::EcKeyUse::sign},
 };
 
-int fail(const std::string& what) {
-  std::fprintf(stderr, "gridseal: %s\n", what.c_str());
-  return kExitFailed;
-}
-
 // A random PIN (32 hex digits) written to a new 0600 file; the PIN is never printed.
 Status create_pin_file(const std::string& path) {
   std::error_code ec;

@@ -23,11 +23,6 @@ namespace gs::cli {
 
 namespace {
 
-int fail(const std::string& what) {
-  std::fprintf(stderr, "gridseal: %s\n", what.c_str());
-  return kExitFailed;
-}
-
 struct Opened {
   config::Config cfg;
   Bytes base;

@@ -26,8 +26,6 @@ namespace {
 
 namespace op = gs::operators;
 
-std::int64_t now_s() { return static_cast<std::int64_t>(std::time(nullptr)); }
-
 // Options that say where or how, not what: left out of the signed request (the nonce already
 // binds the request to this appliance's store).
 bool unsigned_option(const std::string& name) {

@@ -20,22 +20,6 @@ namespace {
 
 namespace op = gs::operators;
 
-std::int64_t now_s() { return static_cast<std::int64_t>(std::time(nullptr)); }
-
-int fail(const std::string& what) {
-  std::fprintf(stderr, "gridseal: %s\n", what.c_str());
-  return kExitFailed;
-}
-
-std::string utc(std::int64_t t) {
-  std::time_t tt = static_cast<std::time_t>(t);
-  std::tm tm{};
-  gmtime_r(&tt, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
 // The first 16 hex digits of SHA-256(point): what operators compare when they read a key out.
 std::string fingerprint(ByteView point) {
   auto d = sha256(point);

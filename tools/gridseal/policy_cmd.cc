@@ -20,20 +20,6 @@ namespace gs::cli {
 
 namespace {
 
-int fail(const std::string &what) {
-  std::fprintf(stderr, "gridseal: %s\n", what.c_str());
-  return kExitFailed;
-}
-
-std::string utc(std::int64_t t) {
-  std::time_t tt = static_cast<std::time_t>(t);
-  std::tm tm{};
-  gmtime_r(&tt, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
 std::string hex(const Sha256Digest &d) {
   return to_hex(ByteView(d.data(), d.size()));
 }

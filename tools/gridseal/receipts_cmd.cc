@@ -13,11 +13,6 @@ namespace gs::cli {
 
 namespace {
 
-int fail(const std::string& what) {
-  std::fprintf(stderr, "gridseal: %s\n", what.c_str());
-  return kExitFailed;
-}
-
 std::string utc_text(std::int64_t t) {
   const std::time_t tt = static_cast<std::time_t>(t);
   std::tm tm{};

@@ -26,11 +26,6 @@ constexpr std::size_t kMaxFileIds = 10'000'000;
 constexpr std::size_t kMaxFileLine = 4096;  // bytes, comment included
 constexpr std::size_t kListedInReport = 20;
 
-int fail(const std::string& what) {
-  std::fprintf(stderr, "gridseal: %s\n", what.c_str());
-  return kExitFailed;
-}
-
 int usage(const std::string& what) {
   std::fprintf(stderr, "gridseal: %s\n", what.c_str());
   return kExitUsage;
