@@ -199,33 +199,8 @@ policy = "policy.toml"
 command_key = 1
 metrics_port = 0
 EOF
-  # The policy of make demo (reads are not rate-limited; the bench's certificate is the head-end).
-  cat >"$DIR/policy.toml" <<EOF
-clock_skew = 60
-[classes.read]
-window = 300
-[classes.connect_disconnect]
-window = 300
-fleet = { count = 60000, per = 60 }
-meter = { count = 120, per = 60 }
-[classes.demand_response]
-window = 3600
-fleet = { count = 10, per = 60 }
-[procedures]
-byte_order = "little"
-unlisted = "refuse"
-connect_disconnect = ["SP-26"]
-[table_writes]
-demand_response = ["MT-40"]
-[[client]]
-name = "bench-head-end"
-subject = "CN=head-end-test,O=gridseal test"
-classes = ["read", "connect_disconnect", "demand_response"]
-[[demand_response_group]]
-name = "feeder-3"
-title = ".3.1"
-max_event_window = 3600
-EOF
+  # The policy of make demo, without its quorum rule (tools/demo/lib.sh).
+  base_policy bench-head-end >"$DIR/policy.toml"
 }
 step "configuration (ses.toml, policy.toml)" "$DIR" write_configs || finish
 say "SoftHSM2 token (gridseal hsm init, bootstrap mode)"

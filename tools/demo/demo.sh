@@ -123,41 +123,17 @@ dkus_title = ".1.11"
 head_end_title = ".1.9"
 metrics_port = 0
 EOF
-  cat >"$DIR/policy.toml" <<EOF
-# Demo policy (every key: conf/policy.toml). The bench's client certificate is the head-end.
-clock_skew = 60
-[classes.read]
-window = 300
-[classes.connect_disconnect]
-window = 300
-# Generous for the demo's repeated disconnect/connect pairs; production limits are far lower.
-fleet = { count = 60000, per = 60 }
-meter = { count = 120, per = 60 }
-[classes.demand_response]
-window = 3600
-fleet = { count = 10, per = 60 }
-[procedures]
-byte_order = "little"
-unlisted = "refuse"
-connect_disconnect = ["SP-26"]
-[table_writes]
-demand_response = ["MT-40"]
-[[client]]
-name = "demo-head-end"
-subject = "CN=head-end-test,O=gridseal test"
-classes = ["read", "connect_disconnect", "demand_response"]
-[[demand_response_group]]
-name = "feeder-3"
-title = ".3.1"
-max_event_window = 3600
-# Key rollovers need two operators (README "Quorum"): the demo's rollover goes through
-# gridseal approvals.
+  {
+    base_policy demo-head-end
+    # Key rollovers need two operators (README "Quorum"): the demo's goes through approvals.
+    cat <<EOF
 [[quorum]]
 name = "rollover"
 command = "rollover start"
 role = "operator"
 approvals = 2
 EOF
+  } >"$DIR/policy.toml"
 }
 step "configuration (ses.toml, dkus.toml, policy)" "$DIR" write_configs || finish
 

@@ -110,6 +110,38 @@ path = "gridseal.db"
 EOF
 }
 
+# The SES policy of the demo and the bench (every key: conf/policy.toml): reads are not
+# rate-limited, disconnects generously (repeated disconnect/connect pairs; production limits are
+# far lower), and the test PKI's client certificate is the head-end client NAME.
+base_policy() {  # base_policy NAME > FILE
+  cat <<POLICY
+clock_skew = 60
+[classes.read]
+window = 300
+[classes.connect_disconnect]
+window = 300
+fleet = { count = 60000, per = 60 }
+meter = { count = 120, per = 60 }
+[classes.demand_response]
+window = 3600
+fleet = { count = 10, per = 60 }
+[procedures]
+byte_order = "little"
+unlisted = "refuse"
+connect_disconnect = ["SP-26"]
+[table_writes]
+demand_response = ["MT-40"]
+[[client]]
+name = "$1"
+subject = "CN=head-end-test,O=gridseal test"
+classes = ["read", "connect_disconnect", "demand_response"]
+[[demand_response_group]]
+name = "feeder-3"
+title = ".3.1"
+max_event_window = 3600
+POLICY
+}
+
 # export_fleet METERS CSV STATE: a simulated fleet (meters .7.1...7.METERS) that trusts the
 # token's gs-cmd-1/gs-cmd-2 keys, initial keys derived by ECDH with gs-provision; writes the
 # gs-cmd-1 public key to DIR/gs-cmd-1.hex. Needs DIR/ses.toml (the token).
