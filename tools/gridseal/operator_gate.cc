@@ -16,6 +16,7 @@
 #include "src/approvals.h"
 #include "src/hsm_context.h"
 #include "src/key_store.h"
+#include "src/operator_token.h"
 #include "src/operators.h"
 #include "src/policy_record.h"
 #include "tools/gridseal/commands.h"
@@ -98,6 +99,18 @@ audit::Event decision_event(const op::Request& r, bool accepted, const std::stri
           audit::clip(r.command, audit::kMaxSubject), d.str()};
 }
 
+// Signs with the operator's key: a PEM file, or a key on their PKCS#11 token ("pkcs11:" URI,
+// src/operator_token.h).
+Result<EcSignature> sign_as_operator(const op::Request& r, const std::string& key_spec) {
+  if (op::is_token_uri(key_spec)) {
+    GS_ASSIGN(auto uri, op::parse_token_uri(key_spec));
+    return op::sign_request_on_token(r, uri);
+  }
+  auto key = op::load_private_key(key_spec);
+  if (!key.ok()) return Error(key.error().code, key.error().detail);
+  return op::sign_request(r, *key);
+}
+
 std::string read_text(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw GateStop(kExitRefused, "gridseal: refused: cannot read request file " + path);
@@ -162,7 +175,8 @@ void Gate::install(CLI::App& app) {
       if (path.empty() || is_open(path)) return;
       a->add_option("--operator", name_, "operator name (an enrolled operator signs this command)");
       a->add_option("--operator-key", key_file_,
-                    "the operator's P-256 private key, PEM file (default: $GS_OPERATOR_KEY)");
+                    "the operator's P-256 private key: a PEM file, or pkcs11:token=…;object=…?module-path=…"
+                    "&pin-source=file:… for a key on their token (default: $GS_OPERATOR_KEY)");
       a->add_option("--request", request_file_,
                     "a request signed elsewhere (`gridseal operators sign-request`)");
       return;
@@ -307,9 +321,7 @@ void Gate::check(CLI::App& app) {
     if (auto st = op::canonicalize(r); !st.ok()) {
       throw GateStop(kExitUsage, "gridseal: " + st.error().detail);
     }
-    auto key = op::load_private_key(key_file_);
-    if (!key.ok()) throw GateStop(kExitFailed, "gridseal: " + key.error().detail);
-    auto sig = op::sign_request(r, *key);
+    auto sig = sign_as_operator(r, key_file_);
     if (!sig.ok()) throw GateStop(kExitFailed, "gridseal: " + sig.error().message());
     const std::string text = op::request_file_text(r, *sig);
     int fd = ::open(sign_out_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
@@ -382,12 +394,17 @@ void Gate::check(CLI::App& app) {
     if (auto st = op::canonicalize(r); !st.ok()) {
       throw GateStop(kExitUsage, "gridseal: " + st.error().detail);
     }
-    auto key = op::load_private_key(key_path);
-    if (!key.ok()) throw GateStop(kExitFailed, "gridseal: " + key.error().detail);
+    // A key file is read before the nonce is spent, so that a typo costs nothing.
+    std::optional<HostEcKey> file_key;
+    if (!op::is_token_uri(key_path)) {
+      auto key = op::load_private_key(key_path);
+      if (!key.ok()) throw GateStop(kExitFailed, "gridseal: " + key.error().detail);
+      file_key.emplace(std::move(key).value());
+    }
     auto nonce = reg.issue_nonce(op::kDefaultNonceTtl, now);
     if (!nonce.ok()) throw GateStop(kExitFailed, "gridseal: " + nonce.error().message());
     r.nonce = nonce->value;
-    auto s = op::sign_request(r, *key);
+    auto s = file_key ? op::sign_request(r, *file_key) : sign_as_operator(r, key_path);
     if (!s.ok()) throw GateStop(kExitFailed, "gridseal: " + s.error().message());
     sig = *s;
   } else {
