@@ -240,6 +240,7 @@ say "starting gridseal-sesd (TLS 1.3)"
 step "start gridseal-sesd" "2 workers, TLS 1.3" \
   start_daemon gridseal-sesd "$DIR/sesd.out" "$BIN/gridseal-sesd" --config "$DIR/ses.toml" || finish
 SES_PORT=$STARTED_PORT
+SES_PID=$STARTED_PID
 # ses_load METERS CONNECTIONS DEPTH: the README's SES command up to --duration.
 ses_load() {
   SES=(ses --host 127.0.0.1 --port "$SES_PORT" "${TLS[@]}" --meters "$1" --title-prefix .7
@@ -258,6 +259,26 @@ row ses-open-2000 ses-open "SES open loop, $SES_BIG meters, 2,000 /s" gridseal-b
   "${SES[@]}" --warmup "$SES_WARM" --rate 2000
 row ses-open-1500 ses-open "SES open loop, $SES_BIG meters, 1,500 /s" gridseal-bench \
   "${SES[@]}" --warmup "$SES_WARM" --rate 1500
+
+# The cost of the audit trail (README "Audit trail", issue 7): the cached-keys load against this
+# SES (audit on, the defaults) and, back to back, against one with `[audit] enabled = false`.
+ses_load "$SES_SMALL" 32 16
+row ses-audit-on ses "SES audit on (defaults), $SES_SMALL meters, 32 x 16" gridseal-bench \
+  "${SES[@]}" --warmup "$SES_WARM_SMALL"
+stop_one "$SES_PID"
+{ cat "$DIR/ses.toml"; printf '[audit]\nenabled = false\n'; } >"$DIR/ses-noaudit.toml"
+step "start gridseal-sesd, audit off" "2 workers, TLS 1.3, [audit] enabled = false" \
+  start_daemon gridseal-sesd "$DIR/sesd-noaudit.out" "$BIN/gridseal-sesd" \
+  --config "$DIR/ses-noaudit.toml" || finish
+SES_PORT=$STARTED_PORT
+ses_load "$SES_SMALL" 32 16
+row ses-audit-off ses "SES audit off, same load (ses-noaudit.toml)" gridseal-bench \
+  "${SES[@]}" --warmup "$SES_WARM_SMALL"
+stop_one "$STARTED_PID"
+step "restart gridseal-sesd (audit on)" "2 workers, TLS 1.3" \
+  start_daemon gridseal-sesd "$DIR/sesd-2.out" "$BIN/gridseal-sesd" --config "$DIR/ses.toml" || finish
+SES_PORT=$STARTED_PORT
+SES_PID=$STARTED_PID
 
 # ---- 4. end to end: SES -> relay/meter -> DKUS (the make demo set-up) -------------------------
 # dkus_config NAME HSM_LINES SERVER_LINES DKUS_LINES [MORE]: writes dkus-NAME.toml and points
