@@ -207,6 +207,20 @@ class CliHsmMetersRevoke : public CliHsm {
   }
 };
 
+TEST_F(CliHsmMetersRevoke, ImportWithChallengeQueuesTheProvisioningProof) {
+  // M1..M3 have public keys and no proof; N1 has no public key and cannot be challenged.
+  CmdResult imp = run("meters import " + dir_ + "/fleet.csv --challenge" + cfg());
+  ASSERT_EQ(imp.code, 0) << imp.out;
+  EXPECT_NE(imp.out.find("3 challenges queued"), std::string::npos) << imp.out;
+  CmdResult show = run("meters show M2 --json" + cfg());
+  ASSERT_EQ(show.code, 0) << show.out;
+  EXPECT_NE(show.out.find("\"state\":\"queued\""), std::string::npos) << show.out;
+  // Queued once: a second import queues nothing new.
+  CmdResult again = run("meters import " + dir_ + "/fleet.csv --challenge" + cfg());
+  ASSERT_EQ(again.code, 0) << again.out;
+  EXPECT_NE(again.out.find("0 challenges queued"), std::string::npos) << again.out;
+}
+
 TEST_F(CliHsmMetersRevoke, KeyCompromiseQuarantinesAndStartsARevocationRollover) {
   CmdResult rv = run("meters revoke M1 --reason \"key seen on a laptop\"" + cfg());
   ASSERT_EQ(rv.code, 0) << rv.out;

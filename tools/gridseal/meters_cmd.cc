@@ -45,8 +45,14 @@ std::size_t count_lines(const std::string& path) {
   return n;
 }
 
+std::int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
 int run_import(const std::string& config_path, const std::string& file, std::size_t batch,
-               const std::string& transport_key) {
+               const std::string& transport_key, bool challenge) {
   auto o = load(config_path);
   if (!o.ok()) return fail(o.error().message());
   std::ifstream in(file);
@@ -92,13 +98,20 @@ int run_import(const std::string& config_path, const std::string& file, std::siz
   if (!r.ok()) return fail(file + ": " + r.error().message());
   std::printf("%zu rows: %zu imported, %zu already present, %zu refused (%.0f rows/s)\n", r->rows,
               r->inserted, r->unchanged, r->failed, rate(r->rows));
+  if (challenge) {
+    // Provisioning proof (DESIGN §3.4): every meter that has a public key and no proof yet gets
+    // a challenge, which gridseal-dkusd sends through the relay.
+    store::ChallengeStore cs(*store);
+    auto q = cs.request({}, /*all_unproven=*/true, current_actor(), now_ms());
+    if (!q.ok()) {
+      return fail("meters imported, but their challenges were not queued: " +
+                  (q.error().detail.empty() ? q.error().message() : q.error().detail));
+    }
+    std::printf("%lld challenge%s queued (meters without a proof of their private key); "
+                "gridseal-dkusd sends them: gridseal meters show ID\n",
+                static_cast<long long>(q->queued), q->queued == 1 ? "" : "s");
+  }
   return r->failed == 0 ? kExitOk : kExitFailed;
-}
-
-std::int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
 }
 
 // What `meters list` shows of a meter's challenge: "-" never challenged, "FLAGGED" failed.
@@ -532,8 +545,12 @@ void register_meters(CLI::App& app, int& exit_code) {
   auto transport = std::make_shared<std::string>();
   imp->add_option("--transport-key", *transport,
                   "label of the transport key that wrapped:<hex> keys are wrapped under");
+  auto challenge = std::make_shared<bool>(false);
+  imp->add_flag("--challenge", *challenge,
+                "then queue an MT-2043 challenge for every meter with a public key and no proof "
+                "(the provisioning proof, sent by gridseal-dkusd)");
   imp->callback([=, &exit_code] {
-    exit_code = run_import(*config, *file, *batch, *transport);
+    exit_code = run_import(*config, *file, *batch, *transport, *challenge);
   });
 
   auto* list = meters->add_subcommand("list", "list meters");
