@@ -370,7 +370,10 @@ TEST(SesdGrants, KillMinusNineMidGrantNeverOverspends) {
               "units reserved), %d after the restart; %zu of 30 units used, %lld lost\n",
               before, recorded_at_kill, static_cast<long long>(reserved_at_kill), after.secured,
               recorded, static_cast<long long>(30 - static_cast<std::int64_t>(recorded)));
-  EXPECT_GT(after.secured, 2);
+  // Units still unreserved at the kill are spent after the restart. (When the workers had
+  // already reserved all 30 before the kill, what they held is lost: only the 2 free remain.)
+  if (reserved_at_kill < 30) EXPECT_GT(after.secured, 2);
+  EXPECT_GE(after.secured, 2);
   EXPECT_LE(before + after.secured, 2 + 2 + 30) << "the grant was overspent";
   EXPECT_LE(recorded, 30U);
   EXPECT_EQ(reserved(d, id), 30);  // every unit was handed out once: used or lost, never twice
