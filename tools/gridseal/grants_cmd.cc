@@ -124,8 +124,7 @@ int run_issue(const std::string& config_path, const std::string& policy_file,
     return fail("--client: " + client + " may not send " + class_name + " at all (" + pol_path +
                 "); a grant only lifts rate limits");
   }
-  const std::string actor = current_gate() != nullptr ? current_gate()->actor()
-                                                      : "bootstrap:" + unix_user();
+  const std::string actor = current_actor();
   grants::Grant g;
   auto id = grants::new_id();
   if (!id.ok()) return fail(id.error().message());
@@ -175,8 +174,7 @@ int run_revoke(const std::string& config_path, const std::string& id, bool json)
   if (!cfg.ok()) return fail(cfg.error().message());
   auto store = store::KeyStore::open(cfg->store.path, {.create = false});
   if (!store.ok()) return fail(cfg->store.path + ": " + store.error().message());
-  const std::string actor = current_gate() != nullptr ? current_gate()->actor()
-                                                      : "bootstrap:" + unix_user();
+  const std::string actor = current_actor();
   grants::GrantStore gs(store->db());
   std::optional<grants::Grant> after;
   Status st = audited(*cfg, store->db(), [&](db::Db&, std::vector<audit::Event>& events) {

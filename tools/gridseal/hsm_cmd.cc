@@ -434,10 +434,6 @@ int run_import_transport(const std::string& config_path, const std::string& labe
 
 // ---- KEK rotation (src/kek_rotation.h) ------------------------------------------------------
 
-std::string cli_actor() {
-  return current_gate() != nullptr ? current_gate()->actor() : "bootstrap:" + unix_user();
-}
-
 // Held for the whole of rotate-kek / destroy-kek: one rotation at a time per store. flock is
 // released by the kernel when the process dies, kill -9 included.
 struct RotationLock {
@@ -524,7 +520,7 @@ int run_rotate(const std::string& config_path, bool json, std::size_t batch, dou
   auto store = store::KeyStore::open(cfg->store.path, opt);
   if (!store.ok()) return fail(cfg->store.path + ": " + store.error().message());
   db::Db& db = store->db();
-  const std::string actor = cli_actor();
+  const std::string actor = current_actor();
   RotateOutcome out;
 
   // 1. A rotation to resume (a generation being created, or older ones still draining), else a
@@ -651,7 +647,7 @@ int run_destroy_kek(const std::string& config_path, std::uint32_t gen) {
   opt.create = false;
   auto store = store::KeyStore::open(cfg->store.path, opt);
   if (!store.ok()) return fail(cfg->store.path + ": " + store.error().message());
-  const std::string actor = cli_actor();
+  const std::string actor = current_actor();
   const std::string label = kek::label_for(gen);
   bool already = false;
   Status st = audited(*cfg, store->db(), [&](db::Db& d, std::vector<audit::Event>& events) -> Status {

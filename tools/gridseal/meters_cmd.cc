@@ -333,8 +333,7 @@ int run_reinstate(const std::string& config_path, const std::string& id,
   if (!o.ok()) return fail(o.error().message());
   auto store = store::KeyStore::open(o->cfg.store.path, {.create = false});
   if (!store.ok()) return fail(store.error().message());
-  const Gate* gate = current_gate();
-  const std::string actor = gate != nullptr ? gate->actor() : "bootstrap:" + unix_user();
+  const std::string actor = current_actor();
   store::ReinstateOutcome r;
   Status st = audited(o->cfg, store->db(),
                       [&](db::Db&, std::vector<audit::Event>& events) -> Status {

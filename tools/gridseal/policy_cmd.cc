@@ -49,9 +49,7 @@ int run_apply(const std::string &config_path, const std::string &file,
   auto store = store::KeyStore::open(cfg->store.path, {.create = false});
   if (!store.ok())
     return fail(cfg->store.path + ": " + store.error().message());
-  const Gate *gate = current_gate();
-  const std::string actor =
-      gate != nullptr ? gate->actor() : "bootstrap:" + unix_user();
+  const std::string actor = current_actor();
   std::optional<policy::AppliedPolicy> previous;
   std::optional<policy::AppliedPolicy> applied;
   Status st = audited(
