@@ -13,6 +13,7 @@ constexpr std::array<std::uint8_t, 4> kTagAuthorization = {'G', 'S', 'A', '1'};
 constexpr std::array<std::uint8_t, 4> kTagKeyContext = {'G', 'S', 'K', '1'};
 constexpr std::array<std::uint8_t, 4> kTagReceipt = {'G', 'S', 'R', '1'};
 constexpr std::array<std::uint8_t, 4> kTagChallenge = {'G', 'S', 'C', '1'};
+constexpr std::array<std::uint8_t, 4> kTagReplacement = {'G', 'S', 'V', '1'};
 
 // 4F + table(2) + offset(3) + count(2) + checksum(1).
 constexpr std::size_t kPartialWriteOverhead = 9;
@@ -608,6 +609,73 @@ Result<Bytes> challenge_signed_bytes(ByteView meter_title_abs, const ChallengeAn
   Bytes out = prefixed_title_bytes(kTagChallenge, meter_title_abs);
   put(out, a.challenge);
   put_u32(out, a.meter_time);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// MT-2044
+
+std::array<std::uint8_t, kReplacementDataSize> encode_replacement_data(
+    const CommandKeyReplacement& r) {
+  std::array<std::uint8_t, kReplacementDataSize> out{};
+  FixedWriter w(out);
+  w.u8(kProfileVersion);
+  w.u8(r.trust_slot);
+  w.u8(r.key_id);
+  w.u8(0);
+  w.u32(r.sequence);
+  w.u32(r.issued_at);
+  w.bytes(r.public_key);
+  w.bytes(r.signature);
+  return out;
+}
+
+Result<CommandKeyReplacement> decode_replacement_data(ByteView data) {
+  using R = Result<CommandKeyReplacement>;
+  if (data.size() != kReplacementDataSize) {
+    return R(Errc::bad_length, "MT-2044 data is not 141 bytes");
+  }
+  GS_TRY(check_version(data));
+  CommandKeyReplacement r;
+  r.trust_slot = data[1];
+  r.key_id = data[2];
+  if (r.trust_slot >= kTrustSlotCount) {
+    return R(Errc::bad_value, "MT-2044 trust slot is not 0 or 1", 1);
+  }
+  if (r.key_id == 0) return R(Errc::bad_value, "MT-2044 key id 0", 2);
+  if (data[3] != 0) return R(Errc::bad_value, "MT-2044 reserved byte is not 0", 3);
+  r.sequence = be32(data.subspan(4, 4));
+  if (r.sequence == 0) return R(Errc::bad_value, "MT-2044 sequence 0", 4);
+  r.issued_at = be32(data.subspan(8, 4));
+  copy_to(r.public_key, data.subspan(12, kPublicPointSize));
+  if (r.public_key[0] != 0x04) {
+    return R(Errc::bad_value, "MT-2044 public key is not an uncompressed point", 12);
+  }
+  copy_to(r.signature, data.subspan(kReplacementSignedDataSize));
+  return r;
+}
+
+Bytes encode_replacement_write(const CommandKeyReplacement& r) {
+  const auto data = encode_replacement_data(r);
+  auto out = encode_partial_write(kTableCommandKeyReplacement, data);
+  GS_CHECK(out.ok());
+  return std::move(out).value();
+}
+
+Result<CommandKeyReplacement> decode_replacement_write(ByteView service) {
+  GS_ASSIGN(ByteView data,
+            decode_partial_write(service, kTableCommandKeyReplacement, kReplacementDataSize));
+  auto r = decode_replacement_data(data);
+  if (!r.ok()) {
+    return at(std::move(r).error(), 8);
+  }
+  return r;
+}
+
+Bytes replacement_signed_bytes(const CommandKeyReplacement& r) {
+  const auto data = encode_replacement_data(r);
+  Bytes out(kTagReplacement.begin(), kTagReplacement.end());
+  put(out, ByteView(data).first(kReplacementSignedDataSize));
   return out;
 }
 

@@ -21,6 +21,7 @@ inline constexpr std::uint16_t kTableSignedAuthorization = 0x0FF8;  // MT-2040
 inline constexpr std::uint16_t kTableKeyUpdate = 0x0FF9;            // MT-2041
 inline constexpr std::uint16_t kTableSignedReceipt = 0x0FFA;        // MT-2042
 inline constexpr std::uint16_t kTableChallenge = 0x0FFB;            // MT-2043
+inline constexpr std::uint16_t kTableCommandKeyReplacement = 0x0FFC;  // MT-2044 (gridseal v1)
 
 inline constexpr std::uint8_t kProfileVersion = 1;
 inline constexpr std::size_t kSignatureSize = 64;    // r || s, 32 bytes each
@@ -232,5 +233,45 @@ Bytes encode_challenge_answer_response(const ChallengeAnswer& a);
 Result<ChallengeAnswer> decode_challenge_answer_response(ByteView service);
 // "GSC1" | L | meter AP title (absolute) | challenge | meter time (4).
 Result<Bytes> challenge_signed_bytes(ByteView meter_title_abs, const ChallengeAnswer& a);
+
+// ---------------------------------------------------------------------------------------------
+// MT-2044 command-key replacement (gridseal profile extension, version 1; README "Command keys").
+//
+// DESIGN §4 has meters trust two command keys (signer key ids) and a gs-revocation key that
+// signs the replacement of command keys, without a wire format; this is gridseal's. A statement
+// is signed once by gs-revocation for the whole fleet and written (partial write, offset 0) to
+// each meter inside an ordinary class-4 command (MT-2040 under a key the meter still trusts).
+// Data (141 bytes): version=1 (1) | trust slot (1, 0 or 1) | new signer key id (1, 1..255) |
+// reserved=0 (1) | sequence (4, > 0) | issued at (4, UTC s) | public key (65, 04||X||Y) |
+// signature r||s (64) over SHA-256("GSV1" | the 77 bytes before it).
+// A meter accepts it only if the signature verifies with its provisioned gs-revocation public
+// key, the sequence is above the last one it accepted, and the key id is not the one its other
+// trust slot holds; then trust slot <- (key id, public key).
+
+inline constexpr std::size_t kReplacementDataSize = 141;
+inline constexpr std::size_t kReplacementSignedDataSize = 77;
+inline constexpr std::uint8_t kTrustSlotCount = 2;
+
+struct CommandKeyReplacement {
+  std::uint8_t trust_slot = 0;
+  std::uint8_t key_id = 0;
+  std::uint32_t sequence = 0;
+  std::uint32_t issued_at = 0;
+  PublicPoint public_key{};
+  Signature signature{};
+
+  friend bool operator==(const CommandKeyReplacement&, const CommandKeyReplacement&) = default;
+};
+
+std::array<std::uint8_t, kReplacementDataSize> encode_replacement_data(
+    const CommandKeyReplacement& r);
+// Strict: 141 bytes, version 1, slot 0..1, key id 1..255, reserved 0, sequence > 0, point prefix
+// 04 (the point itself is validated where it is used).
+Result<CommandKeyReplacement> decode_replacement_data(ByteView data);
+// Code + data: 4F 0FFC 000000 008D <141> <cksum> (150 bytes), and its parser.
+Bytes encode_replacement_write(const CommandKeyReplacement& r);
+Result<CommandKeyReplacement> decode_replacement_write(ByteView service);
+// "GSV1" | the 77 data bytes before the signature (what gs-revocation signs, hashed with SHA-256).
+Bytes replacement_signed_bytes(const CommandKeyReplacement& r);
 
 }  // namespace gs::c1222

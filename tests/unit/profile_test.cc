@@ -1152,6 +1152,67 @@ TEST(ProfileCodec, ChallengeRoundTripAndRejects) {
   GS_EXPECT_ERR(decode_challenge_write(encode_key_update_service(KeyUpdate{})), Errc::bad_value);
 }
 
+TEST(ProfileCodec, CommandKeyReplacementRoundTripAndRejects) {
+  CommandKeyReplacement r;
+  r.trust_slot = 1;
+  r.key_id = 3;
+  r.sequence = 0x01020304;
+  r.issued_at = 0x6a000000;
+  r.public_key[0] = 0x04;
+  for (std::size_t i = 1; i < r.public_key.size(); ++i) {
+    r.public_key[i] = static_cast<std::uint8_t>(i);
+  }
+  for (std::size_t i = 0; i < r.signature.size(); ++i) {
+    r.signature[i] = static_cast<std::uint8_t>(0xA0 + i);
+  }
+  const auto data = encode_replacement_data(r);
+  EXPECT_EQ(to_hex(ByteView(data).first(12)), "0101030001020304" "6a000000");
+  auto back = decode_replacement_data(data);
+  GS_ASSERT_OK(back);
+  EXPECT_EQ(*back, r);
+
+  const Bytes w = encode_replacement_write(r);
+  ASSERT_EQ(w.size(), 150U);
+  EXPECT_EQ(to_hex(ByteView(w).first(9)), "4f0ffc000000008d01");
+  auto back2 = decode_replacement_write(w);
+  GS_ASSERT_OK(back2);
+  EXPECT_EQ(*back2, r);
+  for (std::size_t n = 0; n < w.size(); ++n) {
+    EXPECT_FALSE(decode_replacement_write(ByteView(w).first(n)).ok()) << n;
+  }
+  Bytes bad_sum = w;
+  bad_sum.back() ^= 1;
+  EXPECT_FALSE(decode_replacement_write(bad_sum).ok());
+
+  // What gs-revocation signs: the tag and the 77 bytes before the signature, nothing after.
+  const Bytes sb = replacement_signed_bytes(r);
+  ASSERT_EQ(sb.size(), 4U + kReplacementSignedDataSize);
+  EXPECT_EQ(to_hex(ByteView(sb).first(16)), "47535631" "0101030001020304" "6a000000");
+  CommandKeyReplacement other_sig = r;
+  other_sig.signature[0] ^= 1;
+  EXPECT_EQ(replacement_signed_bytes(other_sig), sb);
+  CommandKeyReplacement other_slot = r;
+  other_slot.trust_slot = 0;
+  EXPECT_NE(replacement_signed_bytes(other_slot), sb);
+
+  auto with = [&](std::size_t at, std::uint8_t v) {
+    Bytes d(data.begin(), data.end());
+    d[at] = v;
+    return d;
+  };
+  GS_EXPECT_ERR(decode_replacement_data(with(0, 2)), Errc::unsupported);
+  GS_EXPECT_ERR(decode_replacement_data(with(1, 2)), Errc::bad_value);
+  GS_EXPECT_ERR(decode_replacement_data(with(2, 0)), Errc::bad_value);
+  GS_EXPECT_ERR(decode_replacement_data(with(3, 1)), Errc::bad_value);
+  Bytes zero_seq(data.begin(), data.end());
+  std::fill_n(zero_seq.begin() + 4, 4, 0);
+  GS_EXPECT_ERR(decode_replacement_data(zero_seq), Errc::bad_value);
+  GS_EXPECT_ERR(decode_replacement_data(with(12, 0x02)), Errc::bad_value);
+  GS_EXPECT_ERR(decode_replacement_data(ByteView(data).first(140)), Errc::bad_length);
+  // Other profile writes are not replacements.
+  GS_EXPECT_ERR(decode_replacement_write(encode_key_update_service(KeyUpdate{})), Errc::bad_value);
+}
+
 // --- host ECDSA / ECDH / hashes ---------------------------------------------------------------
 
 // P-256 group order n.
