@@ -276,6 +276,13 @@ TEST_F(KekRotation, RewrapsEverySlotUnderANewGenerationAndDestroysTheOldOneOnlyW
   EXPECT_EQ(d2.code, 0) << d2.out;
   EXPECT_NE(d2.out.find("nothing to do"), std::string::npos) << d2.out;
   EXPECT_EQ(check_every_slot(keys), 300u);
+  // The raw HSM measurement of gridseal-bench wraps its meter key under the current generation:
+  // it still runs once gs-kek is gone.
+  CmdResult raw = gs::test::run_command(std::string(GS_BIN_DIR) +
+                                        "/gridseal-bench ses --hsm-only --hsm-config " + conf_ +
+                                        " --hsm-threads 1 --hsm-seconds 0.2 --json 2>&1");
+  EXPECT_EQ(raw.code, 0) << raw.out;
+  EXPECT_NE(raw.out.find("\"raw_hsm\":{\"per_s\":"), std::string::npos) << raw.out;
   // hsm init after the rotation keeps to the current generation: no new gs-kek.
   CmdResult init = run("hsm init");
   EXPECT_EQ(init.code, 0) << init.out;

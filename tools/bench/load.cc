@@ -308,7 +308,10 @@ class Conn : public std::enable_shared_from_this<Conn> {
 
   void fail() {
     if (dead_) return;
-    if (!sh_.stop_sending.load()) ++st_.conn_errors;
+    // A connection with nothing in flight and nothing left to send that the server closes (its
+    // idle timeout, e.g. between a warm-up pass and the end of the run) ended cleanly.
+    const bool idle_close = in_flight_.empty() && exhausted_;
+    if (!sh_.stop_sending.load() && !idle_close) ++st_.conn_errors;
     if (!exhausted_) ++sh_.lost_conns;
     st_.lost += in_flight_.size();
     sh_.in_flight.fetch_sub(static_cast<std::int64_t>(in_flight_.size()));

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
@@ -22,6 +23,8 @@
 #include "src/config.h"
 #include "src/host_ecdsa.h"
 #include "src/hsm_context.h"
+#include "src/kek_rotation.h"
+#include "src/sqlite.h"
 
 namespace gs::bench {
 
@@ -61,8 +64,8 @@ Result<std::pair<Bytes, Bytes>> sample_meter_message(std::size_t epsem_bytes) {
 
 // One thread: its own session, the command key, one unwrapped meter key; composites (or opens)
 // from `start` (or when its set-up is done, if later) until the deadline.
-Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, Clock::time_point start,
-                             Clock::time_point deadline) {
+Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, const std::string& kek_label,
+                             Clock::time_point start, Clock::time_point deadline) {
   GS_ASSIGN(auto lease, hsm.pool->acquire());
   hsm::Session& s = lease.session();
   hsm::ObjectHandle cmd = 0;
@@ -70,8 +73,9 @@ Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, Clock::tim
     const std::string label = "gs-cmd-" + std::to_string(o.command_key);
     GS_ASSIGN(cmd, hsm::find_object(s, hsm::ObjectClass::private_key, label));
   }
-  GS_ASSIGN(const hsm::ObjectHandle kek, hsm::find_object(s, hsm::ObjectClass::secret_key, kLabelKek));
-  // A meter key as the SES holds it: stored wrapped under gs-kek, unwrapped as a session object.
+  GS_ASSIGN(const hsm::ObjectHandle kek, hsm::find_object(s, hsm::ObjectClass::secret_key, kek_label));
+  // A meter key as the SES holds it: stored wrapped under the current KEK, unwrapped as a
+  // session object.
   Bytes plain(16);
   GS_TRY(hsm::generate_random(s, plain));
   GS_ASSIGN(const Bytes wrapped, hsm::import_and_wrap_meter_key(s, kek, plain));
@@ -150,6 +154,18 @@ Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, Clock::tim
   return Count{n, secs > 0 ? static_cast<double>(n) / secs : 0};
 }
 
+// The KEK new meter keys are wrapped under: the store's current generation (gs-kek until the
+// first `gridseal hsm rotate-kek`, which may be followed by `hsm destroy-kek 1`). A config
+// without a store database (a bare token) falls back to gs-kek.
+Result<std::string> current_kek_label(const config::Config& cfg) {
+  if (!std::filesystem::exists(cfg.store.path)) return std::string(kLabelKek);
+  db::OpenOptions opt;
+  opt.read_only = true;
+  GS_ASSIGN(db::Db db, db::Db::open(cfg.store.path, opt));
+  GS_ASSIGN(const std::uint32_t gen, kek::current_generation(db));
+  return kek::label_for(gen);
+}
+
 // Every thread of one process; the total.
 Result<Count> one_process(const RawHsmOptions& o, Clock::time_point start,
                           Clock::time_point deadline) {
@@ -164,10 +180,11 @@ Result<Count> one_process(const RawHsmOptions& o, Clock::time_point start,
   }
   if (!opened.ok()) return opened.error();
   HsmContext hsm = std::move(opened).value();
+  GS_ASSIGN(const std::string kek_label, current_kek_label(cfg));
   std::vector<std::thread> ts;
   std::vector<Result<Count>> results(o.threads, Count{});
   for (std::size_t t = 0; t < o.threads; ++t) {
-    ts.emplace_back([&, t] { results[t] = composite_loop(hsm, o, start, deadline); });
+    ts.emplace_back([&, t] { results[t] = composite_loop(hsm, o, kek_label, start, deadline); });
   }
   for (auto& t : ts) t.join();
   Count total;
