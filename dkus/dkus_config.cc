@@ -65,7 +65,7 @@ Status parse_rollover(const toml::table& root, const std::string& path, const fs
   r.relay.tls.ca_file = resolve_path(dir, r.relay.tls.ca_file);
   r.relay.tls.cert_file = resolve_path(dir, r.relay.tls.cert_file);
   r.relay.tls.key_file = resolve_path(dir, r.relay.tls.key_file);
-  GS_TRY(get_int(*t, "command_key", path, p, 1, 2, r.command_key_id));
+  GS_TRY(get_int(*t, "command_key", path, p, 1, 255, r.command_key_id));
   GS_TRY(get_int(*t, "validity_s", path, p, 1, 86400, r.validity_s));
   GS_TRY(get_int(*t, "clock_skew_s", path, p, 0, 3600, r.clock_skew_s));
   GS_TRY(get_int(*t, "id_peak_rate", path, p, 1, 100000000, r.id_peak_rate));

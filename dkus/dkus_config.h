@@ -30,7 +30,7 @@ struct RolloverConfig {
   // answer_timeout_ms (per connect, send and answer).
   server::ClientConfig relay;
   bool relay_plain_tcp_remote = false;  // rollover.relay_plain_tcp_remote
-  std::uint8_t command_key_id = 1;      // rollover.command_key: gs-cmd-<n>, MT-2040 signer id
+  std::uint8_t command_key_id = 1;      // rollover.command_key: gs-cmd-<n> (1..255), MT-2040 signer id
   std::uint32_t validity_s = 300;       // rollover.validity_s: class-4 window length
   std::uint32_t clock_skew_s = 60;      // rollover.clock_skew_s: not_before = now - skew
   std::uint32_t id_peak_rate = 50000;   // rollover.id_peak_rate: wrap-horizon check (ids/s)

@@ -28,6 +28,7 @@
 #include "src/client.h"
 #include "src/audit_recorder.h"
 #include "src/challenge_store.h"
+#include "src/command_keys.h"
 #include "src/command_signer.h"
 #include "src/handler_state.h"
 #include "src/host_ecdsa.h"
@@ -1890,6 +1891,9 @@ Result<std::unique_ptr<RolloverEngine>> RolloverEngine::create(const DkusConfig&
 
 Status RolloverEngine::warm_up() {
   GS_TRY(impl_->open_store());
+  // Never sign key updates with a key meters no longer trust (src/command_keys.h).
+  GS_TRY(cmdkeys::check_signing_key(impl_->ks->db(), impl_->rc.command_key_id,
+                                    "rollover.command_key"));
   return impl_->open_hsm();
 }
 

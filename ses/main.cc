@@ -11,6 +11,7 @@
 #include "ses/ses_config.h"
 #include "ses/ses_service.h"
 #include "src/audit.h"
+#include "src/command_keys.h"
 #include "src/daemon_main.h"
 #include "src/key_store.h"
 #include "src/policy.h"
@@ -195,5 +196,16 @@ int main(int argc, char** argv) {
 
   if (a.check) return check(*cfg, std::move(pol));
   if (a.worker >= 0) return run_worker(std::move(cfg).value(), std::move(pol), a);
+  {
+    // Before any worker starts (each checks again in SesService::create): a retired command key,
+    // or one MT-2044 statements displaced from both trust slots, never signs.
+    auto store = gs::store::KeyStore::open(cfg->base.store.path, {.create = false});
+    if (!store.ok()) return fail(cfg->base.store.path + ": " + store.error().message());
+    if (auto st = gs::cmdkeys::check_signing_key(store->db(), cfg->command_key_id,
+                                                 "ses.command_key");
+        !st.ok()) {
+      return fail(st.error().message());
+    }
+  }
   return run_supervisor(*cfg, pol, a.config);
 }

@@ -41,7 +41,7 @@ Result<SesConfig> load_ses_config(const std::string& path) {
   GS_TRY(get_string(*ses, "policy", path, p, c.policy_file));
   if (c.policy_file.empty()) return key_error(path, "ses.policy", "is required");
   c.policy_file = resolve_path(dir, c.policy_file);
-  GS_TRY(get_int(*ses, "command_key", path, p, 1, 2, c.command_key_id));
+  GS_TRY(get_int(*ses, "command_key", path, p, 1, 255, c.command_key_id));
   GS_TRY(get_bool(*ses, "metrics", path, p, c.metrics_enabled));
   GS_TRY(get_string(*ses, "metrics_address", path, p, c.metrics.address));
   GS_TRY(get_int(*ses, "metrics_port", path, p, 0, 65535, c.metrics.port));

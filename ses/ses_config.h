@@ -28,7 +28,7 @@ struct SesConfig {
   c1222::OwnedApTitle head_end_title;  // ses.head_end_title
   c1222::OwnedApTitle ses_title;       // ses.ses_title: calling title of error responses
   std::string policy_file;             // ses.policy
-  std::uint8_t command_key_id = 1;     // ses.command_key: gs-cmd-<n>, 1 or 2
+  std::uint8_t command_key_id = 1;     // ses.command_key: gs-cmd-<n>, 1..255 (`gridseal cmdkeys`)
   bool metrics_enabled = true;
   metrics::HttpConfig metrics;         // ses.metrics_address / ses.metrics_port
   std::uint32_t meter_cache = 100000;  // ses.meter_cache: meter records cached per worker thread

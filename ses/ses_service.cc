@@ -68,6 +68,9 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
     return Error(ks.error().code, cfg.base.store.path + ": " + ks.error().message());
   }
   auto id_store = std::make_unique<store::KeyStore>(std::move(ks).value());
+  // Never sign with a key meters no longer trust (retired, or displaced from both trust slots by
+  // MT-2044 statements): refused at start, naming the key and the statement.
+  GS_TRY(cmdkeys::check_signing_key(id_store->db(), cfg.command_key_id, "ses.command_key"));
   ids::AllocatorOptions aopt;
   aopt.block_size = cfg.id_block_size;
   aopt.max_block_age_s = policy.max_block_age_s;
@@ -83,6 +86,7 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
   registry.gauge_fn("gridseal_ses_invocation_ids_issued", "Invocation ids issued", {},
                     [raw] { return static_cast<double>(raw->ids_.stats().ids_issued); });
   GS_TRY(s->open_grants(hsm));
+  GS_TRY(s->open_revocation_key(hsm));
   if (cfg.audit.enabled) {
     auto w = audit::Writer::open(cfg.base.store.path, hsm,
                                  daemon::audit_writer_options(cfg.audit, "gridseal-sesd"), &registry);
@@ -123,6 +127,20 @@ Status SesService::open_grants(HsmContext& hsm) {
         &grants::LedgerStats::cached);
   gauge("gridseal_ses_grant_store_errors", "Grant reads or reservations that failed",
         &grants::LedgerStats::store_errors);
+  return {};
+}
+
+Status SesService::open_revocation_key(HsmContext& hsm) {
+  // From the HSM, never from the database (like gs-audit's for the grants).
+  GS_ASSIGN(auto lease, hsm.pool->acquire());
+  auto key = cmdkeys::revocation_public_key(lease.session());
+  if (!key.ok()) {
+    std::fprintf(stderr,
+                 "gridseal-sesd: %s public key: %s; MT-2044 command-key statements are refused\n",
+                 kLabelRevocation, key.error().message().c_str());
+    return {};
+  }
+  revocation_.emplace(std::move(key).value());
   return {};
 }
 
@@ -333,6 +351,16 @@ SesService::Outcome SesService::process(const server::RequestContext& ctx, ByteV
     return refuse(ctx, &m, c1222::kRespIsc, "class_refused",
                   std::string(c1222::command_class_name(*o.cls)) + " not allowed for client " +
                       client->name);
+  }
+  if (*o.cls == c1222::CommandClass::key_management) {
+    // An MT-2044 statement is signed only when gs-revocation signed it: a client cannot make
+    // meters trust a key of its choosing through the SES.
+    if (auto st = cmdkeys::check_replacement_writes(m, revocation_ ? &*revocation_ : nullptr);
+        !st.ok()) {
+      Outcome r = refuse(ctx, &m, c1222::kRespIsc, "statement_refused", st.error().message());
+      r.cls = o.cls;
+      return r;
+    }
   }
   const std::uint32_t now = utc_now();
   CommandParams params = params_for(*o.cls, pol.validity(*o.cls, now), now);

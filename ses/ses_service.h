@@ -20,6 +20,7 @@
 #include "hsm/session.h"
 #include "ses/ses_config.h"
 #include "src/audit.h"
+#include "src/command_keys.h"
 #include "src/command_signer.h"
 #include "src/grants.h"
 #include "src/handler_state.h"
@@ -120,6 +121,9 @@ class SesService {
   void drop_hsm(WorkerState& w);
   // Opens the rate-limit grant ledger with gs-audit's public key (no key: grants not honoured).
   Status open_grants(HsmContext& hsm);
+  // Reads gs-revocation's public key (MT-2044 statements are verified with it; no key: every
+  // statement is refused).
+  Status open_revocation_key(HsmContext& hsm);
 
   const SesConfig& cfg_;
   HsmContext& hsm_;
@@ -134,6 +138,8 @@ class SesService {
   // Rate-limit grants (src/grants.h): verified with gs-audit's public key, spent in blocks.
   std::unique_ptr<grants::GrantLedger> grants_;
   metrics::Counter& grant_units_;
+  // gs-revocation's public key, read once from the HSM at start (src/command_keys.h).
+  std::optional<HostEcKey> revocation_;
 
   StatePool<WorkerState> states_;
 

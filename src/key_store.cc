@@ -302,6 +302,46 @@ CREATE INDEX rate_grants_by_expiry ON rate_grants (not_after);
 CREATE TRIGGER rate_grants_no_delete BEFORE DELETE ON rate_grants
   BEGIN SELECT RAISE(ABORT, 'rate-limit grants are revoked, never deleted'); END;
 )sql",
+    // v12: command keys (src/command_keys.h, `gridseal cmdkeys`): the registry of gs-cmd-<n>
+    // (public point, who made it, generated or retired; never deleted, never un-retired) and
+    // the MT-2044 replacement statements gs-revocation signed (append-only: what was sent to
+    // the fleet cannot be rewritten). The latest statement of each trust slot says which key
+    // meters trust there; with none, slot 0 holds key 1 and slot 1 key 2 (`hsm init`).
+    R"sql(
+CREATE TABLE command_keys (
+  key_id      INTEGER PRIMARY KEY CHECK (key_id BETWEEN 1 AND 255),
+  label       TEXT NOT NULL UNIQUE,
+  public_key  BLOB NOT NULL CHECK (length(public_key) = 65),
+  state       TEXT NOT NULL CHECK (state IN ('generated','retired')),
+  created_by  TEXT NOT NULL,
+  created_at  INTEGER NOT NULL,
+  retired_by  TEXT NOT NULL DEFAULT '',
+  retired_at  INTEGER
+);
+CREATE TRIGGER command_keys_no_delete BEFORE DELETE ON command_keys
+  BEGIN SELECT RAISE(ABORT, 'command keys are retired, never deleted'); END;
+CREATE TRIGGER command_keys_fixed BEFORE UPDATE OF key_id, label, public_key, created_by,
+  created_at ON command_keys
+  BEGIN SELECT RAISE(ABORT, 'a command key''s identity cannot change'); END;
+CREATE TRIGGER command_keys_no_unretire BEFORE UPDATE OF state ON command_keys
+  WHEN OLD.state = 'retired'
+  BEGIN SELECT RAISE(ABORT, 'a retired command key stays retired'); END;
+CREATE TABLE command_key_statements (
+  seq         INTEGER PRIMARY KEY CHECK (seq BETWEEN 1 AND 4294967295),
+  trust_slot  INTEGER NOT NULL CHECK (trust_slot IN (0, 1)),
+  key_id      INTEGER NOT NULL REFERENCES command_keys (key_id),
+  public_key  BLOB NOT NULL CHECK (length(public_key) = 65),
+  issued_at   INTEGER NOT NULL,
+  signature   BLOB NOT NULL CHECK (length(signature) = 64),
+  data        BLOB NOT NULL CHECK (length(data) = 141),
+  issued_by   TEXT NOT NULL
+);
+CREATE INDEX command_key_statements_by_slot ON command_key_statements (trust_slot, seq);
+CREATE TRIGGER command_key_statements_no_update BEFORE UPDATE ON command_key_statements
+  BEGIN SELECT RAISE(ABORT, 'replacement statements are append-only'); END;
+CREATE TRIGGER command_key_statements_no_delete BEFORE DELETE ON command_key_statements
+  BEGIN SELECT RAISE(ABORT, 'replacement statements are append-only'); END;
+)sql",
 };
 
 constexpr int kMigrationCount = static_cast<int>(sizeof kMigrations / sizeof kMigrations[0]);

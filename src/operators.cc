@@ -45,6 +45,10 @@ constexpr CommandRule kRules[] = {
     // Rate-limit grants (src/grants.h): traffic beyond the policy's limits is the fleet's.
     {"grants issue", kOP, ""},
     {"grants revoke", kOP, ""},
+    // Command keys (src/command_keys.h): key ceremonies, like the KEK's.
+    {"cmdkeys generate", kKC, ""},
+    {"cmdkeys replace", kKC, ""},
+    {"cmdkeys retire", kKC, ""},
     // M-of-N approvals (src/approvals.h): who may ask and sign is checked again against the
     // [[quorum]] rule's role; the auditor only reads.
     {"approvals request", kSO | kKC | kOP, ""},
@@ -59,7 +63,7 @@ constexpr std::string_view kOpen[] = {
     "audit export",      "c1222 decode",            "c1222 seal",        "c1222 open",
     "c1222 encode",      "operators list",          "operators roles",   "operators challenge",
     "operators sign-request", "policy show",           "approvals list",    "approvals show",
-    "grants list",
+    "grants list",       "cmdkeys list",            "cmdkeys statement",
 };
 
 using PkeyPtr = std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)>;

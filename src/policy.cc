@@ -274,9 +274,10 @@ Result<Policy> parse_root(const Ctx& cx, const toml::table& root, ByteView base_
       const bool profile = table == c1222::kTableSignedAuthorization ||
                            table == c1222::kTableKeyUpdate ||
                            table == c1222::kTableSignedReceipt ||
-                           table == c1222::kTableChallenge;
+                           table == c1222::kTableChallenge ||
+                           table == c1222::kTableCommandKeyReplacement;
       if (profile || table == c1222::kProcedureTable) {
-        return cx.err("table_writes", "ST-7 and MT-2040..2043 are classified by gridseal itself");
+        return cx.err("table_writes", "ST-7 and MT-2040..2044 are classified by gridseal itself");
       }
     }
   }
@@ -455,6 +456,9 @@ Result<CommandClass> write_class(const c1222::TableId& t, const Policy& p,
     return Error(Errc::bad_value, t.name() + " is written only by gridseal");
   }
   if (key == c1222::kTableChallenge) return CommandClass::key_management;
+  // An MT-2044 command-key replacement statement: the SES relays it only when gs-revocation's
+  // signature verifies (cmdkeys::check_replacement_writes).
+  if (key == c1222::kTableCommandKeyReplacement) return CommandClass::key_management;
   if (key == c1222::kProcedureTable) {
     return Error(Errc::bad_value, "ST-7 write that is not a procedure call");
   }

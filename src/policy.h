@@ -128,7 +128,8 @@ struct Classification {
 };
 
 // From the decoded request services of a mode-0 command: reads are class 0; writes class 1
-// unless [tables] says otherwise; ST-7 procedures per [procedures]; MT-2043 writes class 4.
+// unless [tables] says otherwise; ST-7 procedures per [procedures]; MT-2043 and MT-2044
+// writes class 4 (MT-2044 statements are verified by the SES, src/command_keys.h).
 // Reads combine with any class; two different non-read classes in one command are refused.
 // Refused (Errc::bad_value): writes of MT-2040/2041/2042 (only gridseal writes those), a read
 // of MT-2042 anywhere but last, writes to ST-7 that are not procedures, unlisted procedures

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -522,8 +523,11 @@ TEST_F(MetersimTest, CorruptStateFilesAreRefused) {
   magic[0] = 'X';
   EXPECT_NE(error_of(magic).find("magic"), std::string::npos);
   Bytes version = good;
-  version[9] = 2;
+  version[9] = 3;
   EXPECT_NE(error_of(version).find("version"), std::string::npos);
+  Bytes revocation_flag = good;
+  revocation_flag[17] = 2;
+  EXPECT_NE(error_of(revocation_flag).find("gs-revocation flag"), std::string::npos);
   Bytes count = good;
   count[12] = 0xFF;  // a huge count: refused before any allocation
   EXPECT_NE(error_of(count).find("meter count"), std::string::npos);
@@ -534,7 +538,7 @@ TEST_F(MetersimTest, CorruptStateFilesAreRefused) {
     std::copy(d->begin(), d->end(), b.end() - 32);
     return b;
   };
-  const std::size_t rec0 = kHeaderSize + 65;
+  const std::size_t rec0 = kHeaderSize;  // version 2: the keys follow the records
   Bytes title = good;
   title[rec0] = 0;  // title length 0
   EXPECT_NE(error_of(rehash(title)).find("meter 0: title length"), std::string::npos);
@@ -547,6 +551,9 @@ TEST_F(MetersimTest, CorruptStateFilesAreRefused) {
   Bytes scalar = good;
   std::fill(scalar.begin() + rec0 + 81, scalar.begin() + rec0 + 113, 0xFF);
   EXPECT_NE(error_of(rehash(scalar)).find("private key"), std::string::npos);
+  Bytes index = good;  // meter 0 trusts key 1 of a one-key table
+  index[rec0 + 1 + 64 + 16 + 32 + 4 * 21 + 1 + 3] = 1;
+  EXPECT_NE(error_of(rehash(index)).find("meter 0: trust key index"), std::string::npos);
   EXPECT_EQ(error_of(rehash(good)), "accepted");
 
   auto missing = Fleet::load("/nonexistent/fleet.state");
@@ -708,6 +715,501 @@ TEST_F(MetersimTest, ChallengeIsSignedWithTheMeterKey) {
   o = open(r.wire, slot_key());
   ASSERT_TRUE(o && o->services.size() == 3);
   EXPECT_EQ(o->services[1], Bytes{c1222::kRespIsss});
+}
+
+// --- MT-2044 command-key replacement ----------------------------------------------------------
+
+// Offset of the MT-2044 sequence inside a version-2 record (fleet.h): title length, title,
+// serial, scalar, 4 key slots, active slot, 2 trust entries.
+constexpr std::size_t kSequenceAt = 1 + 64 + 16 + 32 + 4 * 21 + 1 + 2 * 4;
+
+std::uint32_t be32_at(const Bytes& b, std::size_t at) {
+  return (std::uint32_t{b[at]} << 24) | (std::uint32_t{b[at + 1]} << 16) |
+         (std::uint32_t{b[at + 2]} << 8) | std::uint32_t{b[at + 3]};
+}
+
+// The same fleet as a format-version-1 state file (fleet.h), built byte by byte from a version-2
+// one: keys before 427-byte records without the MT-2044 sequence, no gs-revocation key.
+Bytes to_version1(const Bytes& v2) {
+  const std::size_t count = be32_at(v2, 12);
+  const std::size_t keys = v2[16];
+  Bytes out(v2.begin(), v2.begin() + kHeaderSize);
+  out[9] = 1;
+  out[10] = static_cast<std::uint8_t>(kRecordSizeV1 >> 8);
+  out[11] = static_cast<std::uint8_t>(kRecordSizeV1);
+  out[17] = 0;
+  const auto keys_at = v2.begin() + static_cast<std::ptrdiff_t>(kHeaderSize + count * kRecordSize);
+  out.insert(out.end(), keys_at, keys_at + static_cast<std::ptrdiff_t>(keys * kEcPointSize));
+  for (std::size_t i = 0; i < count; ++i) {
+    const auto rec = v2.begin() + static_cast<std::ptrdiff_t>(kHeaderSize + i * kRecordSize);
+    out.insert(out.end(), rec, rec + kSequenceAt);
+    out.insert(out.end(), rec + kSequenceAt + 4, rec + kRecordSize);
+  }
+  auto d = sha256(out);
+  GS_CHECK(d.ok());
+  out.insert(out.end(), d->begin(), d->end());
+  return out;
+}
+
+// A fleet trusting gs-cmd-1 (id 1, slot 0) and gs-cmd-2 (id 2, slot 1), with a gs-revocation key.
+class MetersimReplacementTest : public MetersimTest {
+ protected:
+  void SetUp() override {
+    MetersimTest::SetUp();
+    cmd2_key_.emplace(HostEcKey::generate().value());
+    revocation_key_.emplace(HostEcKey::generate().value());
+    new_key_.emplace(HostEcKey::generate().value());
+    ExportOptions o;
+    o.meters = 3;
+    o.seed = 42;
+    o.trust_cmd1 = cmd_key_->public_point();
+    o.trust_cmd2 = cmd2_key_->public_point();
+    o.trust_revocation = revocation_key_->public_point();
+    o.now = kNow - 3600;
+    auto f = Fleet::generate(o, nullptr);
+    ASSERT_TRUE(f.ok()) << f.error().message();
+    fleet_ = std::move(f).value();
+    ASSERT_NE(fleet_->revocation(), nullptr);
+  }
+
+  // A statement signed by `signer` (default gs-revocation).
+  c1222::CommandKeyReplacement statement(std::uint8_t slot, std::uint8_t key_id,
+                                         std::uint32_t sequence, const EcPoint& point,
+                                         const HostEcKey* signer = nullptr) {
+    c1222::CommandKeyReplacement st;
+    st.trust_slot = slot;
+    st.key_id = key_id;
+    st.sequence = sequence;
+    st.issued_at = kNow - 100;
+    std::copy(point.begin(), point.end(), st.public_key.begin());
+    auto d = sha256(c1222::replacement_signed_bytes(st));
+    GS_CHECK(d.ok());
+    auto sig = (signer != nullptr ? *signer : *revocation_key_).sign(*d);
+    GS_CHECK(sig.ok());
+    std::copy(sig->begin(), sig->end(), st.signature.begin());
+    return st;
+  }
+
+  // Writes `write` (an MT-2044 service) to meter `meter` in a class-4 command signed by gs-cmd-1
+  // with invocation id `id`; returns the write's answer, or -1 when the command was refused
+  // whole (reason in *why).
+  int replace(const Bytes& write, std::uint32_t id, std::size_t meter = 0,
+              CommandClass cls = CommandClass::key_management, std::string* why = nullptr) {
+    Cmd c;
+    c.meter = ".7." + std::to_string(meter + 1);
+    c.key = slot_key(meter);
+    c.services = {write};
+    c.cls = cls;
+    c.id = id;
+    c.not_after = kNow + 240 + (id & 0xFFFF);  // rising: no replay-table floor in the way
+    c.signer = replace_signer_;
+    c.signer_id = replace_signer_id_;
+    MeterReply r = send(secure(c));
+    if (why != nullptr) *why = r.reason;
+    if (r.outcome != Outcome::executed) return -1;
+    auto o = open(r.wire, slot_key(meter));
+    // MT-2040, the write, the receipt (class 4).
+    if (!o || o->services.size() != 3 || o->services[1].size() != 1) return -2;
+    auto receipt = c1222::decode_receipt_response(o->services[2]);
+    if (!receipt.ok() || receipt->result != o->services[1][0]) return -3;
+    return o->services[1][0];
+  }
+  int replace(const c1222::CommandKeyReplacement& st, std::uint32_t id, std::size_t meter = 0) {
+    return replace(c1222::encode_replacement_write(st), id, meter);
+  }
+
+  // A read of ST-23 on meter 0 signed by `signer` as key id `signer_id`.
+  MeterReply read_signed_by(const HostEcKey& signer, std::uint8_t signer_id, std::uint32_t id,
+                            std::size_t meter = 0) {
+    Cmd c;
+    c.meter = ".7." + std::to_string(meter + 1);
+    c.key = slot_key(meter);
+    c.signer = &signer;
+    c.signer_id = signer_id;
+    c.id = id;
+    c.not_after = kNow + 240 + (id & 0xFFFF);
+    return send(secure(c));
+  }
+
+  // What signs the commands replace() sends (default gs-cmd-1 as key id 1).
+  void sign_replacements_with(const HostEcKey& key, std::uint8_t id) {
+    replace_signer_ = &key;
+    replace_signer_id_ = id;
+  }
+  const HostEcKey* replace_signer_ = nullptr;
+  std::uint8_t replace_signer_id_ = 1;
+
+  std::optional<HostEcKey> cmd2_key_;
+  std::optional<HostEcKey> revocation_key_;
+  std::optional<HostEcKey> new_key_;
+};
+
+TEST_F(MetersimReplacementTest, ValidStatementReplacesTheTrustSlot) {
+  const std::size_t keys_before = fleet_->trust().size();
+  ASSERT_EQ(keys_before, 2u);
+  const auto st = statement(0, 3, 1, new_key_->public_point());
+  ASSERT_EQ(replace(st, 0x0f5001), c1222::kRespOk);
+  EXPECT_EQ(rec().trust[0].present, 1);
+  EXPECT_EQ(rec().trust[0].key_id, 3);
+  ASSERT_LT(rec().trust[0].key_index, fleet_->trust().size());
+  EXPECT_EQ(fleet_->trust().key(rec().trust[0].key_index).public_point(),
+            new_key_->public_point());
+  EXPECT_EQ(rec().trust[1], (TrustEntry{1, 2, 1}));  // the other slot is untouched
+  EXPECT_EQ(rec().replacement_seq, 1u);
+  EXPECT_EQ(fleet_->trust().size(), keys_before + 1);
+
+  // The new key id verifies; the displaced one is refused; gs-cmd-2 still works.
+  MeterReply r = read_signed_by(*new_key_, 3, 0x0f5002);
+  EXPECT_EQ(r.outcome, Outcome::executed) << r.reason;
+  r = read_signed_by(*cmd_key_, 1, 0x0f5003);
+  EXPECT_EQ(r.outcome, Outcome::refused);
+  EXPECT_EQ(r.code, c1222::kRespSme);
+  EXPECT_EQ(r.reason, "untrusted signer key id 1");
+  EXPECT_EQ(read_signed_by(*cmd2_key_, 2, 0x0f5004).outcome, Outcome::executed);
+  // The new key under the displaced id is refused too (the id names the slot's key).
+  EXPECT_EQ(read_signed_by(*new_key_, 1, 0x0f5005).code, c1222::kRespSme);
+
+  // Other meters keep trusting gs-cmd-1 until they get the statement; the same statement then
+  // shares the table entry.
+  EXPECT_EQ(read_signed_by(*cmd_key_, 1, 0x0f5006, 1).outcome, Outcome::executed);
+  ASSERT_EQ(replace(st, 0x0f5007, 1), c1222::kRespOk);
+  EXPECT_EQ(rec(1).trust[0], rec(0).trust[0]);
+  EXPECT_EQ(fleet_->trust().size(), keys_before + 1);
+  EXPECT_EQ(read_signed_by(*cmd_key_, 1, 0x0f5008, 1).code, c1222::kRespSme);
+
+  // A later statement replaces slot 1, signed in a command by the new key itself.
+  auto third = HostEcKey::generate();
+  ASSERT_TRUE(third.ok());
+  Cmd c;
+  c.services = {c1222::encode_replacement_write(statement(1, 4, 2, third->public_point()))};
+  c.cls = CommandClass::key_management;
+  c.signer = &*new_key_;
+  c.signer_id = 3;
+  c.id = 0x0f5009;
+  r = send(secure(c));
+  ASSERT_EQ(r.outcome, Outcome::executed) << r.reason;
+  EXPECT_EQ(rec().trust[1].key_id, 4);
+  EXPECT_EQ(rec().replacement_seq, 2u);
+  EXPECT_EQ(read_signed_by(*cmd2_key_, 2, 0x0f500a).code, c1222::kRespSme);
+  EXPECT_EQ(read_signed_by(*third, 4, 0x0f500b).outcome, Outcome::executed);
+}
+
+TEST_F(MetersimReplacementTest, RefusedStatementsChangeNothing) {
+  // One accepted statement first, so that replayed and older sequences can be tried.
+  const auto accepted = statement(1, 5, 10, new_key_->public_point());
+  ASSERT_EQ(replace(accepted, 0x0f5100), c1222::kRespOk);
+  auto fresh = HostEcKey::generate();
+  ASSERT_TRUE(fresh.ok());
+  const EcPoint& point = fresh->public_point();
+
+  struct Case {
+    const char* name;
+    Bytes write;
+    int code;
+  };
+  std::vector<Case> cases;
+  {
+    auto st = statement(0, 3, 11, point);
+    st.signature[10] ^= 0x01;
+    cases.push_back({"bad signature", c1222::encode_replacement_write(st), c1222::kRespIsc});
+  }
+  {
+    auto st = statement(0, 3, 11, point);
+    st.sequence = 12;  // signed for 11
+    cases.push_back({"altered after signing", c1222::encode_replacement_write(st),
+                     c1222::kRespIsc});
+  }
+  cases.push_back({"signed by another key",
+                   c1222::encode_replacement_write(statement(0, 3, 11, point, &*other_key_)),
+                   c1222::kRespIsc});
+  cases.push_back({"signed by a command key",
+                   c1222::encode_replacement_write(statement(0, 3, 11, point, &*cmd_key_)),
+                   c1222::kRespIsc});
+  cases.push_back({"replayed sequence", c1222::encode_replacement_write(accepted),
+                   c1222::kRespOnp});
+  cases.push_back({"same sequence, other key",
+                   c1222::encode_replacement_write(statement(0, 3, 10, point)), c1222::kRespOnp});
+  cases.push_back({"lower sequence", c1222::encode_replacement_write(statement(0, 3, 9, point)),
+                   c1222::kRespOnp});
+  cases.push_back({"key id held by the other slot",
+                   c1222::encode_replacement_write(statement(0, 5, 11, point)), c1222::kRespIar});
+  cases.push_back({"slot 1 taking slot 0's id",
+                   c1222::encode_replacement_write(statement(1, 1, 11, point)), c1222::kRespIar});
+  cases.push_back({"slot 2", c1222::encode_replacement_write(statement(2, 3, 11, point)),
+                   c1222::kRespErr});
+  {
+    EcPoint off_curve = point;
+    off_curve[64] ^= 0x01;
+    cases.push_back({"point not on the curve",
+                     c1222::encode_replacement_write(statement(0, 3, 11, off_curve)),
+                     c1222::kRespIar});
+  }
+  cases.push_back({"gs-revocation as a command key",
+                   c1222::encode_replacement_write(
+                       statement(0, 3, 11, revocation_key_->public_point())),
+                   c1222::kRespIar});
+  {
+    Bytes w = c1222::encode_replacement_write(statement(0, 3, 11, point));
+    w[8] = 2;  // data version 2; checksum repaired
+    w.back() = static_cast<std::uint8_t>(w.back() - 1);
+    cases.push_back({"data version 2", w, c1222::kRespErr});
+  }
+  {
+    Bytes w = c1222::encode_replacement_write(statement(0, 3, 11, point));
+    w.back() ^= 0x01;
+    cases.push_back({"bad checksum", w, c1222::kRespErr});
+  }
+  std::uint32_t id = 0x0f5110;
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.name);
+    const MeterRecord before = rec();
+    const std::size_t keys = fleet_->trust().size();
+    std::string why;
+    EXPECT_EQ(replace(k.write, ++id, 0, CommandClass::key_management, &why), k.code) << why;
+    EXPECT_EQ(rec().trust, before.trust);
+    EXPECT_EQ(rec().replacement_seq, 10u);
+    EXPECT_EQ(fleet_->trust().size(), keys);
+  }
+  // Not class 4: the whole command is refused.
+  std::string why;
+  EXPECT_EQ(replace(c1222::encode_replacement_write(statement(0, 3, 11, point)), ++id, 0,
+                    CommandClass::write, &why),
+            -1);
+  EXPECT_EQ(why, "service needs class key_management");
+  EXPECT_EQ(rec().trust[0], (TrustEntry{1, 1, 0}));
+  // gs-cmd-1 is still trusted, and the good statement goes through after all that.
+  EXPECT_EQ(read_signed_by(*cmd_key_, 1, ++id).outcome, Outcome::executed);
+  EXPECT_EQ(replace(statement(0, 3, 11, point), ++id), c1222::kRespOk);
+  EXPECT_EQ(rec().trust[0].key_id, 3);
+}
+
+TEST_F(MetersimTest, ReplacementWithoutRevocationKeyIsNotSupported) {
+  ASSERT_EQ(fleet_->revocation(), nullptr);
+  auto revocation = HostEcKey::generate();
+  auto new_key = HostEcKey::generate();
+  ASSERT_TRUE(revocation.ok() && new_key.ok());
+  c1222::CommandKeyReplacement st;
+  st.trust_slot = 1;
+  st.key_id = 3;
+  st.sequence = 1;
+  st.public_key = new_key->public_point();
+  auto d = sha256(c1222::replacement_signed_bytes(st));
+  ASSERT_TRUE(d.ok());
+  auto sig = revocation->sign(*d);
+  ASSERT_TRUE(sig.ok());
+  std::copy(sig->begin(), sig->end(), st.signature.begin());
+  Cmd c;
+  c.services = {c1222::encode_replacement_write(st)};
+  c.cls = CommandClass::key_management;
+  const MeterRecord before = rec();
+  MeterReply r = send(secure(c));
+  ASSERT_EQ(r.outcome, Outcome::executed) << r.reason;
+  auto o = open(r.wire, slot_key());
+  ASSERT_TRUE(o && o->services.size() == 3);
+  EXPECT_EQ(o->services[1], Bytes{c1222::kRespSns});
+  EXPECT_EQ(rec().trust, before.trust);
+  EXPECT_EQ(rec().replacement_seq, 0u);
+  EXPECT_EQ(fleet_->trust().size(), 1u);
+}
+
+TEST_F(MetersimReplacementTest, StateFileKeepsRevocationKeyTrustAndSequence) {
+  ASSERT_EQ(replace(statement(0, 3, 7, new_key_->public_point()), 0x0f5200), c1222::kRespOk);
+  sign_replacements_with(*cmd2_key_, 2);  // gs-cmd-1 is no longer trusted by meter 0
+  const Bytes file = fleet_->serialize();
+  EXPECT_EQ(file.size(), kHeaderSize + 3 * kRecordSize + 3 * 65 + 65 + 32);
+  EXPECT_EQ(be32_at(file, kHeaderSize + kSequenceAt), 7u);
+  auto back = Fleet::parse(file);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  ASSERT_NE((*back)->revocation(), nullptr);
+  EXPECT_EQ((*back)->revocation()->public_point(), revocation_key_->public_point());
+  ASSERT_EQ((*back)->trust().size(), fleet_->trust().size());
+  for (std::size_t i = 0; i < fleet_->trust().size(); ++i) {
+    EXPECT_EQ((*back)->trust().key(i).public_point(), fleet_->trust().key(i).public_point());
+  }
+  for (std::size_t i = 0; i < 3; ++i) EXPECT_EQ((*back)->record(i), rec(i)) << i;
+  EXPECT_EQ((*back)->serialize(), file);
+
+  // Through a real file: the new key works, the old one and the replayed statement do not.
+  char tmpl[] = "/tmp/gs-metersim-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const TempDir cleanup{tmpl};
+  const std::string path = std::string(tmpl) + "/fleet.state";
+  ASSERT_TRUE(fleet_->save(path).ok());
+  auto loaded = Fleet::load(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.error().message();
+  fleet_ = std::move(loaded).value();
+  EXPECT_EQ(rec().trust[0].key_id, 3);
+  EXPECT_EQ(rec().replacement_seq, 7u);
+  EXPECT_EQ(read_signed_by(*new_key_, 3, 0x0f5201).outcome, Outcome::executed);
+  EXPECT_EQ(read_signed_by(*cmd_key_, 1, 0x0f5202).code, c1222::kRespSme);
+  EXPECT_EQ(replace(statement(0, 3, 7, new_key_->public_point()), 0x0f5203), c1222::kRespOnp);
+  EXPECT_EQ(replace(statement(1, 4, 8, cmd_key_->public_point()), 0x0f5204), c1222::kRespOk);
+  EXPECT_EQ(fleet_->trust().size(), 3u);  // gs-cmd-1's point came back: its entry is shared
+  EXPECT_EQ(rec().trust[1].key_index, rec(1).trust[0].key_index);
+}
+
+TEST_F(MetersimReplacementTest, VersionOneStateFileLoadsWithoutRevocationKey) {
+  // Before any statement: a version-1 file of the same fleet loads into the same meters, with
+  // no gs-revocation key; saved again it is version 2.
+  const Bytes v2 = fleet_->serialize();
+  const Bytes v1 = to_version1(v2);
+  EXPECT_EQ(v1.size(), kHeaderSize + 2 * 65 + 3 * kRecordSizeV1 + 32);
+  auto back = Fleet::parse(v1);
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ((*back)->revocation(), nullptr);
+  ASSERT_EQ((*back)->trust().size(), 2u);
+  for (std::size_t i = 0; i < 3; ++i) EXPECT_EQ((*back)->record(i), rec(i)) << i;
+  const Bytes resaved = (*back)->serialize();
+  EXPECT_EQ(resaved[9], kStateVersion);
+  EXPECT_EQ(resaved[17], 0);
+  EXPECT_EQ(to_version1(resaved), v1);
+
+  // After a statement: the sequence is not in version 1 (0 on load) and, without the
+  // gs-revocation key, the meters answer MT-2044 `sns`.
+  ASSERT_EQ(replace(statement(0, 3, 7, new_key_->public_point()), 0x0f5300), c1222::kRespOk);
+  sign_replacements_with(*cmd2_key_, 2);
+  char tmpl[] = "/tmp/gs-metersim-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const TempDir cleanup{tmpl};
+  const std::string path = std::string(tmpl) + "/fleet-v1.state";
+  {
+    const Bytes old = to_version1(fleet_->serialize());
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(old.data()), static_cast<std::streamsize>(old.size()));
+    ASSERT_TRUE(out.good());
+  }
+  auto loaded = Fleet::load(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.error().message();
+  fleet_ = std::move(loaded).value();
+  EXPECT_EQ(fleet_->revocation(), nullptr);
+  EXPECT_EQ(rec().trust[0].key_id, 3);
+  EXPECT_EQ(rec().replacement_seq, 0u);
+  EXPECT_EQ(replace(statement(0, 6, 8, other_key_->public_point()), 0x0f5301), c1222::kRespSns);
+  EXPECT_EQ(rec().trust[0].key_id, 3);
+
+  // A version-1 header with version-2 records (or the reverse) is refused by its record size.
+  Bytes mixed = v2;
+  mixed[9] = 1;
+  auto bad = Fleet::parse(mixed);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.error().message().find("record size 431, expected 427"), std::string::npos);
+  Bytes flagged = v1;  // version 1 has no gs-revocation flag: the byte is reserved
+  flagged[17] = 1;
+  EXPECT_FALSE(Fleet::parse(flagged).ok());
+}
+
+TEST_F(MetersimReplacementTest, TrustTableIsBoundedAndSharesPoints) {
+  // 2 provisioned keys; statements on slot 1 add one new key each until the table is full.
+  std::uint32_t seq = 0;
+  std::uint32_t id = 0x0f5400;
+  std::vector<HostEcKey> added;
+  while (fleet_->trust().size() < kMaxTrustedKeys) {
+    added.push_back(HostEcKey::generate().value());
+    ASSERT_EQ(replace(statement(1, static_cast<std::uint8_t>(3 + seq % 2), ++seq,
+                                added.back().public_point()),
+                      ++id),
+              c1222::kRespOk)
+        << seq;
+  }
+  EXPECT_EQ(added.size(), kMaxTrustedKeys - 2);
+  const MeterRecord before = rec();
+  auto one_more = HostEcKey::generate();
+  ASSERT_TRUE(one_more.ok());
+  EXPECT_EQ(replace(statement(1, 9, ++seq, one_more->public_point()), ++id), c1222::kRespOnp);
+  EXPECT_EQ(rec().trust, before.trust);
+  EXPECT_EQ(rec().replacement_seq, before.replacement_seq);
+  EXPECT_EQ(fleet_->trust().size(), kMaxTrustedKeys);
+  // A point already in the table still fits (shared entry), and the full table round-trips.
+  EXPECT_EQ(replace(statement(1, 9, ++seq, added[3].public_point()), ++id), c1222::kRespOk);
+  EXPECT_EQ(rec().trust[1], (TrustEntry{1, 9, 5}));
+  EXPECT_EQ(read_signed_by(added[3], 9, ++id).outcome, Outcome::executed);
+  auto back = Fleet::parse(fleet_->serialize());
+  ASSERT_TRUE(back.ok()) << back.error().message();
+  EXPECT_EQ((*back)->trust().size(), kMaxTrustedKeys);
+  EXPECT_EQ((*back)->record(0), rec());
+}
+
+// Relay threads replace keys on their meters while the fleet is saved: every snapshot loads
+// (each record's key index is in the file) and, at the end, every meter trusts its new key.
+TEST_F(MetersimReplacementTest, ConcurrentReplacementsAndSaves) {
+  ExportOptions o;
+  o.meters = 8;
+  o.seed = 7;
+  o.trust_cmd1 = cmd_key_->public_point();
+  o.trust_cmd2 = cmd2_key_->public_point();
+  o.trust_revocation = revocation_key_->public_point();
+  o.now = kNow - 3600;
+  fleet_ = Fleet::generate(o, nullptr).value();
+  constexpr std::size_t kThreads = 4;
+  std::vector<HostEcKey> keys;
+  for (std::size_t i = 0; i < 6; ++i) keys.push_back(HostEcKey::generate().value());
+  // Commands are built here (secure() is not thread-safe), sent by the threads.
+  struct Job {
+    std::size_t meter;
+    std::vector<Bytes> wires;
+  };
+  std::vector<Job> jobs;
+  for (std::size_t m = 0; m < o.meters; ++m) {
+    Job j{m, {}};
+    for (std::uint32_t k = 0; k < 3; ++k) {
+      const HostEcKey& key = keys[(m + k) % keys.size()];
+      Cmd c;
+      c.meter = ".7." + std::to_string(m + 1);
+      c.key = slot_key(m);
+      c.cls = CommandClass::key_management;
+      // Each command is signed by a key the previous one left trusted: gs-cmd-2 (slot 1)
+      // before any replacement, then the key the first statement put in slot 0 (id 10), then
+      // the one the second put in slot 1 (id 11).
+      if (k == 0) {
+        c.signer = &*cmd2_key_;
+        c.signer_id = 2;
+      } else {
+        c.signer = &keys[(m + k - 1) % keys.size()];
+        c.signer_id = static_cast<std::uint8_t>(10 + k - 1);
+      }
+      c.services = {c1222::encode_replacement_write(
+          statement(static_cast<std::uint8_t>(k % 2), static_cast<std::uint8_t>(10 + k), k + 1,
+                    key.public_point()))};
+      c.id = 0x0f5500 + k;
+      j.wires.push_back(secure(c));
+    }
+    jobs.push_back(std::move(j));
+  }
+  std::atomic<bool> failed{false};
+  std::atomic<std::size_t> finished{0};
+  std::vector<std::thread> threads;
+  for (std::size_t t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (std::size_t j = t; j < jobs.size(); j += kThreads) {
+        for (const Bytes& w : jobs[j].wires) {
+          auto m = c1222::decode(w);
+          if (!m.ok() || fleet_->handle(jobs[j].meter, *m, kNow).outcome != Outcome::executed) {
+            failed = true;
+          }
+        }
+      }
+      ++finished;
+    });
+  }
+  bool all_parsed = true;
+  do {  // at least once, and as long as the threads run
+    if (!Fleet::parse(fleet_->serialize()).ok()) all_parsed = false;
+  } while (finished.load() < kThreads);
+  for (auto& th : threads) th.join();
+  EXPECT_FALSE(failed.load());
+  EXPECT_TRUE(all_parsed);
+  EXPECT_EQ(fleet_->trust().size(), 2 + keys.size());
+  for (std::size_t m = 0; m < o.meters; ++m) {
+    SCOPED_TRACE(m);
+    EXPECT_EQ(rec(m).replacement_seq, 3u);
+    EXPECT_EQ(rec(m).trust[0].key_id, 12);
+    EXPECT_EQ(rec(m).trust[1].key_id, 11);
+    EXPECT_EQ(fleet_->trust().key(rec(m).trust[0].key_index).public_point(),
+              keys[(m + 2) % keys.size()].public_point());
+  }
+  auto back = Fleet::parse(fleet_->serialize());
+  ASSERT_TRUE(back.ok());
+  for (std::size_t m = 0; m < o.meters; ++m) EXPECT_EQ((*back)->record(m), rec(m));
 }
 
 TEST_F(MetersimTest, RelaySurvivesMalformedInput) {
@@ -1112,6 +1614,147 @@ TEST(MetersimWithSesd, CommandsFromTheRealSesAreExecuted) {
   ASSERT_TRUE(after.ok()) << after.error().message();
   EXPECT_EQ((*after)->record(1).connected, 0);
   EXPECT_EQ((*after)->record(0).connected, 1);
+}
+
+// Command-key replacement end to end: `gridseal cmdkeys generate` + `replace` (gs-revocation
+// signs MT-2044 in the HSM), the real SES secures the statement as a key-management command
+// under gs-cmd-1, the real simulator (provisioned with the gs-revocation public key) executes
+// it; then the SES signs with the new key gs-cmd-3: the meter that took the statement executes
+// its commands, a meter that did not take it refuses them.
+TEST(MetersimWithSesd, CommandKeyReplacementThroughTheRealSes) {
+  char tmpl[] = "/tmp/gs-metersim-cmdkey-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  const TempDir cleanup{dir};
+  const std::string conf = dir + "/ses.toml";
+  auto write_conf = [&](int command_key) {
+    std::ofstream(conf) << "[hsm]\nsofthsm_dir = \"hsm\"\ntoken_label = \"gs-cmdkey\"\n"
+                           "pin_file = \"hsm/user.pin\"\nso_pin_file = \"hsm/so.pin\"\n"
+                           "[store]\npath = \"gridseal.db\"\n"
+                           "[server]\naddress = \"127.0.0.1\"\nport = 0\nplain_tcp = true\n"
+                           "worker_threads = 2\ndrain_ms = 2000\n"
+                           "[ses]\nhead_end_title = \".1.9\"\nses_title = \".1.10\"\n"
+                           "policy = \"policy.toml\"\nmetrics_port = 0\nmeter_cache_ttl_ms = 0\n"
+                           "command_key = "
+                        << command_key << "\n";
+  };
+  write_conf(1);
+  std::ofstream(dir + "/policy.toml")
+      << "[[client]]\nname = \"loopback\"\nsubject = \"plain:127.0.0.1\"\n"
+         "classes = [\"read\", \"key_management\"]\n";
+  auto trim = [](std::string s) {
+    while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
+    const auto nl = s.rfind('\n');
+    return nl == std::string::npos ? s : s.substr(nl + 1);
+  };
+  auto r = test::run_gridseal("hsm init --config " + conf);
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::string pub[4];
+  const char* labels[4] = {"gs-cmd-1", "gs-cmd-2", "gs-revocation", "gs-provision"};
+  for (int i = 0; i < 4; ++i) {
+    r = test::run_gridseal(std::string("hsm export-pubkey ") + labels[i] + " --hex --config " +
+                           conf);
+    ASSERT_EQ(r.code, 0) << r.out;
+    pub[i] = trim(r.out);
+  }
+  r = test::run_gridseal("cmdkeys generate --config " + conf);
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = test::run_gridseal("cmdkeys replace --slot 1 --key 3 --hex --config " + conf);
+  ASSERT_EQ(r.code, 0) << r.out;
+  const Bytes statement = from_hex(trim(r.out)).value();
+  ASSERT_EQ(statement.size(), 150u);
+
+  const std::string sim = std::string(GS_BIN_DIR) + "/gridseal-metersim";
+  r = test::run_command(sim + " export --meters 2 --keys ecdh --provision-pub " + pub[3] +
+                        " --trust-cmd1 " + pub[0] + " --trust-cmd2 " + pub[1] +
+                        " --trust-revocation " + pub[2] + " --seed 5 --out " + dir +
+                        "/fleet.csv --state " + dir + "/fleet.state");
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = test::run_gridseal("meters import " + dir + "/fleet.csv --config " + conf);
+  ASSERT_EQ(r.code, 0) << r.out;
+  Bytes keys[2];
+  {
+    auto fleet = Fleet::load(dir + "/fleet.state");
+    ASSERT_TRUE(fleet.ok()) << fleet.error().message();
+    for (int i = 0; i < 2; ++i) {
+      const auto& k = (*fleet)->record(static_cast<std::size_t>(i)).slots[0].key;
+      keys[i] = Bytes(k.begin(), k.end());
+    }
+  }
+  auto connect = [](std::uint16_t port) {
+    server::ClientConfig cc;
+    cc.port = port;
+    cc.plain_tcp = true;
+    cc.timeout = 5000ms;
+    auto c = server::Client::connect(cc);
+    GS_CHECK(c.ok());
+    return std::move(c).value();
+  };
+  Process relay;
+  ASSERT_NO_FATAL_FAILURE(start_process(sim,
+                                        {"serve", "--state", dir + "/fleet.state", "--listen",
+                                         "127.0.0.1:0", "--plain"},
+                                        dir + "/sim", "listening on 127.0.0.1:", &relay));
+  auto to_meters = connect(relay.port);
+  {
+    Process ses;
+    ASSERT_NO_FATAL_FAILURE(start_process(std::string(GS_BIN_DIR) + "/gridseal-sesd",
+                                          {"--config", conf}, dir + "/sesd1",
+                                          "listening on 127.0.0.1:", &ses));
+    auto to_ses = connect(ses.port);
+    // Meter .7.1 takes the statement: MT-2040 (gs-cmd-1) OK, MT-2044 OK, receipt.
+    auto secured = to_ses->call(request(".7.1", {statement}));
+    ASSERT_TRUE(secured.ok()) << secured.error().message();
+    auto answer = to_meters->call(*secured);
+    ASSERT_TRUE(answer.ok()) << answer.error().message();
+    auto o = open_message(*answer, keys[0]);
+    ASSERT_TRUE(o && o->services.size() == 3) << to_hex(*answer);
+    EXPECT_EQ(o->services[1], Bytes{0x00});
+    // The same statement once more (a fresh command): the sequence is not above the last one.
+    secured = to_ses->call(request(".7.1", {statement}));
+    ASSERT_TRUE(secured.ok());
+    answer = to_meters->call(*secured);
+    ASSERT_TRUE(answer.ok());
+    o = open_message(*answer, keys[0]);
+    ASSERT_TRUE(o && o->services.size() >= 2) << to_hex(*answer);
+    EXPECT_NE(o->services[1], Bytes{0x00});
+    to_ses.reset();
+    EXPECT_EQ(ses.stop(), 0) << slurp(dir + "/sesd1.err");
+  }
+  // The SES now signs with gs-cmd-3 (held by trust slot 1 since statement 1).
+  write_conf(3);
+  {
+    Process ses;
+    ASSERT_NO_FATAL_FAILURE(start_process(std::string(GS_BIN_DIR) + "/gridseal-sesd",
+                                          {"--config", conf}, dir + "/sesd3",
+                                          "listening on 127.0.0.1:", &ses));
+    auto to_ses = connect(ses.port);
+    for (int m = 0; m < 2; ++m) {
+      auto secured = to_ses->call(request(".7." + std::to_string(m + 1), {kReadRegs}));
+      ASSERT_TRUE(secured.ok()) << secured.error().message();
+      auto answer = to_meters->call(*secured);
+      ASSERT_TRUE(answer.ok()) << answer.error().message();
+      auto o = open_message(*answer, keys[m]);
+      ASSERT_TRUE(o.has_value()) << to_hex(*answer);
+      if (m == 0) {  // took the statement: executes
+        ASSERT_EQ(o->services.size(), 2u) << to_hex(*answer);
+        EXPECT_TRUE(c1222::decode_read_response(o->services[1], kCurrentRegsSize).ok());
+      } else {  // still trusts gs-cmd-1 and gs-cmd-2 only: refused before anything executes
+        ASSERT_EQ(o->services.size(), 1u) << to_hex(*answer);
+        EXPECT_EQ(o->services[0], Bytes{c1222::kRespSme});
+      }
+    }
+    to_ses.reset();
+    EXPECT_EQ(ses.stop(), 0) << slurp(dir + "/sesd3.err");
+  }
+  to_meters.reset();
+  EXPECT_EQ(relay.stop(), 0) << slurp(dir + "/sim.err");
+  auto after = Fleet::load(dir + "/fleet.state");
+  ASSERT_TRUE(after.ok()) << after.error().message();
+  EXPECT_EQ((*after)->record(0).replacement_seq, 1u);
+  EXPECT_EQ((*after)->record(0).trust[1].key_id, 3);
+  EXPECT_EQ((*after)->record(1).replacement_seq, 0u);
+  EXPECT_EQ((*after)->record(1).trust[1].key_id, 2);
 }
 
 }  // namespace

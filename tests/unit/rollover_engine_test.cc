@@ -698,7 +698,7 @@ TEST(RolloverConfig, ErrorsNameTheKey) {
        "rollover.backoff_max_ms"},
       {relay + "relay_plain_tcp = true\nvalidity_s = 86400\nid_peak_rate = 100000000\n",
        "rollover.validity_s"},
-      {relay + "relay_plain_tcp = true\ncommand_key = 3\n", "rollover.command_key"},
+      {relay + "relay_plain_tcp = true\ncommand_key = 256\n", "rollover.command_key"},
       {relay + "relay_plain_tcp = true\npipeline_depth = 0\n", "rollover.pipeline_depth"},
       {relay + "relay_plain_tcp = true\nanswer_timeout_ms = \"10\"\n",
        "rollover.answer_timeout_ms"},

@@ -17,12 +17,15 @@ namespace gs::bench {
 
 namespace {
 
-// gridseal-metersim state file, format version 1 (tools/metersim/fleet.h).
+// gridseal-metersim state file, format versions 1 and 2 (tools/metersim/fleet.h): version 2 puts
+// the keys (and the gs-revocation key) after the records and adds 4 bytes (the MT-2044
+// sequence) after the trust entries, before the out counter.
 constexpr std::array<std::uint8_t, 8> kStateMagic = {'G', 'S', 'M', 'E', 'T', 'S', 'I', 'M'};
 constexpr std::size_t kStateHeader = 20;
-constexpr std::size_t kStateRecord = 427;
+constexpr std::size_t kStateRecordV1 = 427;
+constexpr std::size_t kStateRecord = 431;
 constexpr std::size_t kStateMaxMeters = 2'000'000;
-constexpr std::size_t kStateMaxKeys = 16;
+constexpr std::size_t kStateMaxKeys = 64;
 constexpr std::size_t kPointSize = 65;
 constexpr std::size_t kDigestSize = 32;
 // Offsets inside a record.
@@ -78,15 +81,20 @@ Result<FleetKeys> parse_state(const std::string& path, Bytes& file, std::size_t 
   };
   if (file.size() < kStateHeader + kDigestSize) return bad("shorter than a header");
   const std::uint16_t version = static_cast<std::uint16_t>((file[8] << 8) | file[9]);
-  if (version != 1) return bad("format version " + std::to_string(version) + " (reads 1)");
+  if (version != 1 && version != 2) {
+    return bad("format version " + std::to_string(version) + " (reads 1 and 2)");
+  }
+  const std::size_t record_size = version == 1 ? kStateRecordV1 : kStateRecord;
   const std::size_t record = static_cast<std::size_t>((file[10] << 8) | file[11]);
-  if (record != kStateRecord) return bad("record size " + std::to_string(record));
+  if (record != record_size) return bad("record size " + std::to_string(record));
   const std::uint32_t count = be32(&file[12]);
   const std::size_t keys = file[16];
+  const std::size_t revocation = file[17];  // 0 in version 1 (reserved)
   if (count == 0 || count > kStateMaxMeters) return bad("meter count " + std::to_string(count));
   if (keys > kStateMaxKeys) return bad(std::to_string(keys) + " command keys");
-  const std::size_t expected =
-      kStateHeader + keys * kPointSize + std::size_t{count} * kStateRecord + kDigestSize;
+  if (revocation > 1) return bad("gs-revocation flag");
+  const std::size_t expected = kStateHeader + (keys + revocation) * kPointSize +
+                               std::size_t{count} * record_size + kDigestSize;
   if (file.size() != expected) {
     return bad(std::to_string(file.size()) + " bytes, expected " + std::to_string(expected));
   }
@@ -98,8 +106,9 @@ Result<FleetKeys> parse_state(const std::string& path, Bytes& file, std::size_t 
   f.from_state = true;
   const std::size_t n = limit == 0 ? count : std::min<std::size_t>(limit, count);
   f.meters.reserve(n);
-  const std::uint8_t* rec = file.data() + kStateHeader + keys * kPointSize;
-  for (std::size_t i = 0; i < n; ++i, rec += kStateRecord) {
+  const std::uint8_t* rec = file.data() + kStateHeader + (version == 1 ? keys * kPointSize : 0);
+  const std::size_t out_counter = version == 1 ? kOutCounter : kOutCounter + 4;
+  for (std::size_t i = 0; i < n; ++i, rec += record_size) {
     const std::size_t tlen = rec[kTitleLen];
     if (tlen == 0 || tlen > kTitleMax) return bad("meter " + std::to_string(i) + ": title length");
     const ByteView abs(rec + kTitle, tlen);
@@ -114,7 +123,7 @@ Result<FleetKeys> parse_state(const std::string& path, Bytes& file, std::size_t 
     m.title = title_from_absolute(abs);
     m.key_id = static_cast<std::uint8_t>(slot);
     std::memcpy(m.key.data(), rec + kSlots + slot * kSlotSize + 5, m.key.size());
-    m.counter = be32(rec + kOutCounter);
+    m.counter = be32(rec + out_counter);
     f.meters.push_back(std::move(m));
   }
   return f;
@@ -189,7 +198,7 @@ FleetKeys::~FleetKeys() {
 }
 
 Result<FleetKeys> load_fleet(const std::string& path, std::size_t limit) {
-  const std::size_t max_size = kStateHeader + kStateMaxKeys * kPointSize +
+  const std::size_t max_size = kStateHeader + (kStateMaxKeys + 1) * kPointSize +
                                kStateMaxMeters * kStateRecord + kDigestSize;
   GS_ASSIGN(Bytes file, read_file(path, max_size));
   Result<FleetKeys> r = (file.size() >= kStateMagic.size() &&

@@ -1,7 +1,7 @@
 // gridseal-bench: the meters of a fleet file with their keys, for scenarios that seal messages
 // as the meters themselves would: the manufacturer CSV with plain keys (`gridseal-bench
 // make-fleet`, `gridseal-metersim export --keys plain`) or a gridseal-metersim state file
-// (format version 1 of tools/metersim/fleet.h, any key mode: it holds every meter's keys).
+// (format version 1 or 2 of tools/metersim/fleet.h, any key mode: it holds every meter's keys).
 #pragma once
 
 #include <array>

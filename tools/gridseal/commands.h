@@ -37,6 +37,8 @@ void register_policy(CLI::App& app, int& exit_code);
 void register_approvals(CLI::App& app, int& exit_code, Gate& gate);
 // `grants issue|list|revoke`: signed rate-limit grants for SES clients (grants_cmd.cc).
 void register_grants(CLI::App& app, int& exit_code);
+// `cmdkeys list|generate|replace|statement|retire`: command keys and MT-2044 statements.
+void register_cmdkeys(CLI::App& app, int& exit_code);
 // `operators …`: enrol/remove need the gate for who signed (operator_gate.h).
 void register_operators(CLI::App& app, int& exit_code, Gate& gate);
 

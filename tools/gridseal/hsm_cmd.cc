@@ -14,6 +14,7 @@
 #include <openssl/pem.h>
 
 #include "hsm/ops.h"
+#include "src/command_keys.h"
 #include "src/hsm_context.h"
 #include "src/kek_rotation.h"
 #include "src/key_store.h"
@@ -203,7 +204,36 @@ int run_init_objects(const std::string& config_path) {
   return kExitOk;
 }
 
-// The objects, then (with every HSM handle of the first part closed) the first officer.
+// gs-cmd-1 and gs-cmd-2 into the command-key registry (src/command_keys.h), created_by
+// "hsm init", when they are not there yet (the store is created when missing). A fact of the
+// token, like KEK generation 1: no audit record of its own. A store that cannot be created yet
+// (its directory missing) only defers it: every `gridseal cmdkeys` command registers them too.
+int register_command_keys(const config::Config& cfg) {
+  auto store = store::KeyStore::open(cfg.store.path);
+  if (!store.ok()) {
+    std::fprintf(stderr, "gridseal: note: %s: %s; gs-cmd-1/2 are registered as command keys by "
+                 "the first `gridseal cmdkeys` command\n", cfg.store.path.c_str(),
+                 store.error().message().c_str());
+    return kExitOk;
+  }
+  auto ctx = open_hsm(cfg.hsm);
+  if (!ctx.ok()) return fail(ctx.error().message());
+  auto lease = ctx->pool->acquire();
+  if (!lease.ok()) return fail(lease.error().message());
+  auto tx = db::Transaction::begin(store->db());
+  if (!tx.ok()) return fail(tx.error().message());
+  auto added = cmdkeys::register_initial_keys(store->db(), lease->session(), now_s());
+  if (!added.ok()) return fail("registering the command keys: " + added.error().message());
+  if (auto st = tx->commit(); !st.ok()) return fail(st.error().message());
+  for (auto id : *added) {
+    std::printf("registered %s (command key %u, trust slot %u)\n", cmdkeys::label_for(id).c_str(),
+                unsigned{id}, id == 1 ? 0U : 1U);
+  }
+  return kExitOk;
+}
+
+// The objects, then (with every HSM handle of the first part closed) the command-key registry
+// and the first officer.
 int run_init(const std::string& config_path, const std::string& officer,
              const std::string& officer_pubkey) {
   if (officer.empty() != officer_pubkey.empty()) {
@@ -219,9 +249,11 @@ int run_init(const std::string& config_path, const std::string& officer,
     officer_key = std::move(k).value();
   }
   int rc = run_init_objects(config_path);
-  if (rc != kExitOk || officer.empty()) return rc;
+  if (rc != kExitOk) return rc;
   auto cfg = config::load(config_path);
   if (!cfg.ok()) return fail(cfg.error().message());
+  rc = register_command_keys(*cfg);
+  if (rc != kExitOk || officer.empty()) return rc;
   return enroll_first_officer(*cfg, officer, officer_key);
 }
 

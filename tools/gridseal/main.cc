@@ -18,6 +18,7 @@ void build_app(CLI::App& app, int& exit_code, Gate& gate) {
   register_rollover(app, exit_code);
   register_policy(app, exit_code);
   register_grants(app, exit_code);
+  register_cmdkeys(app, exit_code);
   register_operators(app, exit_code, gate);
   register_approvals(app, exit_code, gate);
   // Last: it adds the operator options to every state-changing command registered above.

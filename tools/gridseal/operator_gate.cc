@@ -133,6 +133,16 @@ std::string unix_user() {
 Status audited(const config::Config& cfg, db::Db& db,
                const std::function<Status(db::Db&, std::vector<audit::Event>&)>& action,
                bool unrecorded_ok) {
+  return audited_hsm(
+      cfg, db,
+      [&](db::Db& d, hsm::Session&, std::vector<audit::Event>& events) { return action(d, events); },
+      unrecorded_ok);
+}
+
+Status audited_hsm(
+    const config::Config& cfg, db::Db& db,
+    const std::function<Status(db::Db&, hsm::Session&, std::vector<audit::Event>&)>& action,
+    bool unrecorded_ok) {
   auto hsm = open_hsm(cfg.hsm);
   if (!hsm.ok()) {
     return Error(hsm.error().code,
@@ -142,7 +152,7 @@ Status audited(const config::Config& cfg, db::Db& db,
   GS_ASSIGN(auto trail, audit::Trail::over(db));
   GS_ASSIGN(auto tx, db::Transaction::begin(db));
   std::vector<audit::Event> events;
-  Status result = action(db, events);
+  Status result = action(db, lease.session(), events);
   if (events.empty()) return result;  // nothing to record: rolled back
   auto head = trail.append(lease.session(), events, /*checkpoint=*/false);
   if (!head.ok() && unrecorded_ok && head.error().code == Errc::conflict) {

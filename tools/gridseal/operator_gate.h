@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "gridseal/bytes.h"
+#include "hsm/session.h"
 #include "src/audit.h"
 #include "src/config.h"
 #include "src/host_ecdsa.h"
@@ -131,6 +132,13 @@ void build_app(CLI::App& app, int& exit_code, Gate& gate);
 Status audited(const config::Config& cfg, db::Db& db,
                const std::function<Status(db::Db&, std::vector<audit::Event>&)>& action,
                bool unrecorded_ok = false);
+// The same, with `action` also given the HSM session the trail uses: for a command whose HSM
+// work (a key generated, a statement signed) must happen inside the transaction that records it
+// (one PKCS#11 module per process: it cannot open the HSM a second time).
+Status audited_hsm(
+    const config::Config& cfg, db::Db& db,
+    const std::function<Status(db::Db&, hsm::Session&, std::vector<audit::Event>&)>& action,
+    bool unrecorded_ok = false);
 
 // The Unix user running the CLI (for bootstrap and unsigned actors).
 std::string unix_user();

@@ -90,6 +90,7 @@ void write_record(Out& o, const MeterRecord& r) {
     o.u8(t.key_id);
     o.u16(t.key_index);
   }
+  o.u32(r.replacement_seq);
   for (const ReplayEntry& e : r.replay) {
     o.u64(e.id);
     o.u32(e.not_after);
@@ -114,7 +115,9 @@ bool all_zero(ByteView b) {
   return std::all_of(b.begin(), b.end(), [](std::uint8_t c) { return c == 0; });
 }
 
-Result<MeterRecord> read_record(In& in, std::size_t i, std::size_t trusted_keys) {
+// `version`: of the file (1 has no MT-2044 sequence: none accepted yet).
+Result<MeterRecord> read_record(In& in, std::size_t i, std::size_t trusted_keys,
+                                std::uint16_t version) {
   MeterRecord r;
   r.title_len = in.u8();
   ByteView title = in.bytes(kMaxTitle);
@@ -160,6 +163,7 @@ Result<MeterRecord> read_record(In& in, std::size_t i, std::size_t trusted_keys)
       return record_error(i, "signer key id trusted twice");
     }
   }
+  if (version >= 2) r.replacement_seq = in.u32();
   for (ReplayEntry& e : r.replay) {
     e.id = in.u64();
     e.not_after = in.u32();
@@ -255,7 +259,7 @@ std::optional<std::size_t> Fleet::find(ByteView absolute_title) const {
 MeterReply Fleet::handle(std::size_t index, const c1222::Message& request, std::uint32_t now) {
   GS_CHECK(index < meters_.size());
   std::lock_guard<std::mutex> lock(lock_of(index));
-  return Meter(meters_[index], trust_).handle(request, now);
+  return Meter(meters_[index], trust_, revocation()).handle(request, now);
 }
 
 Result<std::unique_ptr<Fleet>> Fleet::generate(const ExportOptions& opt, std::ostream* csv) {
@@ -271,6 +275,17 @@ Result<std::unique_ptr<Fleet>> Fleet::generate(const ExportOptions& opt, std::os
                    "--trust-cmd" + std::to_string(t + 1) + ": " + idx.error().message());
     }
     trust_index[t] = *idx;
+  }
+  if (opt.trust_revocation) {
+    auto r = HostEcKey::from_public(*opt.trust_revocation);
+    if (!r.ok()) return Error(r.error().code, "--trust-revocation: " + r.error().message());
+    // DESIGN §4 keeps the roles apart: the key that replaces command keys signs no command.
+    for (const std::optional<EcPoint>* t : trusted) {
+      if (*t && **t == *opt.trust_revocation) {
+        return Error(Errc::invalid_argument, "--trust-revocation is also a command key");
+      }
+    }
+    f->revocation_.emplace(std::move(r).value());
   }
   std::optional<HostEcKey> provision;
   if (opt.keys == KeyMode::ecdh) {
@@ -396,17 +411,19 @@ Result<std::unique_ptr<Fleet>> Fleet::generate(const ExportOptions& opt, std::os
 }
 
 Bytes Fleet::serialize() const {
+  constexpr std::size_t kKeyCountAt = 16;
   Bytes out;
-  out.reserve(kHeaderSize + trust_.size() * kEcPointSize + meters_.size() * kRecordSize +
+  out.reserve(kHeaderSize + meters_.size() * kRecordSize + (kMaxTrustedKeys + 1) * kEcPointSize +
               kSha256Size);
   Out o(out);
   o.bytes(kMagic);
   o.u16(kStateVersion);
   o.u16(static_cast<std::uint16_t>(kRecordSize));
   o.u32(static_cast<std::uint32_t>(meters_.size()));
-  o.u8(static_cast<std::uint8_t>(trust_.size()));
-  o.bytes(std::array<std::uint8_t, 3>{});
-  for (std::size_t i = 0; i < trust_.size(); ++i) o.bytes(trust_.key(i).public_point());
+  o.u8(0);  // key count, known once every record is copied
+  o.u8(revocation_ ? 1 : 0);
+  o.bytes(std::array<std::uint8_t, 2>{});
+  GS_CHECK(out.size() == kHeaderSize);
   for (std::size_t i = 0; i < meters_.size(); ++i) {
     MeterRecord copy;
     {
@@ -418,6 +435,11 @@ Bytes Fleet::serialize() const {
     GS_CHECK(out.size() - before == kRecordSize);
     secure_zero(&copy, sizeof copy);
   }
+  // Read after the records: keys added meanwhile are included, so every index is covered.
+  const std::size_t keys = trust_.size();
+  out[kKeyCountAt] = static_cast<std::uint8_t>(keys);
+  for (std::size_t i = 0; i < keys; ++i) o.bytes(trust_.key(i).public_point());
+  if (revocation_) o.bytes(revocation_->public_point());
   auto d = sha256(out);
   GS_CHECK(d.ok());
   o.bytes(*d);
@@ -435,14 +457,15 @@ Result<std::unique_ptr<Fleet>> Fleet::parse(ByteView file) {
     return R(Errc::bad_value, "state file: bad magic (not a gridseal-metersim state file)");
   }
   const std::uint16_t version = in.u16();
-  if (version != kStateVersion) {
+  if (version != 1 && version != kStateVersion) {
     return R(Errc::unsupported, "state file: format version " + std::to_string(version) +
-                                    " (this build reads version 1)");
+                                    " (this build reads versions 1 and 2)");
   }
+  const std::size_t expected_record = version == 1 ? kRecordSizeV1 : kRecordSize;
   const std::uint16_t record_size = in.u16();
-  if (record_size != kRecordSize) {
+  if (record_size != expected_record) {
     return R(Errc::bad_value, "state file: record size " + std::to_string(record_size) +
-                                  ", expected " + std::to_string(kRecordSize));
+                                  ", expected " + std::to_string(expected_record));
   }
   const std::uint32_t count = in.u32();
   if (count == 0 || count > kMaxMeters) {
@@ -451,11 +474,18 @@ Result<std::unique_ptr<Fleet>> Fleet::parse(ByteView file) {
   }
   const std::uint8_t keys = in.u8();
   if (keys > kMaxTrustedKeys) {
-    return R(Errc::too_large, "state file: " + std::to_string(keys) + " command keys (max 16)");
+    return R(Errc::too_large, "state file: " + std::to_string(keys) + " command keys (max " +
+                                  std::to_string(kMaxTrustedKeys) + ")");
   }
-  if (!all_zero(in.bytes(3))) return R(Errc::bad_value, "state file: reserved bytes not zero");
-  const std::size_t expected =
-      kHeaderSize + keys * kEcPointSize + std::size_t{count} * kRecordSize + kSha256Size;
+  // Version 1 has this byte reserved (0): such a fleet has no gs-revocation key.
+  const std::uint8_t has_revocation = in.u8();
+  if (has_revocation > 1 || (version == 1 && has_revocation != 0)) {
+    return R(Errc::bad_value, version == 1 ? "state file: reserved bytes not zero"
+                                           : "state file: gs-revocation flag");
+  }
+  if (!all_zero(in.bytes(2))) return R(Errc::bad_value, "state file: reserved bytes not zero");
+  const std::size_t expected = kHeaderSize + (keys + has_revocation) * kEcPointSize +
+                               std::size_t{count} * expected_record + kSha256Size;
   if (file.size() != expected) {
     return R(file.size() < expected ? Errc::truncated : Errc::trailing_data,
              "state file: " + std::to_string(file.size()) + " bytes, expected " +
@@ -468,18 +498,32 @@ Result<std::unique_ptr<Fleet>> Fleet::parse(ByteView file) {
     return R(Errc::bad_checksum, "state file: SHA-256 does not match (corrupt file)");
   }
   std::unique_ptr<Fleet> f(new Fleet());
-  for (std::size_t k = 0; k < keys; ++k) {
-    auto idx = f->trust_.add(in.bytes(kEcPointSize));
-    if (!idx.ok()) {
-      return R(Errc::bad_value,
-               "state file: command key " + std::to_string(k) + ": " + idx.error().message());
+  auto read_keys = [&]() -> Status {
+    for (std::size_t k = 0; k < keys; ++k) {
+      auto idx = f->trust_.add(in.bytes(kEcPointSize));
+      if (!idx.ok()) {
+        return Status(Errc::bad_value, "state file: command key " + std::to_string(k) + ": " +
+                                           idx.error().message());
+      }
+      if (*idx != k) return Status(Errc::bad_value, "state file: command key listed twice");
     }
-    if (*idx != k) return R(Errc::bad_value, "state file: command key listed twice");
+    return {};
+  };
+  if (version == 1) {
+    GS_TRY(read_keys());
   }
   f->meters_.reserve(count);
   for (std::size_t i = 0; i < count; ++i) {
-    GS_ASSIGN(MeterRecord r, read_record(in, i, keys));
+    GS_ASSIGN(MeterRecord r, read_record(in, i, keys, version));
     f->meters_.push_back(r);
+  }
+  if (version != 1) {
+    GS_TRY(read_keys());
+  }
+  if (has_revocation != 0) {
+    auto r = HostEcKey::from_public(in.bytes(kEcPointSize));
+    if (!r.ok()) return R(Errc::bad_value, "state file: gs-revocation key: " + r.error().message());
+    f->revocation_.emplace(std::move(r).value());
   }
   GS_CHECK(in.pos() == file.size() - kSha256Size);
   GS_TRY(f->build_index());
@@ -498,7 +542,7 @@ Result<std::unique_ptr<Fleet>> Fleet::load(const std::string& path) {
     return Error(Errc::invalid_argument, path + ": not a regular file");
   }
   const std::size_t limit =
-      kHeaderSize + kMaxTrustedKeys * kEcPointSize + kMaxMeters * kRecordSize + kSha256Size;
+      kHeaderSize + (kMaxTrustedKeys + 1) * kEcPointSize + kMaxMeters * kRecordSize + kSha256Size;
   if (static_cast<std::uint64_t>(st.st_size) > limit) {
     return Error(Errc::too_large, path + ": larger than any valid state file");
   }

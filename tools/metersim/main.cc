@@ -24,7 +24,11 @@ constexpr const char* kUsage =
     "usage:\n"
     "  gridseal-metersim export --meters N --out FLEET.csv --state FLEET.state\n"
     "        [--keys plain|ecdh] [--provision-pub HEX] [--title-prefix .7] [--first N]\n"
-    "        [--id-prefix SIM] [--trust-cmd1 HEX] [--trust-cmd2 HEX] [--seed S]\n"
+    "        [--id-prefix SIM] [--trust-cmd1 HEX] [--trust-cmd2 HEX] [--trust-revocation HEX]\n"
+    "        [--seed S]\n"
+    "      --trust-cmd1/2 HEX: gs-cmd-1/2 public key (65-byte point), signer key id 1/2\n"
+    "      --trust-revocation HEX: gs-revocation public key (65-byte point); the meters then\n"
+    "        accept MT-2044 command-key replacements it signs (without it they answer sns)\n"
     "  gridseal-metersim serve --state FLEET.state --listen ADDR:PORT\n"
     "        (--plain | --tls-ca CA.pem --tls-cert CERT.pem --tls-key KEY.pem)\n"
     "        [--latency-ms N] [--loss P] [--loss-timeout-ms N] [--offline F] [--seed S]\n"
@@ -119,7 +123,8 @@ int cmd_export(int argc, char** argv) {
   std::string err;
   if (!parse_args(argc, argv, 2,
                   {"--meters", "--out", "--state", "--keys", "--provision-pub", "--title-prefix",
-                   "--first", "--id-prefix", "--trust-cmd1", "--trust-cmd2", "--seed"},
+                   "--first", "--id-prefix", "--trust-cmd1", "--trust-cmd2", "--trust-revocation",
+                   "--seed"},
                   {}, &a, &err)) {
     return usage(err);
   }
@@ -153,6 +158,13 @@ int cmd_export(int argc, char** argv) {
     EcPoint p{};
     if (!parse_point(a.get(k), &p)) return usage(k + " must be a 65-byte point in hex");
     (n == 1 ? o.trust_cmd1 : o.trust_cmd2) = p;
+  }
+  if (a.has("--trust-revocation")) {
+    EcPoint p{};
+    if (!parse_point(a.get("--trust-revocation"), &p)) {
+      return usage("--trust-revocation must be a 65-byte point in hex");
+    }
+    o.trust_revocation = p;  // checked on the curve by Fleet::generate
   }
   if (!o.trust_cmd1 && !o.trust_cmd2) {
     std::fprintf(stderr,
@@ -328,6 +340,8 @@ int cmd_info(int argc, char** argv) {
   for (std::size_t i = 0; i < f.trust().size(); ++i) {
     std::printf("  key %zu: %s\n", i, to_hex(f.trust().key(i).public_point()).c_str());
   }
+  std::printf("gs-revocation key: %s\n",
+              f.revocation() != nullptr ? to_hex(f.revocation()->public_point()).c_str() : "none");
   if (a.has("--meter")) {
     std::uint64_t i = 0;
     if (!parse_u64(a.get("--meter"), f.size() - 1, &i)) return usage("--meter out of range");
@@ -337,6 +351,13 @@ int cmd_info(int argc, char** argv) {
                 c1222::oid_to_dotted(r.title_view(), false).c_str(), r.active_slot,
                 r.connected != 0 ? "connected" : "disconnected",
                 static_cast<unsigned long long>(energy_at(r, unix_now()) / 1000), r.out_counter);
+    for (std::size_t t = 0; t < kTrustSlots; ++t) {
+      if (r.trust[t].present != 0) {
+        std::printf("  trust slot %zu: signer key id %u = key %u\n", t, r.trust[t].key_id,
+                    r.trust[t].key_index);
+      }
+    }
+    std::printf("  last MT-2044 sequence: %u\n", r.replacement_seq);
     for (std::size_t s = 0; s < kKeySlots; ++s) {
       if (r.slots[s].installed != 0) {
         std::printf("  slot %zu: key version %u\n", s, r.slots[s].version);

@@ -79,13 +79,17 @@ struct KeyUpdateOp {
 struct ChallengeWrite {
   c1222::Challenge challenge{};
 };
+struct ReplaceKeyOp {
+  // None when the write does not decode strictly (answered only after the revocation check).
+  std::optional<c1222::CommandKeyReplacement> statement;
+};
 struct ReadReceipt {};
 struct ReadChallengeAnswer {};
 struct Answer {
   std::uint8_t code = c1222::kRespSns;  // a fixed error answer (unsupported service, ...)
 };
-using Action = std::variant<ReadTable, Procedure, KeyUpdateOp, ChallengeWrite, ReadReceipt,
-                            ReadChallengeAnswer, Answer>;
+using Action = std::variant<ReadTable, Procedure, KeyUpdateOp, ChallengeWrite, ReplaceKeyOp,
+                            ReadReceipt, ReadChallengeAnswer, Answer>;
 
 bool writes(ByteView service, std::uint16_t table) {
   return service.size() >= 3 && service[0] >= c1222::kSvcFullWrite &&
@@ -110,6 +114,12 @@ Action plan(ByteView service, std::size_t offset, std::optional<CommandClass>* r
     auto c = c1222::decode_challenge_write(service);
     if (!c.ok()) return Answer{c1222::kRespErr};
     return ChallengeWrite{*c};
+  }
+  if (writes(service, c1222::kTableCommandKeyReplacement)) {
+    *required = CommandClass::key_management;
+    auto r = c1222::decode_replacement_write(service);
+    if (!r.ok()) return ReplaceKeyOp{std::nullopt};
+    return ReplaceKeyOp{*r};
   }
   auto req = c1222::decode_request(service, offset, opt);
   if (!req.ok()) return Answer{c1222::kRespErr};
@@ -149,6 +159,35 @@ Action plan(ByteView service, std::size_t offset, std::optional<CommandClass>* r
   return Answer{c1222::kRespSns};
 }
 
+// Executes one MT-2044 statement (profile.h) and returns the service's answer; the trust slot
+// and the sequence change only when it is ok. Codes: `sns` no gs-revocation key provisioned
+// (the meter cannot authenticate any statement), `err` not a strict MT-2044 write, `isc` the
+// signature does not verify with gs-revocation, `onp` sequence not above the last accepted one
+// (replay or older statement) or no room for another key, `iar` key id held by the other slot,
+// public key not on the curve, or the gs-revocation key itself offered as a command key.
+std::uint8_t replace_command_key(MeterRecord& rec, TrustTable& trust, const HostEcKey* revocation,
+                                 const std::optional<c1222::CommandKeyReplacement>& statement) {
+  if (revocation == nullptr) return c1222::kRespSns;
+  if (!statement) return c1222::kRespErr;
+  const c1222::CommandKeyReplacement& st = *statement;
+  auto digest = digest_of(c1222::replacement_signed_bytes(st));
+  if (!digest.ok()) return c1222::kRespErr;
+  if (!revocation->verify(*digest, st.signature).ok()) return c1222::kRespIsc;
+  if (st.sequence <= rec.replacement_seq) return c1222::kRespOnp;
+  GS_CHECK(st.trust_slot < kTrustSlots);  // decode_replacement_data refuses others
+  const TrustEntry& other = rec.trust[st.trust_slot == 0 ? 1 : 0];
+  if (other.present != 0 && other.key_id == st.key_id) return c1222::kRespIar;
+  auto key = HostEcKey::from_public(st.public_key);
+  if (!key.ok()) return c1222::kRespIar;
+  // The roles stay apart: gs-revocation never signs commands (DESIGN §4).
+  if (key->public_point() == revocation->public_point()) return c1222::kRespIar;
+  auto index = trust.add(std::move(key).value());
+  if (!index.ok()) return c1222::kRespOnp;
+  rec.trust[st.trust_slot] = TrustEntry{1, st.key_id, *index};
+  rec.replacement_seq = st.sequence;
+  return c1222::kRespOk;
+}
+
 }  // namespace
 
 std::string MeterRecord::serial_text() const {
@@ -161,17 +200,23 @@ Result<std::uint16_t> TrustTable::add(ByteView point65) {
   if (point65.size() != kEcPointSize) {
     return Result<std::uint16_t>(Errc::bad_length, "command key is not a 65-byte point");
   }
-  for (std::size_t i = 0; i < keys_.size(); ++i) {
-    if (std::equal(point65.begin(), point65.end(), keys_[i].public_point().begin())) {
-      return static_cast<std::uint16_t>(i);
-    }
-  }
-  if (keys_.size() >= kMaxTrustedKeys) {
-    return Result<std::uint16_t>(Errc::too_large, "more than 16 command keys in one fleet");
-  }
   GS_ASSIGN(HostEcKey k, HostEcKey::from_public(point65));
-  keys_.push_back(std::move(k));
-  return static_cast<std::uint16_t>(keys_.size() - 1);
+  return add(std::move(k));
+}
+
+Result<std::uint16_t> TrustTable::add(HostEcKey key) {
+  std::lock_guard<std::mutex> lock(add_mutex_);
+  const std::size_t n = size_.load(std::memory_order_relaxed);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (keys_[i]->public_point() == key.public_point()) return static_cast<std::uint16_t>(i);
+  }
+  if (n >= kMaxTrustedKeys) {
+    return Result<std::uint16_t>(Errc::too_large, "more than " + std::to_string(kMaxTrustedKeys) +
+                                                      " command keys in one fleet");
+  }
+  keys_[n] = std::make_unique<const HostEcKey>(std::move(key));
+  size_.store(n + 1, std::memory_order_release);  // publishes keys_[n] to lock-free readers
+  return static_cast<std::uint16_t>(n);
 }
 
 bool valid_scalar(ByteView s) {
@@ -579,6 +624,8 @@ MeterReply Meter::handle(const c1222::Message& request, std::uint32_t now) {
     } else if (const auto* cw = std::get_if<ChallengeWrite>(&a)) {
       challenge = cw->challenge;
       answer(c1222::kRespOk);
+    } else if (const auto* rk = std::get_if<ReplaceKeyOp>(&a)) {
+      answer(replace_command_key(rec_, trust_, revocation_, rk->statement));
     } else if (std::holds_alternative<ReadChallengeAnswer>(a)) {
       if (!challenge) {
         answer(c1222::kRespIsss);  // nothing to answer: no challenge written before

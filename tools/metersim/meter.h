@@ -1,11 +1,13 @@
 // One simulated meter: compact state and the meter side of DESIGN §3 (verify MT-2040, open
-// EAX' mode 2, C12.19 reads, ST-7 connect/disconnect, MT-2041..2043), without any I/O.
+// EAX' mode 2, C12.19 reads, ST-7 connect/disconnect, MT-2041..2044), without any I/O.
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -22,7 +24,10 @@ inline constexpr std::size_t kSerialSize = 16;      // ST-1 MFG_SERIAL_NUMBER, a
 inline constexpr std::size_t kKeySlots = 4;         // key ids 0..3 (store::kSlotsPerMeter)
 inline constexpr std::size_t kTrustSlots = 2;       // command keys a meter trusts (DESIGN §4)
 inline constexpr std::size_t kReplayEntries = 16;   // accepted ids remembered per meter
-inline constexpr std::size_t kMaxTrustedKeys = 16;  // distinct command keys in one fleet
+// Distinct command keys in one fleet: the provisioned ones plus those MT-2044 statements install
+// at run time (identical points share an entry; a replacement beyond this is refused `onp`).
+inline constexpr std::size_t kMaxTrustedKeys = 64;
+static_assert(kTrustSlots == c1222::kTrustSlotCount, "MT-2044 trust slots are the meter's");
 // Longest validity window a meter accepts (the policy's maximum, 30 days).
 inline constexpr std::uint32_t kMaxWindow = 2592000;
 
@@ -78,6 +83,9 @@ struct MeterRecord {
   std::array<KeySlotState, kKeySlots> slots{};
   std::uint8_t active_slot = 0;
   std::array<TrustEntry, kTrustSlots> trust{};
+  // Sequence of the last MT-2044 statement accepted (0: none): a statement is accepted only
+  // above it, so a replayed or older one cannot bring a displaced key back.
+  std::uint32_t replacement_seq = 0;
   std::array<ReplayEntry, kReplayEntries> replay{};
   // Every evicted (still open) replay entry had not_after <= floor: a command whose not_after
   // is <= floor and whose id is not remembered is refused `bsy` (it might be an evicted one;
@@ -100,17 +108,31 @@ struct MeterRecord {
   friend bool operator==(const MeterRecord&, const MeterRecord&) = default;
 };
 
-// The command public keys of a fleet (gs-cmd-1, gs-cmd-2, ...), parsed once and shared.
+// The command public keys of a fleet (gs-cmd-1, gs-cmd-2, and those MT-2044 installs while
+// serving), parsed once and shared by every meter and relay thread. An entry never changes or
+// moves once published, so readers take no lock: size() is an acquire load, and key(i) for
+// i < size() stays valid for the table's life. add() serializes the writers.
 class TrustTable {
  public:
+  TrustTable() = default;
+  TrustTable(const TrustTable&) = delete;
+  TrustTable& operator=(const TrustTable&) = delete;
+
   // Adds a 65-byte uncompressed point (refused unless on the curve); returns its index.
-  // The same point twice returns the first index.
+  // The same point twice returns the first index; a new point beyond kMaxTrustedKeys is
+  // refused (Errc::too_large).
   Result<std::uint16_t> add(ByteView point65);
-  std::size_t size() const noexcept { return keys_.size(); }
-  const HostEcKey& key(std::size_t i) const { return keys_[i]; }
+  Result<std::uint16_t> add(HostEcKey key);
+  std::size_t size() const noexcept { return size_.load(std::memory_order_acquire); }
+  const HostEcKey& key(std::size_t i) const {
+    GS_CHECK(i < size());
+    return *keys_[i];
+  }
 
  private:
-  std::vector<HostEcKey> keys_;
+  std::mutex add_mutex_;
+  std::array<std::unique_ptr<const HostEcKey>, kMaxTrustedKeys> keys_;
+  std::atomic<std::size_t> size_{0};
 };
 
 // What the meter did with a message, for logs and tests.
@@ -129,7 +151,9 @@ struct MeterReply {
 // Driving one meter. Not thread-safe: the caller serializes access to a record.
 class Meter {
  public:
-  Meter(MeterRecord& record, const TrustTable& trust) : rec_(record), trust_(trust) {}
+  // `revocation`: the fleet's gs-revocation public key (MT-2044), or null when not provisioned.
+  Meter(MeterRecord& record, TrustTable& trust, const HostEcKey* revocation = nullptr)
+      : rec_(record), trust_(trust), revocation_(revocation) {}
 
   // Handles one decoded command addressed to this meter (`wire` holds the bytes `request`
   // views into) at UTC time `now`. Always produces a response: secured (mode 2) under the
@@ -138,7 +162,8 @@ class Meter {
 
  private:
   MeterRecord& rec_;
-  const TrustTable& trust_;
+  TrustTable& trust_;
+  const HostEcKey* revocation_;
 };
 
 // Table data of the simulated meter at time `now` (exposed for tests).
