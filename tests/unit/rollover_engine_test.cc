@@ -613,6 +613,25 @@ void measure_throughput(bool tls, bool audit = true) {
               static_cast<double>(o.meters) / s);
 }
 
+// The DKUS never signs key updates with a command key meters no longer trust: once statement 1
+// has put gs-cmd-3 into trust slot 0, gridseal-dkusd with rollover.command_key = 1 does not start.
+TEST(RolloverEngine, RefusesToStartWithADisplacedCommandKey) {
+  RolloverRigOptions o;
+  o.meters = 1;
+  o.start_timeout = std::chrono::seconds(10);
+  RolloverRig rig(o);
+  ASSERT_TRUE(rig.setup().ok());
+  auto g = rig.gridseal("cmdkeys generate");
+  ASSERT_EQ(g.code, 0) << g.out;
+  auto r = rig.gridseal("cmdkeys replace --slot 0 --key 3");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_FALSE(rig.start_dkusd().ok());
+  const std::string logs = rig.logs();
+  EXPECT_NE(logs.find("rollover.command_key = 1: gs-cmd-1 is in no trust slot"), std::string::npos)
+      << logs;
+  EXPECT_NE(logs.find("statement 1"), std::string::npos) << logs;
+}
+
 TEST(RolloverEngine, DISABLED_ThroughputPlainTcp) { measure_throughput(false); }
 TEST(RolloverEngine, DISABLED_ThroughputPlainTcpNoAudit) { measure_throughput(false, false); }
 TEST(RolloverEngine, DISABLED_ThroughputTls) { measure_throughput(true); }
