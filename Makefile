@@ -43,9 +43,10 @@ fuzz-build: deps
 	  $(ASAN_FLAGS) -DGS_FUZZ=ON -DGS_BENCH=OFF -DGS_TESTS=ON
 	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target $(FUZZ_TARGETS)
 
-# Runs every libFuzzer target for FUZZ_SECONDS each, starting from the checked-in corpus.
+# Runs every libFuzzer target for FUZZ_SECONDS each, starting from the checked-in corpus, JOBS
+# targets at a time (run-all.sh, FUZZ_JOBS).
 fuzz: fuzz-build
-	./tests/fuzz/run-all.sh $(FUZZ_BUILD)/bin $(FUZZ_SECONDS)
+	FUZZ_JOBS=$(JOBS) ./tests/fuzz/run-all.sh $(FUZZ_BUILD)/bin $(FUZZ_SECONDS)
 
 # Google Benchmark micro-benchmarks (JSON copy in $(BUILD)/bench/gs_bench.json), then every row
 # of the README Performance table against the daemons on loopback (bench/run-all.sh; state in
