@@ -309,7 +309,9 @@ TEST(CommandKeysPolicy, Mt2044WritesAreKeyManagementAndNotReclassifiable) {
   r.key_id = 3;
   r.sequence = 1;
   r.public_key[0] = 0x04;
-  auto m = gs::c1222::decode(gs::test::sesd_request(".7.1", 5, {gs::c1222::encode_replacement_write(r)}));
+  // decode() returns views into the wire bytes: keep them alive.
+  const Bytes wire = gs::test::sesd_request(".7.1", 5, {gs::c1222::encode_replacement_write(r)});
+  auto m = gs::c1222::decode(wire);
   ASSERT_TRUE(m.ok());
   auto c = gs::policy::classify_message(*m, *p);
   ASSERT_TRUE(c.ok()) << c.error().message();
