@@ -67,12 +67,6 @@ bool label_in_token(hsm::Session& s, const std::string& label, Status& err) {
   return false;
 }
 
-Result<EcPoint> public_point_of(hsm::Session& s, const std::string& label) {
-  auto pub = hsm::find_object(s, hsm::ObjectClass::public_key, label);
-  if (!pub.ok()) return Error(pub.error().code, label + ": " + pub.error().message());
-  return hsm::export_ec_point(s, *pub);
-}
-
 std::string statement_name(std::uint32_t seq) {
   return seq == 0 ? std::string("initial trust from hsm init")
                   : "statement " + std::to_string(seq);
@@ -288,7 +282,7 @@ Result<std::vector<std::uint8_t>> register_initial_keys(db::Db& db, hsm::Session
   for (std::uint8_t id : kInitialSlotKey) {
     GS_ASSIGN(auto known, store.find(id));
     if (known) continue;
-    auto point = public_point_of(s, label_for(id));
+    auto point = token_public_point(s, label_for(id));
     if (!point.ok() && point.error().code == Errc::not_found) continue;
     if (!point.ok()) return std::move(point).error();
     GS_ASSIGN(const bool added, store.register_key(id, *point, kCreatedByInit, now));
@@ -317,8 +311,14 @@ Result<CommandKey> generate_key(db::Db& db, hsm::Session& s, std::string_view ac
   return std::move(*key);
 }
 
+Result<EcPoint> token_public_point(hsm::Session& s, const std::string& label) {
+  auto pub = hsm::find_object(s, hsm::ObjectClass::public_key, label);
+  if (!pub.ok()) return Error(pub.error().code, label + ": " + pub.error().message());
+  return hsm::export_ec_point(s, *pub);
+}
+
 Result<HostEcKey> revocation_public_key(hsm::Session& s) {
-  GS_ASSIGN(EcPoint point, public_point_of(s, kLabelRevocation));
+  GS_ASSIGN(EcPoint point, token_public_point(s, kLabelRevocation));
   return HostEcKey::from_public(point);
 }
 
@@ -335,7 +335,7 @@ Result<Statement> issue_replacement(db::Db& db, hsm::Session& s, std::uint8_t sl
   }
   // The registered point must still be the token's (the database alone is not trusted with the
   // key the whole fleet will accept).
-  GS_ASSIGN(EcPoint token_point, public_point_of(s, key->label));
+  GS_ASSIGN(EcPoint token_point, token_public_point(s, key->label));
   if (!same(token_point, key->public_key)) {
     return Error(Errc::conflict, key->label + ": the token's public key differs from the registry");
   }

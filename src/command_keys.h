@@ -123,6 +123,9 @@ Result<std::vector<std::uint8_t>> register_initial_keys(db::Db& db, hsm::Session
 Result<CommandKey> generate_key(db::Db& db, hsm::Session& s, std::string_view actor,
                                 std::int64_t now);
 
+// The public point of the token's EC public key `label` (Errc::not_found when absent).
+Result<EcPoint> token_public_point(hsm::Session& s, const std::string& label);
+
 // gs-revocation's public key from the HSM.
 Result<HostEcKey> revocation_public_key(hsm::Session& s);
 

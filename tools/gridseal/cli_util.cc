@@ -22,4 +22,6 @@ std::string utc(std::int64_t t) {
   return buf;
 }
 
+std::string error_text(const Error& e) { return e.detail.empty() ? e.message() : e.detail; }
+
 }  // namespace gs::cli

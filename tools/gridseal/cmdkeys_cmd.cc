@@ -21,8 +21,6 @@ namespace gs::cli {
 
 namespace {
 
-std::string message_of(const Error& e) { return e.detail.empty() ? e.message() : e.detail; }
-
 // Writes the 150 service bytes to `path` (created, never overwritten: a statement file handed to
 // a collection engine is not replaced silently).
 Status write_service(const std::string& path, ByteView bytes) {
@@ -93,10 +91,8 @@ int run_list(const std::string& config_path, bool json) {
     if (!lease.ok()) return fail(lease.error().message());
     for (std::uint8_t id : cmdkeys::kInitialSlotKey) {
       if (have[id]) continue;
-      auto pub = hsm::find_object(lease->session(), hsm::ObjectClass::public_key,
-                                  cmdkeys::label_for(id));
-      if (!pub.ok()) continue;
-      auto point = hsm::export_ec_point(lease->session(), *pub);
+      auto point = cmdkeys::token_public_point(lease->session(), cmdkeys::label_for(id));
+      if (!point.ok() && point.error().code == Errc::not_found) continue;
       if (!point.ok()) return fail(point.error().message());
       cmdkeys::CommandKey k;
       k.key_id = id;
@@ -181,11 +177,11 @@ int run_generate(const std::string& config_path, bool json) {
           made = std::move(k).value();
           return Status{};
         }
-        d.add("refused", audit::clip(message_of(k.error()), audit::kMaxDetailValue));
+        d.add("refused", audit::clip(error_text(k.error()), audit::kMaxDetailValue));
         events.push_back({0, actor, "command_key_generate_refused", "gs-cmd", d.str()});
         return std::move(k).error();
       });
-  if (!st.ok()) return fail("cmdkeys generate: " + message_of(st.error()));
+  if (!st.ok()) return fail("cmdkeys generate: " + error_text(st.error()));
   if (json) {
     JsonWriter w;
     w.begin_object().key("id").value(unsigned{made->key_id}).key("label").value(made->label);
@@ -227,12 +223,12 @@ int run_replace(const std::string& config_path, unsigned slot, unsigned key,
           issued = std::move(r).value();
           return Status{};
         }
-        d.add("refused", audit::clip(message_of(r.error()), audit::kMaxDetailValue));
+        d.add("refused", audit::clip(error_text(r.error()), audit::kMaxDetailValue));
         events.push_back({0, actor, "command_key_replacement_refused",
                           cmdkeys::label_for(static_cast<std::uint8_t>(key)), d.str()});
         return std::move(r).error();
       });
-  if (!st.ok()) return fail("cmdkeys replace: " + message_of(st.error()));
+  if (!st.ok()) return fail("cmdkeys replace: " + error_text(st.error()));
   return emit_statement(*issued, out, hex, "signed and stored");
 }
 
@@ -261,13 +257,13 @@ int run_retire(const std::string& config_path, unsigned key) {
         Status r = ks.retire(static_cast<std::uint8_t>(key), actor, now);
         audit::Detail d;
         d.add("key_id", key);
-        if (!r.ok()) d.add("refused", audit::clip(message_of(r.error()), audit::kMaxDetailValue));
+        if (!r.ok()) d.add("refused", audit::clip(error_text(r.error()), audit::kMaxDetailValue));
         events.push_back(
             {0, actor, r.ok() ? "command_key_retired" : "command_key_retire_refused", label,
              d.str()});
         return r;
       });
-  if (!st.ok()) return fail("cmdkeys retire: " + message_of(st.error()));
+  if (!st.ok()) return fail("cmdkeys retire: " + error_text(st.error()));
   std::printf("retired %s: gridseal-sesd and the DKUS rollover refuse to start with it; it stays "
               "in the HSM\n",
               label.c_str());

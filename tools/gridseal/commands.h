@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <string>
 
+#include "gridseal/result.h"
+
 namespace gs::cli {
 
 // Exit codes shared by every command: 0 all well, 1 a checked thing failed, 2 usage error,
@@ -22,6 +24,9 @@ int fail(const std::string& what);
 // UTC seconds now, and as ISO 8601 ("2026-11-26T10:00:00Z").
 std::int64_t now_s();
 std::string utc(std::int64_t t);
+// What to tell the operator about `e`: its detail alone when it has one (a refusal's own words),
+// else the whole message.
+std::string error_text(const Error& e);
 
 // Each group adds its sub-commands to `app`. A sub-command's callback stores its exit code in
 // `exit_code` (CLI11 callbacks cannot return one).

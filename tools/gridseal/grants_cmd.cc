@@ -155,7 +155,7 @@ int run_issue(const std::string& config_path, const std::string& policy_file,
     events.push_back({0, actor, s.ok() ? "grant_issued" : "grant_issue_refused", g.id, d.str()});
     return s;
   });
-  if (!st.ok()) return fail(st.error().detail.empty() ? st.error().message() : st.error().detail);
+  if (!st.ok()) return fail(error_text(st.error()));
   if (json) {
     JsonWriter w;
     grant_json(w, g, now_s(), true);
@@ -194,7 +194,7 @@ int run_revoke(const std::string& config_path, const std::string& id, bool json)
                       audit::clip(id, audit::kMaxSubject), d.str()});
     return s;
   });
-  if (!st.ok()) return fail(st.error().detail.empty() ? st.error().message() : st.error().detail);
+  if (!st.ok()) return fail(error_text(st.error()));
   if (json) {
     JsonWriter w;
     if (after) {

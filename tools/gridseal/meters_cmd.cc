@@ -105,7 +105,7 @@ int run_import(const std::string& config_path, const std::string& file, std::siz
     auto q = cs.request({}, /*all_unproven=*/true, current_actor(), now_ms());
     if (!q.ok()) {
       return fail("meters imported, but their challenges were not queued: " +
-                  (q.error().detail.empty() ? q.error().message() : q.error().detail));
+                  error_text(q.error()));
     }
     std::printf("%lld challenge%s queued (meters without a proof of their private key); "
                 "gridseal-dkusd sends them: gridseal meters show ID\n",
@@ -290,7 +290,7 @@ int run_revoke(const std::string& config_path, const std::string& id, const std:
     if (r.error().code == Errc::invalid_argument) {
       return fail(r.error().detail + "; use --permanent to revoke it for good");
     }
-    return fail(r.error().detail.empty() ? r.error().message() : r.error().detail);
+    return fail(error_text(r.error()));
   }
   if (json) {
     JsonWriter w;
@@ -347,7 +347,7 @@ int run_reinstate(const std::string& config_path, const std::string& id,
     return Status{};
   });
   if (!st.ok()) {
-    return fail(st.error().detail.empty() ? st.error().message() : st.error().detail);
+    return fail(error_text(st.error()));
   }
   if (json) {
     JsonWriter w;
@@ -432,7 +432,7 @@ int run_challenge(const std::string& config_path, std::vector<std::string> ids,
   if (!store.ok()) return fail(store.error().message());
   store::ChallengeStore cs(*store);
   auto r = cs.request(ids, all_unproven, current_actor(), now_ms());
-  if (!r.ok()) return fail(r.error().detail.empty() ? r.error().message() : r.error().detail);
+  if (!r.ok()) return fail(error_text(r.error()));
   if (!json) {
     std::printf("%lld challenge%s queued, %lld already pending", static_cast<long long>(r->queued),
                 r->queued == 1 ? "" : "s", static_cast<long long>(r->already));

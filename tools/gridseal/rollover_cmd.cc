@@ -135,7 +135,7 @@ int run_start(const std::string& config_path, const std::vector<std::string>& me
   spec.rate = rate;
   spec.created_by = current_actor();
   auto r = rs.start(spec, ids, all);
-  if (!r.ok()) return fail(r.error().detail.empty() ? r.error().message() : r.error().detail);
+  if (!r.ok()) return fail(error_text(r.error()));
   if (json) {
     JsonWriter w;
     w.begin_object().key("campaign").value(r->campaign).key("added").value(r->added);
