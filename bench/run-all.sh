@@ -20,8 +20,8 @@
 #   SES       gridseal-sesd (TLS 1.3): raw HSM composite, SES closed and open loop
 #   chain     + gridseal-metersim serve (5 ms latency) + gridseal-dkusd with [rollover] towards
 #             it, the `make demo` set-up: end-to-end reads, key rollover under read load
-#   DKUS      gridseal-dkusd with processes = 2, io_threads = 1, key_cache = 100000,
-#             meter_cache_ttl_ms = 600000, plain TCP, after 3 warm passes: 16 x 16 (raw EAX' open
+#   DKUS      gridseal-dkusd with processes = 2, io_threads = 1, key_cache = 100000 (meter
+#             records: the defaults, kept fresh by the change feed), plain TCP, after 3 warm passes: 16 x 16 (raw EAX' open
 #             measured by the row), raw EAX' open alone, 16 x 64, open loop 2,000/s; the same
 #             over TLS 1.3 (its own warm passes); then the DKUS defaults (key_cache = 4096).
 # Each phase's dkus.toml is a link to dkus-<phase>.toml, so the commands read as in the README.
@@ -369,7 +369,9 @@ dkus_phase() {
 TUNED_HSM='key_cache = 100000'
 TUNED_SERVER='processes = 2
 io_threads = 1'
-TUNED_DKUS='meter_cache_ttl_ms = 600000'
+# Meter records: the defaults (meter_cache_ttl_ms = 300000, refreshed from the store's change feed
+# every meter_cache_poll_ms = 100), no longer a 10-minute TTL as before the feed.
+TUNED_DKUS=''
 dkus_load() {  # the README's DKUS command after --fleet fleet.csv, DEPTH as given
   DKUS=("${DKUS_BASE[@]}" --connections 16 --depth "$1" --warmup "$DKUS_WARMUP"
     --duration "$DKUS_DUR" --per-meter "$DKUS_PER_METER" --hsm-config dkus.toml --hsm-seconds "$HSM_S")

@@ -148,9 +148,9 @@ Result<DkusConfig> load_dkus_config(const std::string& path) {
   const std::string p = "dkus.";
   GS_TRY(check_keys(*dk, path, p,
                     {"dkus_title", "head_end_title", "metrics", "metrics_address",
-                     "metrics_port", "meter_cache", "meter_cache_ttl_ms", "id_block_size",
-                     "iv_window_s", "refuse_sealed_before_start", "replay_marks", "reorder_window",
-                     "commit_max_delay_us", "commit_max_batch", "max_pending",
+                     "metrics_port", "meter_cache", "meter_cache_ttl_ms", "meter_cache_poll_ms",
+                     "id_block_size", "iv_window_s", "refuse_sealed_before_start", "replay_marks",
+                     "reorder_window", "commit_max_delay_us", "commit_max_batch", "max_pending",
                      "mac_failure_threshold"}));
   GS_TRY(get_title(*dk, "dkus_title", path, p, c.dkus_title, true));
   GS_TRY(get_title(*dk, "head_end_title", path, p, c.head_end_title, true));
@@ -159,6 +159,7 @@ Result<DkusConfig> load_dkus_config(const std::string& path) {
   GS_TRY(get_int(*dk, "metrics_port", path, p, 0, 65535, c.metrics.port));
   GS_TRY(get_int(*dk, "meter_cache", path, p, 1, 10000000, c.meter_cache));
   GS_TRY(get_int(*dk, "meter_cache_ttl_ms", path, p, 0, 3600000, c.meter_cache_ttl_ms));
+  GS_TRY(get_int(*dk, "meter_cache_poll_ms", path, p, 0, 60000, c.meter_cache_poll_ms));
   GS_TRY(get_int(*dk, "id_block_size", path, p, 1, 1 << 24, c.id_block_size));
   GS_TRY(get_int(*dk, "iv_window_s", path, p, 1, 86400, c.iv_window_s));
   GS_TRY(get_bool(*dk, "refuse_sealed_before_start", path, p, c.refuse_sealed_before_start));

@@ -61,7 +61,10 @@ struct DkusConfig {
   bool metrics_enabled = true;
   metrics::HttpConfig metrics;         // dkus.metrics_address / dkus.metrics_port
   std::uint32_t meter_cache = 100000;  // dkus.meter_cache: meter records per handler thread
-  std::uint32_t meter_cache_ttl_ms = 5000;  // dkus.meter_cache_ttl_ms
+  // dkus.meter_cache_ttl_ms: the longest an entry is trusted (a safety net: changes arrive by
+  // the store's change feed, read every dkus.meter_cache_poll_ms; 0 = every lookup)
+  std::uint32_t meter_cache_ttl_ms = 300000;
+  std::uint32_t meter_cache_poll_ms = 100;
   std::uint32_t id_block_size = 1024;  // dkus.id_block_size: ids of error responses per DB write
   // Replay defence (DESIGN §2, §5).
   std::uint32_t iv_window_s = 300;           // dkus.iv_window_s: |IV time - now| allowed

@@ -42,8 +42,9 @@ namespace gs::dkus {
 
 // What one handler thread uses exclusively while it serves a request (src/handler_state.h).
 struct ThreadState : HsmThreadState, StoreThreadState {
-  ThreadState(std::size_t meter_cache, std::chrono::milliseconds ttl)
-      : StoreThreadState(meter_cache, ttl) {}
+  ThreadState(std::size_t meter_cache, std::chrono::milliseconds ttl,
+              std::chrono::milliseconds poll = store::MeterCache::kDefaultPoll)
+      : StoreThreadState(meter_cache, ttl, poll) {}
 };
 
 class DkusService {

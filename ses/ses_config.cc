@@ -35,7 +35,7 @@ Result<SesConfig> load_ses_config(const std::string& path) {
   GS_TRY(check_keys(*ses, path, p,
                     {"head_end_title", "ses_title", "policy", "command_key", "metrics",
                      "metrics_address", "metrics_port", "meter_cache", "meter_cache_ttl_ms",
-                     "id_block_size", "require_approved_policy"}));
+                     "meter_cache_poll_ms", "id_block_size", "require_approved_policy"}));
   GS_TRY(get_title(*ses, "head_end_title", path, p, c.head_end_title, true));
   GS_TRY(get_title(*ses, "ses_title", path, p, c.ses_title, true));
   GS_TRY(get_string(*ses, "policy", path, p, c.policy_file));
@@ -47,6 +47,7 @@ Result<SesConfig> load_ses_config(const std::string& path) {
   GS_TRY(get_int(*ses, "metrics_port", path, p, 0, 65535, c.metrics.port));
   GS_TRY(get_int(*ses, "meter_cache", path, p, 1, 10000000, c.meter_cache));
   GS_TRY(get_int(*ses, "meter_cache_ttl_ms", path, p, 0, 3600000, c.meter_cache_ttl_ms));
+  GS_TRY(get_int(*ses, "meter_cache_poll_ms", path, p, 0, 60000, c.meter_cache_poll_ms));
   GS_TRY(get_int(*ses, "id_block_size", path, p, 1, 1 << 24, c.id_block_size));
   GS_TRY(get_bool(*ses, "require_approved_policy", path, p, c.require_approved_policy));
 

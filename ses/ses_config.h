@@ -32,7 +32,10 @@ struct SesConfig {
   bool metrics_enabled = true;
   metrics::HttpConfig metrics;         // ses.metrics_address / ses.metrics_port
   std::uint32_t meter_cache = 100000;  // ses.meter_cache: meter records cached per worker thread
-  std::uint32_t meter_cache_ttl_ms = 5000;  // ses.meter_cache_ttl_ms
+  // ses.meter_cache_ttl_ms: the longest an entry is trusted (a safety net: changes arrive by
+  // the store's change feed, read every ses.meter_cache_poll_ms; 0 = every lookup)
+  std::uint32_t meter_cache_ttl_ms = 300000;
+  std::uint32_t meter_cache_poll_ms = 100;
   std::uint32_t id_block_size = 1024;  // ses.id_block_size: invocation ids reserved per DB write
   AuditConfig audit;                   // [audit]
   // ses.require_approved_policy: serve only a policy file whose SHA-256 is the newest one applied

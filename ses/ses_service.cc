@@ -80,7 +80,8 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
                                                std::move(alloc)));
   for (std::size_t i = 0; i < threads; ++i) {
     s->states_.add(std::make_unique<WorkerState>(
-        cfg.meter_cache, std::chrono::milliseconds(cfg.meter_cache_ttl_ms)));
+        cfg.meter_cache, std::chrono::milliseconds(cfg.meter_cache_ttl_ms),
+        std::chrono::milliseconds(cfg.meter_cache_poll_ms)));
   }
   SesService* raw = s.get();
   registry.gauge_fn("gridseal_ses_invocation_ids_issued", "Invocation ids issued", {},
@@ -462,12 +463,20 @@ struct SesService::Pending {
 void SesService::finish(Outcome& o, std::chrono::steady_clock::time_point t0,
                         server::Done& done) {
   latency_.observe(std::chrono::steady_clock::now() - t0);
-  registry_
-      .counter("gridseal_ses_requests_total", "Requests by command class and result",
-               {{"class", o.cls ? c1222::command_class_name(*o.cls) : "none"},
-                {"result", o.result}})
-      .inc();
+  requests_counter(o).inc();
   done(std::move(o.response));
+}
+
+metrics::Counter& SesService::requests_counter(const Outcome& o) {
+  const std::pair<int, const char*> key{o.cls ? static_cast<int>(*o.cls) : -1, o.result};
+  std::lock_guard lock(requests_mu_);
+  metrics::Counter*& c = requests_[key];
+  if (c == nullptr) {
+    c = &registry_.counter("gridseal_ses_requests_total", "Requests by command class and result",
+                           {{"class", o.cls ? c1222::command_class_name(*o.cls) : "none"},
+                            {"result", o.result}});
+  }
+  return *c;
 }
 
 void SesService::recorded(Pending& p, const Status& st) {

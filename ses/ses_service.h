@@ -6,6 +6,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -37,8 +38,9 @@ namespace gs::ses {
 // What one handler thread uses exclusively: session, KEK, cipher and key cache, store (shared
 // with the DKUS, src/handler_state.h), plus the command-signing key.
 struct WorkerState : HsmThreadState, StoreThreadState {
-  WorkerState(std::size_t meter_cache, std::chrono::milliseconds ttl)
-      : StoreThreadState(meter_cache, ttl) {}
+  WorkerState(std::size_t meter_cache, std::chrono::milliseconds ttl,
+              std::chrono::milliseconds poll = store::MeterCache::kDefaultPoll)
+      : StoreThreadState(meter_cache, ttl, poll) {}
   hsm::ObjectHandle command_key = 0;
   std::unique_ptr<HsmSigner> signer;
 };
@@ -146,6 +148,11 @@ class SesService {
   metrics::Histogram& latency_;
   metrics::Counter& hsm_errors_;
   metrics::Counter& audit_failures_;
+  // gridseal_ses_requests_total by (class, result): looked up once per pair, not per request
+  // (a registry lookup builds its label strings). `result` is always a string literal.
+  metrics::Counter& requests_counter(const Outcome& o);
+  std::mutex requests_mu_;
+  std::map<std::pair<int, const char*>, metrics::Counter*> requests_;
   std::atomic<bool> hsm_ok_{true};
   std::atomic<bool> store_ok_{true};
   // Last member: stopped (its callbacks use the members above) before anything else goes.

@@ -48,8 +48,11 @@ struct HsmThreadState {
 };
 
 struct StoreThreadState {
-  StoreThreadState(std::size_t meter_cache, std::chrono::milliseconds ttl)
-      : meters(meter_cache, ttl) {}
+  // The meter cache: `meter_cache` records, trusted for `ttl` at most, the store's change feed
+  // read every `poll` (src/meter_cache.h).
+  StoreThreadState(std::size_t meter_cache, std::chrono::milliseconds ttl,
+                   std::chrono::milliseconds poll = store::MeterCache::kDefaultPoll)
+      : meters(meter_cache, ttl, poll) {}
   std::optional<store::KeyStore> store;
   store::MeterCache meters;
 

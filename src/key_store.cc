@@ -342,6 +342,45 @@ CREATE TRIGGER command_key_statements_no_update BEFORE UPDATE ON command_key_sta
 CREATE TRIGGER command_key_statements_no_delete BEFORE DELETE ON command_key_statements
   BEGIN SELECT RAISE(ABORT, 'replacement statements are append-only'); END;
 )sql",
+    // v13: the meter change feed (src/meter_cache.h): the absolute AP title of every meter whose
+    // record (KeyStore::meter_by_title: its meters row and key_slots rows) changed, in commit
+    // order, so that the daemons' per-thread meter caches drop exactly those entries instead of
+    // re-reading every record after a short TTL. The UPDATE triggers name the columns the record
+    // holds (today all of them); a column added to either table for per-message bookkeeping must
+    // stay out of those lists, or every message would empty the caches of every process. The
+    // per-message writes (replay_state, receipts, invocation_counters, rate_grants, audit,
+    // challenges, rollover_steps) touch neither table. The feed keeps its last 65536 rows (up to
+    // 1023 more: it is pruned once per 1024 inserts, which halves the cost of a bulk import); a
+    // cache further behind starts over.
+    R"sql(
+CREATE TABLE meter_changes (
+  seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+  title  BLOB NOT NULL
+);
+CREATE TRIGGER meter_changes_bounded AFTER INSERT ON meter_changes WHEN NEW.seq % 1024 = 0
+  BEGIN DELETE FROM meter_changes WHERE seq <= NEW.seq - 65536; END;
+CREATE TRIGGER meters_feed_insert AFTER INSERT ON meters
+  BEGIN INSERT INTO meter_changes (title) VALUES (NEW.ap_title); END;
+CREATE TRIGGER meters_feed_delete AFTER DELETE ON meters
+  BEGIN INSERT INTO meter_changes (title) VALUES (OLD.ap_title); END;
+CREATE TRIGGER meters_feed_update AFTER UPDATE OF row, meter_id, ap_title, ap_title_text,
+  public_key, state, state_reason, created_at ON meters
+  BEGIN
+    INSERT INTO meter_changes (title) VALUES (NEW.ap_title);
+    INSERT INTO meter_changes (title) SELECT OLD.ap_title WHERE OLD.ap_title IS NOT NEW.ap_title;
+  END;
+CREATE TRIGGER key_slots_feed_insert AFTER INSERT ON key_slots
+  BEGIN INSERT INTO meter_changes (title) SELECT ap_title FROM meters WHERE row = NEW.meter; END;
+CREATE TRIGGER key_slots_feed_delete AFTER DELETE ON key_slots
+  BEGIN INSERT INTO meter_changes (title) SELECT ap_title FROM meters WHERE row = OLD.meter; END;
+CREATE TRIGGER key_slots_feed_update AFTER UPDATE OF meter, slot, wrapped, key_version, state,
+  origin, created_at, changed_at, kek ON key_slots
+  BEGIN
+    INSERT INTO meter_changes (title) SELECT ap_title FROM meters WHERE row = NEW.meter;
+    INSERT INTO meter_changes (title) SELECT ap_title FROM meters
+      WHERE row = OLD.meter AND OLD.meter IS NOT NEW.meter;
+  END;
+)sql",
 };
 
 constexpr int kMigrationCount = static_cast<int>(sizeof kMigrations / sizeof kMigrations[0]);

@@ -138,7 +138,9 @@ TEST_F(KeyStoreTest, MeterCacheServesHitsExpiresAndEvicts) {
   ASSERT_TRUE(ks.ok());
   std::vector<NewMeter> b = {meter(1), meter(2), meter(3)};
   ASSERT_TRUE(ks->import_meters(b).ok());
-  MeterCache cache(2, std::chrono::milliseconds(1000));
+  // The change feed is read once an hour here: the TTL alone is under test (the feed in
+  // meter_cache_feed_test.cc).
+  MeterCache cache(2, std::chrono::milliseconds(1000), std::chrono::hours(1));
   auto t0 = MeterCache::Clock::now();
   auto a = cache.by_title(*ks, b[0].ap_title, t0);
   ASSERT_TRUE(a.ok() && *a != nullptr);
