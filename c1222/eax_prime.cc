@@ -60,8 +60,26 @@ EaxPrime& EaxPrime::operator=(EaxPrime&& o) noexcept {
   return *this;
 }
 
+namespace {
+// CMAC' input of m: m padded to whole blocks (10* when empty or partial) with the last block
+// XORed with D (m whole blocks) or Q (padded).
+std::size_t cmac_prime_size(ByteView m) { return m.empty() ? 16 : (m.size() + 15) / 16 * 16; }
+void cmac_prime_input(ByteView m, const Block& d, const Block& q, std::uint8_t* buf) {
+  const std::size_t padded = cmac_prime_size(m);
+  if (!m.empty()) std::memcpy(buf, m.data(), m.size());
+  const Block* tweak = &d;
+  if (m.empty() || m.size() % 16 != 0) {
+    buf[m.size()] = 0x80;
+    std::memset(buf + m.size() + 1, 0, padded - m.size() - 1);
+    tweak = &q;
+  }
+  std::uint8_t* last = buf + padded - 16;
+  for (std::size_t i = 0; i < 16; ++i) last[i] ^= (*tweak)[i];
+}
+}  // namespace
+
 Result<Block> EaxPrime::cmac_prime(const Block& start, ByteView m) {
-  const std::size_t padded = m.empty() ? 16 : (m.size() + 15) / 16 * 16;
+  const std::size_t padded = cmac_prime_size(m);
   std::uint8_t stack[kStackBuffer];
   Bytes heap;
   std::uint8_t* buf = stack;
@@ -69,15 +87,7 @@ Result<Block> EaxPrime::cmac_prime(const Block& start, ByteView m) {
     heap.resize(padded);
     buf = heap.data();
   }
-  if (!m.empty()) std::memcpy(buf, m.data(), m.size());
-  const Block* tweak = &d_;
-  if (m.empty() || m.size() % 16 != 0) {
-    buf[m.size()] = 0x80;
-    std::memset(buf + m.size() + 1, 0, padded - m.size() - 1);
-    tweak = &q_;
-  }
-  std::uint8_t* last = buf + padded - 16;
-  for (std::size_t i = 0; i < 16; ++i) last[i] ^= (*tweak)[i];
+  cmac_prime_input(m, d_, q_, buf);
   Block out{};
   GS_TRY(cipher_->cbc_mac(start, ByteView(buf, padded), out));
   return out;
@@ -113,8 +123,29 @@ Result<Mac> EaxPrime::encrypt(ByteView cleartext, MutableByteView data) {
 }
 
 Status EaxPrime::decrypt(ByteView cleartext, MutableByteView data, const Mac& mac) {
-  GS_ASSIGN(Block n, nonce_tag(cleartext));
-  GS_ASSIGN(Block t, tag_of(n, data));
+  Block t{};
+  Block n{};
+  if (data.empty() || cleartext.empty()) {
+    GS_ASSIGN(n, nonce_tag(cleartext));
+    GS_ASSIGN(t, tag_of(n, data));
+  } else {
+    // Both CMAC' values are known before anything is decrypted, so they are computed together
+    // (BlockCipher::cbc_mac_pair: on a PKCS#11 key one CBC operation instead of two).
+    const std::size_t p1 = cmac_prime_size(cleartext);
+    const std::size_t p2 = cmac_prime_size(data);
+    std::uint8_t stack[kStackBuffer];
+    Bytes heap;
+    std::uint8_t* buf = stack;
+    if (p1 + p2 > kStackBuffer) {
+      heap.resize(p1 + p2);
+      buf = heap.data();
+    }
+    cmac_prime_input(cleartext, d_, q_, buf);
+    cmac_prime_input(data, d_, q_, buf + p1);
+    Block c{};
+    GS_TRY(cipher_->cbc_mac_pair(d_, ByteView(buf, p1), q_, ByteView(buf + p1, p2), n, c));
+    for (std::size_t i = 0; i < 16; ++i) t[i] = static_cast<std::uint8_t>(c[i] ^ n[i]);
+  }
   Mac expect = mac_of(t);
   if (!equal_ct(expect, mac)) return {Errc::bad_mac, "EAX' MAC does not verify"};
   if (!data.empty()) GS_TRY(cipher_->ctr_xor(counter_of(n), data, data));

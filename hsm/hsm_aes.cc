@@ -72,6 +72,16 @@ Status HsmAes::cbc_mac(const Block& iv, ByteView data, Block& out) {
   return {};
 }
 
+Status HsmAes::cbc_mac_pair(const Block& iv1, ByteView d1, const Block& iv2, ByteView d2,
+                            Block& out1, Block& out2) {
+  if (!has_cbc_ || d1.size() > kChunk || d2.size() > kChunk) {
+    return BlockCipher::cbc_mac_pair(iv1, d1, iv2, d2, out1, out2);
+  }
+  ++counters_.init_calls;
+  counters_.op_calls += 3;
+  return aes_cbc_mac_pair(*session_, key_, iv1, d1, iv2, d2, out1, out2);
+}
+
 Status HsmAes::ctr_xor(const Block& ctr, ByteView in, MutableByteView out) {
   if (in.size() != out.size()) {
     return Error(Errc::invalid_argument, "ctr_xor: sizes differ");

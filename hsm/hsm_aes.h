@@ -20,7 +20,7 @@ class HsmAes final : public BlockCipher {
  public:
   struct Counters {
     std::uint64_t init_calls = 0;  // C_EncryptInit
-    std::uint64_t op_calls = 0;    // C_Encrypt
+    std::uint64_t op_calls = 0;    // C_Encrypt, C_EncryptUpdate and C_EncryptFinal
   };
 
   // Checks (C_GetMechanismInfo) which of ECB/CBC/CTR the token supports; ECB is required.
@@ -28,6 +28,10 @@ class HsmAes final : public BlockCipher {
 
   Status encrypt_blocks(ByteView in, MutableByteView out) override;
   Status cbc_mac(const Block& iv, ByteView data, Block& out) override;
+  // One CBC operation for both (hsm::aes_cbc_mac_pair) when the token has CBC and each input
+  // fits one chunk; otherwise two cbc_mac calls.
+  Status cbc_mac_pair(const Block& iv1, ByteView d1, const Block& iv2, ByteView d2, Block& out1,
+                      Block& out2) override;
   Status ctr_xor(const Block& ctr, ByteView in, MutableByteView out) override;
 
   // Points this cipher at another key on the same session (no token call): one HsmAes per

@@ -494,6 +494,56 @@ Status aes_decrypt(Session& s, ObjectHandle key, AesMode mode, const Block* iv, 
   return aes_crypt(s, false, key, mode, iv, in, out);
 }
 
+Status aes_cbc_mac_pair(Session& s, ObjectHandle key, const Block& iv1, ByteView d1,
+                        const Block& iv2, ByteView d2, Block& out1, Block& out2) {
+  if (d1.empty() || d2.empty() || d1.size() % 16 != 0 || d2.size() % 16 != 0) {
+    return Error(Errc::invalid_argument, "CBC-MAC pair: inputs must be non-empty whole blocks");
+  }
+  if (d1.size() > kMaxAesChunk || d2.size() > kMaxAesChunk) {
+    return Error(Errc::too_large, "CBC-MAC pair: input above 1 MiB");
+  }
+  GS_TRY(need_open(s));
+  CK_BYTE cbc_iv[16];
+  std::memcpy(cbc_iv, iv1.data(), 16);
+  CK_MECHANISM mech{CKM_AES_CBC, cbc_iv, sizeof cbc_iv};
+  Bytes out(std::max(d1.size(), d2.size()));
+  Bytes second(d2.begin(), d2.end());
+  GS_TRY(s.check("C_EncryptInit", F(s)->C_EncryptInit(s.handle(), &mech, key)));
+  // From here the operation is active: every way out ends it. A failed C_EncryptUpdate has
+  // already ended it (PKCS#11: any error but CKR_BUFFER_TOO_SMALL terminates the operation).
+  auto end_operation = [&] {
+    CK_BYTE tail[16];
+    CK_ULONG n = sizeof tail;
+    return F(s)->C_EncryptFinal(s.handle(), tail, &n);
+  };
+  auto update = [&](ByteView in, Block& last) -> Status {
+    CK_ULONG len = out.size();
+    const CK_RV rv = F(s)->C_EncryptUpdate(s.handle(), const_cast<CK_BYTE*>(in.data()), in.size(),
+                                           out.data(), &len);
+    if (rv == CKR_BUFFER_TOO_SMALL) (void)end_operation();  // the one error that keeps it active
+    if (rv != CKR_OK) return s.check("C_EncryptUpdate", rv);
+    if (len != in.size()) {
+      (void)end_operation();
+      return Error(Errc::crypto_failure, "CBC-MAC pair: the token held back CBC output");
+    }
+    std::memcpy(last.data(), out.data() + in.size() - 16, 16);
+    return {};
+  };
+  GS_TRY(update(d1, out1));
+  for (std::size_t i = 0; i < 16; ++i) {
+    second[i] = static_cast<std::uint8_t>(second[i] ^ iv2[i] ^ out1[i]);
+  }
+  Status st = update(second, out2);
+  secure_zero(second.data(), second.size());
+  secure_zero(out.data(), out.size());
+  GS_TRY(st);
+  CK_BYTE tail[16];
+  CK_ULONG n = sizeof tail;
+  GS_TRY(s.check("C_EncryptFinal", F(s)->C_EncryptFinal(s.handle(), tail, &n)));
+  if (n != 0) return Error(Errc::crypto_failure, "CBC-MAC pair: unexpected final output");
+  return {};
+}
+
 // ---- the trusted KEK and meter keys -------------------------------------------------------------
 
 Result<ObjectHandle> create_trusted_kek(Module& m, SlotId slot, std::string_view label,

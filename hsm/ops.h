@@ -107,6 +107,13 @@ enum class AesMode { ecb, cbc, ctr };
 inline constexpr std::size_t kMaxAesChunk = 1 << 20;
 Status aes_encrypt(Session& s, ObjectHandle key, AesMode mode, const Block* iv, ByteView in,
                    MutableByteView out);
+// Two CBC-MACs in one CBC operation (C_EncryptInit, C_EncryptUpdate(d1), C_EncryptUpdate(d2'),
+// C_EncryptFinal): out1 = the last block of CBC(iv1, d1); d2' is d2 with iv2 XOR out1 folded into
+// its first block, so that the chain restarts from iv2 and out2 = the last block of CBC(iv2, d2).
+// d1 and d2: whole blocks, non-empty, at most kMaxAesChunk each. One C_EncryptInit instead of
+// two; the operation is always ended, also on errors.
+Status aes_cbc_mac_pair(Session& s, ObjectHandle key, const Block& iv1, ByteView d1,
+                        const Block& iv2, ByteView d2, Block& out1, Block& out2);
 // The inverse direction (C_DecryptInit + C_Decrypt). Nothing in gridseal needs it; meter keys and
 // the KEK refuse it (CKR_KEY_FUNCTION_NOT_PERMITTED), which the tests check.
 Status aes_decrypt(Session& s, ObjectHandle key, AesMode mode, const Block* iv, ByteView in,

@@ -23,6 +23,13 @@ class BlockCipher {
   // from iv). data.size() is a non-zero multiple of 16. The default chains encrypt_blocks.
   virtual Status cbc_mac(const Block& iv, ByteView data, Block& out);
 
+  // Two independent CBC-MACs: out1 = cbc_mac(iv1, d1), out2 = cbc_mac(iv2, d2). The default is
+  // two cbc_mac calls; a PKCS#11 cipher computes both in one CBC operation (one C_EncryptInit
+  // fewer, the costly call on SoftHSM2), restarting the chain for d2 by folding the chaining
+  // value into its first block. out1 and out2 must be distinct objects.
+  virtual Status cbc_mac_pair(const Block& iv1, ByteView d1, const Block& iv2, ByteView d2,
+                              Block& out1, Block& out2);
+
   // out = in XOR E_K(ctr), E_K(ctr+1), ... with ctr a 128-bit big-endian counter; the last
   // block may be partial. in.size() == out.size(); may alias. The default uses encrypt_blocks.
   virtual Status ctr_xor(const Block& ctr, ByteView in, MutableByteView out);

@@ -18,6 +18,12 @@ Status BlockCipher::cbc_mac(const Block& iv, ByteView data, Block& out) {
   return {};
 }
 
+Status BlockCipher::cbc_mac_pair(const Block& iv1, ByteView d1, const Block& iv2, ByteView d2,
+                                 Block& out1, Block& out2) {
+  GS_TRY(cbc_mac(iv1, d1, out1));
+  return cbc_mac(iv2, d2, out2);
+}
+
 Status BlockCipher::ctr_xor(const Block& ctr, ByteView in, MutableByteView out) {
   if (in.size() != out.size()) return {Errc::invalid_argument, "CTR sizes differ"};
   constexpr std::size_t kBatch = 32;  // blocks of keystream per call

@@ -635,6 +635,59 @@ TEST_F(HsmTest, HsmAesPrimitivesMatchHostOnOddSizes) {
   EXPECT_FALSE((*ha)->ctr_xor(ctr, ByteView(data).first(17), out2).ok());
 }
 
+// Two CBC-MACs in one CBC operation (the DKUS's EAX' open) give exactly the two separate
+// CBC-MACs, with one C_EncryptInit; the session is usable afterwards (the operation ended), also
+// after a refused input; above one chunk it falls back to two operations.
+TEST_F(HsmTest, HsmAesCbcMacPairMatchesTwoCbcMacs) {
+  auto s = user_session();
+  const Bytes key = hex("6624c7e23034e4036fe5cb3a8b5dab44");
+  auto h = import_meter_key(s, key);
+  ASSERT_TRUE(h.ok());
+  auto ha = HsmAes::make(s, *h);
+  auto oa = HostAes::make(key);
+  ASSERT_TRUE(ha.ok() && oa.ok());
+  ASSERT_TRUE((*ha)->uses_cbc());
+  Bytes data(2 * 8192);
+  ASSERT_TRUE(generate_random(s, data).ok());
+  Block iv1{}, iv2{};
+  ASSERT_TRUE(generate_random(s, MutableByteView(iv1.data(), 16)).ok());
+  ASSERT_TRUE(generate_random(s, MutableByteView(iv2.data(), 16)).ok());
+  for (auto [n1, n2] : {std::pair<std::size_t, std::size_t>{16, 16}, {64, 208}, {208, 16},
+                        {4096, 4096}, {4112, 32}, {16, 8192}}) {
+    const ByteView d1 = ByteView(data).first(n1);
+    const ByteView d2 = ByteView(data).subspan(8192, n2);
+    Block a1{}, a2{}, b1{}, b2{};
+    (*ha)->reset_counters();
+    ASSERT_TRUE((*ha)->cbc_mac_pair(iv1, d1, iv2, d2, a1, a2).ok()) << n1 << "/" << n2;
+    ASSERT_TRUE((*oa)->cbc_mac(iv1, d1, b1).ok());
+    ASSERT_TRUE((*oa)->cbc_mac(iv2, d2, b2).ok());
+    EXPECT_EQ(a1, b1) << n1 << "/" << n2;
+    EXPECT_EQ(a2, b2) << n1 << "/" << n2;
+    if (n1 <= 4096 && n2 <= 4096) {
+      EXPECT_EQ((*ha)->counters().init_calls, 1u) << n1 << "/" << n2;
+    } else {
+      EXPECT_GE((*ha)->counters().init_calls, 2u) << n1 << "/" << n2;
+    }
+  }
+  Block o1{}, o2{};
+  EXPECT_EQ(aes_cbc_mac_pair(s, *h, iv1, ByteView(data).first(15), iv2, ByteView(data).first(16),
+                             o1, o2).error().code,
+            Errc::invalid_argument);
+  EXPECT_EQ(aes_cbc_mac_pair(s, *h, iv1, ByteView(data).first(16), iv2, ByteView(), o1, o2)
+                .error().code,
+            Errc::invalid_argument);
+  // No operation was left active: the next single operation works.
+  Block m1{}, m2{};
+  ASSERT_TRUE((*ha)->cbc_mac(iv1, ByteView(data).first(32), m1).ok());
+  ASSERT_TRUE((*oa)->cbc_mac(iv1, ByteView(data).first(32), m2).ok());
+  EXPECT_EQ(m1, m2);
+  // A key that may not encrypt: the init is refused, nothing is left active.
+  EXPECT_FALSE(aes_cbc_mac_pair(s, kek_, iv1, ByteView(data).first(16), iv2,
+                                ByteView(data).first(16), o1, o2).ok());
+  ASSERT_TRUE((*ha)->cbc_mac(iv1, ByteView(data).first(32), m1).ok());
+  EXPECT_EQ(m1, m2);
+}
+
 // ---- ECDH key update --------------------------------------------------------------------------
 
 TEST_F(HsmTest, EcdhDeriveMatchesProfileVector) {
