@@ -511,10 +511,11 @@ Status aes_cbc_mac_pair(Session& s, ObjectHandle key, const Block& iv1, ByteView
   GS_TRY(s.check("C_EncryptInit", F(s)->C_EncryptInit(s.handle(), &mech, key)));
   // From here the operation is active: every way out ends it. A failed C_EncryptUpdate has
   // already ended it (PKCS#11: any error but CKR_BUFFER_TOO_SMALL terminates the operation).
+  CK_ULONG final_len = 0;
   auto end_operation = [&] {
     CK_BYTE tail[16];
-    CK_ULONG n = sizeof tail;
-    return F(s)->C_EncryptFinal(s.handle(), tail, &n);
+    final_len = sizeof tail;
+    return F(s)->C_EncryptFinal(s.handle(), tail, &final_len);
   };
   auto update = [&](ByteView in, Block& last) -> Status {
     CK_ULONG len = out.size();
@@ -537,10 +538,8 @@ Status aes_cbc_mac_pair(Session& s, ObjectHandle key, const Block& iv1, ByteView
   secure_zero(second.data(), second.size());
   secure_zero(out.data(), out.size());
   GS_TRY(st);
-  CK_BYTE tail[16];
-  CK_ULONG n = sizeof tail;
-  GS_TRY(s.check("C_EncryptFinal", F(s)->C_EncryptFinal(s.handle(), tail, &n)));
-  if (n != 0) return Error(Errc::crypto_failure, "CBC-MAC pair: unexpected final output");
+  GS_TRY(s.check("C_EncryptFinal", end_operation()));
+  if (final_len != 0) return Error(Errc::crypto_failure, "CBC-MAC pair: unexpected final output");
   return {};
 }
 

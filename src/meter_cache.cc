@@ -132,12 +132,7 @@ Status MeterCache::read_feed(KeyStore& store) {
         behind = true;
         break;
       }
-      auto it = map_.find(key_of(st.blob_view(1)));
-      if (it != map_.end()) {
-        lru_.erase(it->second.lru);
-        map_.erase(it);
-        ++feed_invalidations_;
-      }
+      if (invalidate(st.blob_view(1))) ++feed_invalidations_;
       last_seq_ = seq;
     }
     if (first && anchored) behind = true;  // the row applied last is gone: reset or pruned
@@ -147,11 +142,12 @@ Status MeterCache::read_feed(KeyStore& store) {
   return resync(store);
 }
 
-void MeterCache::invalidate(ByteView title) {
+bool MeterCache::invalidate(ByteView title) {
   auto it = map_.find(key_of(title));
-  if (it == map_.end()) return;
+  if (it == map_.end()) return false;
   lru_.erase(it->second.lru);
   map_.erase(it);
+  return true;
 }
 
 void MeterCache::clear() {

@@ -38,7 +38,8 @@ class MeterCache {
   // cannot be read, the record comes from the store and is not cached until it can.
   Result<std::shared_ptr<const Meter>> by_title(KeyStore& store, ByteView absolute_title,
                                                 Clock::time_point now = Clock::now());
-  void invalidate(ByteView absolute_title);
+  // True when an entry was dropped.
+  bool invalidate(ByteView absolute_title);
   void clear();
 
   std::size_t size() const noexcept { return map_.size(); }
