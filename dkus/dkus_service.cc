@@ -190,6 +190,7 @@ Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, 
   copt.max_pending = cfg.max_pending;
   copt.reorder_window = cfg.reorder_window;
   auto committer = std::make_unique<GroupCommitter>(std::move(writer_store), copt, registry);
+  GS_TRY(committer->checkpoint_off_the_commit_path(cfg.base.store.path));
   if (cfg.audit.enabled) {
     GS_TRY(committer->enable_audit(hsm, std::chrono::milliseconds(cfg.audit.anchor_interval_ms)));
   }

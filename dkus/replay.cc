@@ -116,6 +116,12 @@ Status GroupCommitter::enable_audit(HsmContext& hsm, std::chrono::milliseconds a
   return {};
 }
 
+Status GroupCommitter::checkpoint_off_the_commit_path(const std::string& db_path) {
+  GS_TRY(db::disable_autocheckpoint(store_.db()));
+  GS_ASSIGN(checkpointer_, db::Checkpointer::start(db_path, std::chrono::milliseconds(500)));
+  return {};
+}
+
 void GroupCommitter::start() {
   std::lock_guard<std::mutex> lock(mu_);
   if (started_) return;
@@ -144,6 +150,7 @@ void GroupCommitter::stop() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  checkpointer_.reset();
   // Anything still queued (writer never started) is refused, never silently dropped.
   std::deque<MarkUpdate> rest;
   {

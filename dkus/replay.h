@@ -156,6 +156,9 @@ class GroupCommitter {
 
   // Before start(): records receipts in the audit trail (see above). `hsm` must outlive this.
   Status enable_audit(HsmContext& hsm, std::chrono::milliseconds anchor_interval);
+  // Before start(): the committer's connection stops checkpointing inside its COMMITs
+  // (wal_autocheckpoint off); a db::Checkpointer on `db_path` copies the WAL back every 500 ms.
+  Status checkpoint_off_the_commit_path(const std::string& db_path);
   void start();
   // Queues an update. Errc::busy when max_pending updates wait or the writer stopped; the
   // callback is then not called.
@@ -182,6 +185,7 @@ class GroupCommitter {
   bool stopping_ = false;
   bool started_ = false;
   std::thread thread_;
+  std::unique_ptr<db::Checkpointer> checkpointer_;
   std::atomic<bool> healthy_{true};
   metrics::Counter& commits_;
   metrics::Counter& rows_;

@@ -865,11 +865,9 @@ Result<std::unique_ptr<Writer>> Writer::open(const std::string& db_path, HsmCont
   // Checkpoints off the commit path: SQLite runs one in the COMMIT that crosses the
   // wal_autocheckpoint threshold, with an fsync of the database file, while the write lock and
   // every response waiting for that commit wait too.
-  GS_TRY(w->db_.exec("PRAGMA wal_autocheckpoint=0"));
-  GS_ASSIGN(db::Db cdb, db::Db::open(db_path, o));
-  w->checkpoint_db_.emplace(std::move(cdb));
+  GS_TRY(db::disable_autocheckpoint(w->db_));
+  GS_ASSIGN(w->checkpointer_, db::Checkpointer::start(db_path, std::chrono::milliseconds(500)));
   w->thread_ = std::thread([raw = w.get()] { raw->run(); });
-  w->checkpointer_ = std::thread([raw = w.get()] { raw->run_checkpoints(); });
   return w;
 }
 
@@ -907,18 +905,6 @@ Status Writer::append(Event e, std::chrono::milliseconds timeout) {
   return future.get();
 }
 
-void Writer::run_checkpoints() {
-  std::unique_lock<std::mutex> lock(mu_);
-  while (!stopping_) {
-    checkpoint_cv_.wait_for(lock, std::chrono::milliseconds(500), [this] { return stopping_; });
-    if (stopping_) break;
-    lock.unlock();
-    // PASSIVE: copies what it can without waiting for readers or blocking writers.
-    (void)checkpoint_db_->exec("PRAGMA wal_checkpoint(PASSIVE)");
-    lock.lock();
-  }
-}
-
 void Writer::stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -926,9 +912,8 @@ void Writer::stop() {
     stopping_ = true;
   }
   cv_.notify_all();
-  checkpoint_cv_.notify_all();
-  if (checkpointer_.joinable()) checkpointer_.join();
   if (thread_.joinable()) thread_.join();
+  checkpointer_.reset();
   std::lock_guard<std::mutex> lock(mu_);
   stopped_ = true;
 }

@@ -419,10 +419,7 @@ class Writer {
   std::thread thread_;
   // WAL checkpoints on their own connection and thread, so that no commit pays for one (the
   // writer's connection has wal_autocheckpoint off).
-  std::optional<db::Db> checkpoint_db_;
-  std::thread checkpointer_;
-  std::condition_variable checkpoint_cv_;  // (not cv_: notify_one must reach the writer)
-  void run_checkpoints();
+  std::unique_ptr<db::Checkpointer> checkpointer_;
   std::atomic<bool> healthy_{true};
   std::atomic<std::uint64_t> records_{0}, commits_{0}, failures_{0}, checkpoints_{0};
   std::int64_t next_checkpoint_check_ = 0;

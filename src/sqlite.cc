@@ -3,7 +3,40 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
 namespace gs::db {
+
+std::chrono::microseconds busy_wait_step(int attempt) noexcept {
+  constexpr long kFirst = 10;
+  constexpr long kMax = 500;
+  const int shift = std::clamp(attempt, 0, 6);
+  return std::chrono::microseconds(std::min(kMax, kFirst << shift));
+}
+
+struct Db::BusyWait {
+  std::chrono::milliseconds timeout{0};
+  std::chrono::steady_clock::time_point first;
+
+  // sqlite3_busy_handler callback: nonzero to retry, zero to give up (the statement fails with
+  // SQLITE_BUSY). `attempt` is 0 on the first call for a statement.
+  static int retry(void* self, int attempt) {
+    auto* w = static_cast<BusyWait*>(self);
+    const auto now = std::chrono::steady_clock::now();
+    if (attempt == 0) w->first = now;
+    if (now - w->first >= w->timeout) return 0;
+    std::this_thread::sleep_for(busy_wait_step(attempt));
+    return 1;
+  }
+};
+
+Db::Db(sqlite3* db) : db_(db), busy_(std::make_unique<BusyWait>()) {}
+
+Db::Db(Db&& o) noexcept : db_(o.db_), busy_(std::move(o.busy_)) { o.db_ = nullptr; }
 
 namespace {
 Error sql_error(sqlite3* db, const char* what) {
@@ -25,7 +58,8 @@ Result<Db> Db::open(const std::string& path, const OpenOptions& opt) {
     return Error(Errc::not_found, "cannot open database " + path + ": " +
                                       (raw ? sqlite3_errmsg(raw) : "out of memory"));
   }
-  sqlite3_busy_timeout(raw, opt.busy_timeout_ms);
+  db.busy_->timeout = std::chrono::milliseconds(std::max(0, opt.busy_timeout_ms));
+  sqlite3_busy_handler(raw, &BusyWait::retry, db.busy_.get());
   sqlite3_extended_result_codes(raw, 1);
   if (!opt.read_only) {
     GS_TRY(db.exec("PRAGMA journal_mode=WAL"));
@@ -41,15 +75,23 @@ Result<Db> Db::open(const std::string& path, const OpenOptions& opt) {
 
 Db& Db::operator=(Db&& o) noexcept {
   if (this != &o) {
-    if (db_ != nullptr) sqlite3_close_v2(db_);
+    if (db_ != nullptr) {
+      sqlite3_busy_handler(db_, nullptr, nullptr);
+      sqlite3_close_v2(db_);
+    }
     db_ = o.db_;
+    busy_ = std::move(o.busy_);
     o.db_ = nullptr;
   }
   return *this;
 }
 
 Db::~Db() {
-  if (db_ != nullptr) sqlite3_close_v2(db_);
+  if (db_ != nullptr) {
+    // A statement left open keeps the connection alive (close_v2) past busy_'s lifetime.
+    sqlite3_busy_handler(db_, nullptr, nullptr);
+    sqlite3_close_v2(db_);
+  }
 }
 
 Status Db::exec(std::string_view sql) {
@@ -163,5 +205,91 @@ Status Transaction::commit() {
   if (s.ok()) db_ = nullptr;
   return s;
 }
+
+}  // namespace gs::db
+
+namespace gs::db {
+
+struct Checkpointer::State {
+  Db db;
+  std::chrono::milliseconds interval;
+  std::int64_t restart_frames;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool stopping = false;
+  std::atomic<std::uint64_t> runs{0};
+  std::atomic<std::uint64_t> restarts{0};
+  std::thread thread;
+
+  State(Db d, std::chrono::milliseconds i, std::int64_t r)
+      : db(std::move(d)), interval(i), restart_frames(r) {}
+
+  // Failures (e.g. the file went read-only) leave the WAL to the next run, or to a connection
+  // with autocheckpoint on; the writers' own commits report a failing store.
+  void checkpoint() {
+    runs.fetch_add(1, std::memory_order_relaxed);
+    auto st = db.prepare("PRAGMA wal_checkpoint(PASSIVE)");
+    if (!st.ok()) return;
+    auto row = st->step();
+    if (!row.ok() || *row != Step::row) return;
+    const std::int64_t frames = st->int64(1);  // (busy, frames in the WAL, frames copied)
+    st->reset();
+    if (frames < restart_frames) return;
+    auto rs = db.prepare("PRAGMA wal_checkpoint(RESTART)");
+    if (!rs.ok()) return;
+    auto rrow = rs->step();
+    if (rrow.ok() && *rrow == Step::row && rs->int64(0) == 0) {
+      restarts.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+
+  void run() {
+    std::unique_lock<std::mutex> lock(mu);
+    while (!stopping) {
+      cv.wait_for(lock, interval, [this] { return stopping; });
+      if (stopping) break;
+      lock.unlock();
+      checkpoint();
+      lock.lock();
+    }
+    lock.unlock();
+    checkpoint();
+  }
+};
+
+Result<std::unique_ptr<Checkpointer>> Checkpointer::start(const std::string& path,
+                                                           std::chrono::milliseconds interval,
+                                                           std::int64_t restart_frames) {
+  if (interval.count() <= 0) return Error(Errc::invalid_argument, "checkpoint interval must be > 0");
+  if (restart_frames <= 0) return Error(Errc::invalid_argument, "restart_frames must be > 0");
+  OpenOptions o;
+  o.create = false;
+  GS_ASSIGN(Db db, Db::open(path, o));
+  auto st = std::make_unique<State>(std::move(db), interval, restart_frames);
+  State* raw = st.get();
+  st->thread = std::thread([raw] { raw->run(); });
+  return std::unique_ptr<Checkpointer>(new Checkpointer(std::move(st)));
+}
+
+Checkpointer::Checkpointer(std::unique_ptr<State> s) : state_(std::move(s)) {}
+
+Checkpointer::~Checkpointer() {
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->stopping = true;
+  }
+  state_->cv.notify_all();
+  if (state_->thread.joinable()) state_->thread.join();
+}
+
+std::uint64_t Checkpointer::runs() const noexcept {
+  return state_->runs.load(std::memory_order_relaxed);
+}
+
+std::uint64_t Checkpointer::restarts() const noexcept {
+  return state_->restarts.load(std::memory_order_relaxed);
+}
+
+Status disable_autocheckpoint(Db& db) { return db.exec("PRAGMA wal_autocheckpoint=0"); }
 
 }  // namespace gs::db

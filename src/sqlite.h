@@ -2,6 +2,7 @@
 // BEGIN IMMEDIATE transactions, all reporting through gs::Result.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -21,16 +22,23 @@ class Stmt;
 struct OpenOptions {
   bool create = true;
   bool read_only = false;
+  // How long a statement waits for another connection's lock before it fails with `busy`.
+  // The wait polls every 10 µs at first, doubling up to every 500 µs (db::busy_wait_step): SQLite's
+  // own busy_timeout sleeps 1, 2, 5, 10 ... 100 ms, which added tens of milliseconds to commits
+  // whenever two workers' writers met.
   int busy_timeout_ms = 5000;
   // FULL for key state, invocation-id reservations and audit (DESIGN §5).
   bool synchronous_full = true;
 };
 
+// The pause before retry number `attempt` (0-based) of a statement waiting for a lock.
+std::chrono::microseconds busy_wait_step(int attempt) noexcept;
+
 // One connection. Not shared between threads; every process and worker opens its own.
 class Db {
  public:
   static Result<Db> open(const std::string& path, const OpenOptions& opt = {});
-  Db(Db&& o) noexcept : db_(o.db_) { o.db_ = nullptr; }
+  Db(Db&& o) noexcept;
   Db& operator=(Db&& o) noexcept;
   Db(const Db&) = delete;
   Db& operator=(const Db&) = delete;
@@ -46,8 +54,10 @@ class Db {
   std::string last_error() const;
 
  private:
-  explicit Db(sqlite3* db) : db_(db) {}
+  struct BusyWait;
+  explicit Db(sqlite3* db);
   sqlite3* db_ = nullptr;
+  std::unique_ptr<BusyWait> busy_;  // the busy handler's state: a stable address across moves
 };
 
 enum class Step : std::uint8_t { row, done };
@@ -82,6 +92,39 @@ class Stmt {
   sqlite3* db_;
   sqlite3_stmt* st_;
 };
+
+// WAL checkpoints off a writer's commit path, on their own connection and thread. A connection
+// that commits with wal_autocheckpoint on runs a checkpoint inside the COMMIT that crosses the
+// threshold, copying up to a thousand pages into the database file and fsyncing it while every
+// response waiting for that commit waits too; a latency-bound writer turns it off
+// (disable_autocheckpoint) and lets one of these do the copying:
+// - every `interval` (and once more when stopped), PRAGMA wal_checkpoint(PASSIVE): copies what is
+//   committed without blocking anyone;
+// - when the WAL then holds `restart_frames` frames or more, PRAGMA wal_checkpoint(RESTART).
+//   Writers that commit without pause rarely leave the WAL fully copied at the instant one of
+//   them begins, which is when SQLite starts the WAL over; without this the file grows with
+//   every commit. RESTART waits for the current writer, copies the few frames PASSIVE left and
+//   makes the next writer start over (a pause of one fsync of the database file).
+class Checkpointer {
+ public:
+  static Result<std::unique_ptr<Checkpointer>> start(const std::string& path,
+                                                      std::chrono::milliseconds interval,
+                                                      std::int64_t restart_frames = 8192);
+  ~Checkpointer();  // stops and joins
+  Checkpointer(const Checkpointer&) = delete;
+  Checkpointer& operator=(const Checkpointer&) = delete;
+
+  std::uint64_t runs() const noexcept;      // PASSIVE checkpoints attempted so far
+  std::uint64_t restarts() const noexcept;  // RESTART checkpoints that completed
+
+ private:
+  struct State;
+  explicit Checkpointer(std::unique_ptr<State> s);
+  std::unique_ptr<State> state_;
+};
+
+// PRAGMA wal_autocheckpoint=0 on `db`: its commits never checkpoint (see Checkpointer).
+Status disable_autocheckpoint(Db& db);
 
 // BEGIN IMMEDIATE on construction (takes the write lock up front, so two writers never
 // deadlock on lock upgrade); ROLLBACK on destruction unless commit() succeeded.

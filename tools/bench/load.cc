@@ -49,6 +49,10 @@ struct Shared {
   std::atomic<std::size_t> lost_conns{0};  // connections lost before they ran out
   std::atomic<bool> stop_sending{false};
   Clock::time_point start, count_from, end;
+  // Open loop with a closed-loop warm-up: no request is added to the closed loop from here on,
+  // so that what it left in flight is answered before the paced, measured requests are due
+  // (otherwise the first of them queue behind up to connections x depth warm-up requests).
+  Clock::time_point refill_until;
 };
 
 // Per generator thread; touched only by that thread until it is joined.
@@ -124,6 +128,10 @@ class Conn : public std::enable_shared_from_this<Conn> {
   // True while an open-loop run's warm-up runs closed loop.
   bool closed_phase() const {
     return sh_.opt->rate > 0 && sh_.opt->closed_warmup && Clock::now() < sh_.count_from;
+  }
+  // True while that closed loop is still refilled (see Shared::refill_until).
+  bool refilling_warmup() const {
+    return sh_.opt->rate > 0 && sh_.opt->closed_warmup && Clock::now() < sh_.refill_until;
   }
 
   // Stops offering new requests (those in flight are still read).
@@ -285,7 +293,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
         ++st_.errors[v];
       }
     }
-    if ((sh_.opt->rate <= 0 || closed_phase()) && !exhausted_ &&
+    if ((sh_.opt->rate <= 0 || refilling_warmup()) && !exhausted_ &&
         !sh_.stop_sending.load(std::memory_order_relaxed)) {
       pending_.push_back(now);
     }
@@ -450,6 +458,9 @@ Result<LoadResult> run_load(const LoadOptions& o) {
                                  std::chrono::duration<double>(o.warmup_s));
   sh.end = sh.count_from + std::chrono::duration_cast<Clock::duration>(
                                std::chrono::duration<double>(o.duration_s));
+  // The last second of the warm-up (its last half when shorter than 2 s) drains the closed loop.
+  sh.refill_until = sh.count_from - std::chrono::duration_cast<Clock::duration>(
+                                        std::chrono::duration<double>(std::min(1.0, o.warmup_s / 2)));
   post_all(ws, &Conn::go);
 
   const bool tty = isatty(2) != 0;

@@ -120,7 +120,9 @@ void usage_ses() {
       "         [--hsm-config ses.toml [--hsm-threads 2] [--hsm-processes 1] [--hsm-seconds 3]\n"
       "          [--hsm-resident-keys K] [--hsm-only]]\n"
       "  Each of C connections keeps D read commands in flight (closed loop), or the total offered\n"
-      "  load is paced at R requests/s (open loop; latency counted from the intended send time).\n"
+      "  load is paced at R requests/s (open loop: the warm-up runs closed loop to fill the SES's\n"
+      "  caches, its last second adding nothing so that its backlog is answered; latency counts\n"
+      "  from each command's intended send time in the measured part).\n"
       "  Meters PREFIX.1..PREFIX.N must be imported in the daemon's store. Prints a progress line\n"
       "  each second on stderr (not with --quiet) and a table, or one JSON object with --json.\n"
       "  --threads: event-loop threads of the generator (default 1). --hsm-config also\n"
@@ -179,6 +181,7 @@ int run_ses(int argc, char** argv) {
   o.duration_s = *duration;
   o.warmup_s = *warmup;
   o.rate = *rate;
+  o.closed_warmup = true;  // open loop: fill the SES's caches first, as fast as it answers
   o.io_threads = std::min<std::size_t>(*threads, o.connections);
   o.progress = !a.has("quiet");
 

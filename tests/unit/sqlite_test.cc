@@ -1,0 +1,182 @@
+// db::Db's busy handler: a connection waiting for another one's write lock retries in steps of
+// 10 µs doubling to 500 µs (not SQLite's 1..100 ms sleeps), gets the lock once it is free, gives
+// up with Errc::busy after busy_timeout_ms, and keeps working after the Db is moved.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <future>
+#include <string>
+#include <thread>
+
+#include "src/sqlite.h"
+
+namespace gs::db {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::microseconds;
+using std::chrono::milliseconds;
+
+TEST(SqliteBusyWait, StepsDoubleFromTenMicrosecondsToHalfAMillisecond) {
+  EXPECT_EQ(busy_wait_step(-1), microseconds(10));
+  EXPECT_EQ(busy_wait_step(0), microseconds(10));
+  EXPECT_EQ(busy_wait_step(1), microseconds(20));
+  EXPECT_EQ(busy_wait_step(4), microseconds(160));
+  EXPECT_EQ(busy_wait_step(5), microseconds(320));
+  EXPECT_EQ(busy_wait_step(6), microseconds(500));
+  EXPECT_EQ(busy_wait_step(1000000), microseconds(500));
+}
+
+class SqliteBusyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/gs-sqlite-busy-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    path_ = dir_ + "/t.db";
+    auto db = Db::open(path_);
+    ASSERT_TRUE(db.ok()) << db.error().message();
+    ASSERT_TRUE(db->exec("CREATE TABLE t (v INTEGER NOT NULL)").ok());
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  Db open(int busy_timeout_ms) {
+    OpenOptions o;
+    o.busy_timeout_ms = busy_timeout_ms;
+    auto db = Db::open(path_, o);
+    EXPECT_TRUE(db.ok()) << db.error().message();
+    return std::move(db).value();
+  }
+
+  // Holds the write lock (BEGIN IMMEDIATE + one row) on its own connection for `hold`.
+  std::thread hold_lock(milliseconds hold, std::promise<void>& held) {
+    return std::thread([this, hold, &held] {
+      Db db = open(1000);
+      auto tx = Transaction::begin(db);
+      ASSERT_TRUE(tx.ok()) << tx.error().message();
+      ASSERT_TRUE(db.exec("INSERT INTO t (v) VALUES (1)").ok());
+      held.set_value();
+      std::this_thread::sleep_for(hold);
+      ASSERT_TRUE(tx->commit().ok());
+    });
+  }
+
+  std::string dir_;
+  std::string path_;
+};
+
+TEST_F(SqliteBusyTest, WaiterGetsTheLockOnceTheHolderCommits) {
+  std::promise<void> held;
+  auto ready = held.get_future();
+  std::thread holder = hold_lock(milliseconds(150), held);
+  ready.wait();
+  Db waiter = open(5000);
+  auto tx = Transaction::begin(waiter);
+  ASSERT_TRUE(tx.ok()) << tx.error().message();
+  ASSERT_TRUE(waiter.exec("INSERT INTO t (v) VALUES (2)").ok());
+  ASSERT_TRUE(tx->commit().ok());
+  holder.join();
+  auto st = waiter.prepare("SELECT COUNT(*), SUM(v) FROM t");
+  ASSERT_TRUE(st.ok());
+  ASSERT_EQ(st->step().value(), Step::row);
+  EXPECT_EQ(st->int64(0), 2);
+  EXPECT_EQ(st->int64(1), 3);
+}
+
+TEST_F(SqliteBusyTest, WaiterGivesUpWithBusyAfterItsTimeout) {
+  std::promise<void> held;
+  auto ready = held.get_future();
+  std::thread holder = hold_lock(milliseconds(1500), held);
+  ready.wait();
+  Db waiter = open(200);
+  const auto t0 = Clock::now();
+  auto tx = Transaction::begin(waiter);
+  const auto waited = Clock::now() - t0;
+  ASSERT_FALSE(tx.ok());
+  EXPECT_EQ(tx.error().code, Errc::busy) << tx.error().message();
+  EXPECT_GE(waited, milliseconds(200));
+  EXPECT_LT(waited, milliseconds(1500)) << "gave up only when the holder let go";
+  holder.join();
+}
+
+TEST_F(SqliteBusyTest, ZeroTimeoutFailsAtOnce) {
+  std::promise<void> held;
+  auto ready = held.get_future();
+  std::thread holder = hold_lock(milliseconds(300), held);
+  ready.wait();
+  Db waiter = open(0);
+  const auto t0 = Clock::now();
+  auto tx = Transaction::begin(waiter);
+  const auto waited = Clock::now() - t0;
+  ASSERT_FALSE(tx.ok());
+  EXPECT_EQ(tx.error().code, Errc::busy);
+  EXPECT_LT(waited, milliseconds(300));
+  holder.join();
+}
+
+// The handler's state lives on the heap: a moved-from Db must not leave the connection pointing
+// at freed state (ASan would flag it here).
+TEST_F(SqliteBusyTest, MovedConnectionStillWaits) {
+  Db first = open(5000);
+  Db moved(std::move(first));
+  Db assigned = open(5000);
+  assigned = std::move(moved);
+  std::promise<void> held;
+  auto ready = held.get_future();
+  std::thread holder = hold_lock(milliseconds(100), held);
+  ready.wait();
+  auto tx = Transaction::begin(assigned);
+  ASSERT_TRUE(tx.ok()) << tx.error().message();
+  ASSERT_TRUE(tx->commit().ok());
+  holder.join();
+}
+
+// A writer with wal_autocheckpoint off never copies its WAL back itself; the Checkpointer does,
+// and once the WAL holds restart_frames it makes the writer start it over (RESTART), so the file
+// stays bounded though the writer never pauses at a moment when the WAL is fully copied.
+TEST_F(SqliteBusyTest, CheckpointerKeepsTheWalOfAWriterWithoutAutocheckpointBounded) {
+  const std::string wal = path_ + "-wal";
+  const Bytes page(3000, 0x5A);  // a row per page or so
+  auto write = [&](Db& db, int commits) {
+    for (int c = 0; c < commits; ++c) {
+      auto tx = Transaction::begin(db);
+      ASSERT_TRUE(tx.ok()) << tx.error().message();
+      auto ins = db.prepare("INSERT INTO blobs (b) VALUES (?1)");
+      ASSERT_TRUE(ins.ok());
+      for (int r = 0; r < 20; ++r) {
+        ASSERT_TRUE(ins->bind(1, ByteView(page)).run().ok());
+        ins->reset();
+      }
+      ASSERT_TRUE(tx->commit().ok());
+      std::this_thread::sleep_for(milliseconds(3));
+    }
+  };
+  Db db = open(5000);
+  ASSERT_TRUE(db.exec("CREATE TABLE blobs (b BLOB NOT NULL)").ok());
+  ASSERT_TRUE(disable_autocheckpoint(db).ok());
+
+  // Control: nobody checkpoints, so 150 commits of 20 pages leave over 2,500 frames in the WAL.
+  write(db, 150);
+  const auto unchecked = std::filesystem::file_size(wal);
+  EXPECT_GE(unchecked, 2500u * 4096u);
+  ASSERT_TRUE(db.exec("PRAGMA wal_checkpoint(TRUNCATE)").ok());
+  ASSERT_EQ(std::filesystem::file_size(wal), 0u);
+
+  {
+    auto cp = Checkpointer::start(path_, milliseconds(20), 256);
+    ASSERT_TRUE(cp.ok()) << cp.error().message();
+    write(db, 150);
+    EXPECT_GT((*cp)->runs(), 0u);
+    EXPECT_GT((*cp)->restarts(), 0u);
+  }  // stops and joins
+  EXPECT_LT(std::filesystem::file_size(wal), unchecked / 2);
+
+  EXPECT_FALSE(Checkpointer::start(path_, milliseconds(0)).ok());
+  EXPECT_FALSE(Checkpointer::start(path_, milliseconds(10), 0).ok());
+  EXPECT_FALSE(Checkpointer::start(dir_ + "/absent.db", milliseconds(10)).ok());
+}
+
+}  // namespace
+}  // namespace gs::db
