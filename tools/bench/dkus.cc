@@ -239,8 +239,9 @@ void usage_dkus() {
       "  warm-up then runs closed loop, filling the DKUS's key and meter caches, its last second\n"
       "  adding nothing so that its backlog is answered, and latency counts from each message's\n"
       "  intended send time in the measured part).\n"
-      "  All messages are sealed before the clock starts: K per meter (default: enough for R/s,\n"
-      "  or 100,000/s closed loop, over warm-up + duration); a connection that runs out stops.\n"
+      "  All messages are sealed before the clock starts: K per meter (default: enough for R/s\n"
+      "  over the duration and 100,000/s over the warm-up, or 100,000/s over both closed loop);\n"
+      "  a connection that runs out stops.\n"
       "  --until-done: the run ends when every pre-sealed message is answered (running out is\n"
       "  the plan then); with --per-meter 1, one reading of every meter (e.g. to fill the\n"
       "  DKUS's key and meter caches before a measurement).\n"
@@ -407,14 +408,15 @@ int run_dkus(int argc, char** argv) {
                        usage_dkus);
   }
   plan.connections = o.connections;
-  // Enough messages for the whole run at the offered rate (or the closed-loop ceiling), plus
-  // what may be in flight at the end.
+  // Enough messages for the whole run at the offered rate (or the closed-loop ceiling; an open
+  // loop's warm-up runs closed loop, so at the ceiling too), plus what may be in flight at the end.
   if (a.has("per-meter")) {
     plan.per_meter = *per_meter;
   } else {
-    const double planned = (o.rate > 0 ? o.rate * 1.05 : kClosedLoopCeiling) *
-                               (o.warmup_s + o.duration_s + 0.5) +
-                           static_cast<double>(o.connections * o.depth);
+    const double planned =
+        (o.rate > 0 ? o.rate * 1.05 * (o.duration_s + 0.5) + kClosedLoopCeiling * o.warmup_s
+                    : kClosedLoopCeiling * (o.warmup_s + o.duration_s + 0.5)) +
+        static_cast<double>(o.connections * o.depth);
     plan.per_meter =
         std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::ceil(
                                        planned / static_cast<double>(n_meters))));
