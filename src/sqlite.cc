@@ -264,6 +264,9 @@ Result<std::unique_ptr<Checkpointer>> Checkpointer::start(const std::string& pat
   if (restart_frames <= 0) return Error(Errc::invalid_argument, "restart_frames must be > 0");
   OpenOptions o;
   o.create = false;
+  // RESTART holds the write lock while it waits for readers of the old WAL: a long reader (an
+  // audit export, say) must not stall every writer for the default 5 s. PASSIVE never waits.
+  o.busy_timeout_ms = static_cast<int>(kRestartWaitMs);
   GS_ASSIGN(Db db, Db::open(path, o));
   auto st = std::make_unique<State>(std::move(db), interval, restart_frames);
   State* raw = st.get();

@@ -104,9 +104,12 @@ class Stmt {
 //   Writers that commit without pause rarely leave the WAL fully copied at the instant one of
 //   them begins, which is when SQLite starts the WAL over; without this the file grows with
 //   every commit. RESTART waits for the current writer, copies the few frames PASSIVE left and
-//   makes the next writer start over (a pause of one fsync of the database file).
+//   makes the next writer start over (a pause of one fsync of the database file). It holds the
+//   write lock while it waits for readers of the old WAL, so it waits at most kRestartWaitMs
+//   and otherwise ends as a PASSIVE one (tried again next time).
 class Checkpointer {
  public:
+  static constexpr std::int64_t kRestartWaitMs = 50;
   static Result<std::unique_ptr<Checkpointer>> start(const std::string& path,
                                                       std::chrono::milliseconds interval,
                                                       std::int64_t restart_frames = 8192);

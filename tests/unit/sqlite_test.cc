@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <future>
@@ -177,6 +178,50 @@ TEST_F(SqliteBusyTest, CheckpointerKeepsTheWalOfAWriterWithoutAutocheckpointBoun
   EXPECT_FALSE(Checkpointer::start(path_, milliseconds(0)).ok());
   EXPECT_FALSE(Checkpointer::start(path_, milliseconds(10), 0).ok());
   EXPECT_FALSE(Checkpointer::start(dir_ + "/absent.db", milliseconds(10)).ok());
+}
+
+// RESTART waits for readers of the old WAL while it holds the write lock. A reader that keeps its
+// snapshot open (an audit export, say) must not stall the writers for their whole busy timeout:
+// the Checkpointer gives up after kRestartWaitMs and tries again at its next run.
+TEST_F(SqliteBusyTest, LongReaderDoesNotStallWritersThroughTheCheckpointer) {
+  Db writer = open(5000);
+  ASSERT_TRUE(writer.exec("CREATE TABLE blobs (b BLOB NOT NULL)").ok());
+  ASSERT_TRUE(disable_autocheckpoint(writer).ok());
+  const Bytes page(3000, 0x33);
+  auto commit_rows = [&](int rows) {
+    auto tx = Transaction::begin(writer);
+    ASSERT_TRUE(tx.ok()) << tx.error().message();
+    auto ins = writer.prepare("INSERT INTO blobs (b) VALUES (?1)");
+    ASSERT_TRUE(ins.ok());
+    for (int r = 0; r < rows; ++r) {
+      ASSERT_TRUE(ins->bind(1, ByteView(page)).run().ok());
+      ins->reset();
+    }
+    ASSERT_TRUE(tx->commit().ok());
+  };
+  commit_rows(100);
+
+  Db reader = open(5000);
+  ASSERT_TRUE(reader.exec("BEGIN").ok());
+  {
+    auto st = reader.prepare("SELECT COUNT(*) FROM blobs");
+    ASSERT_TRUE(st.ok());
+    ASSERT_EQ(st->step().value(), Step::row);  // the read transaction now holds a snapshot
+    EXPECT_EQ(st->int64(0), 100);
+  }
+  auto cp = Checkpointer::start(path_, milliseconds(10), 32);
+  ASSERT_TRUE(cp.ok()) << cp.error().message();
+  Clock::duration worst{};
+  const auto until = Clock::now() + milliseconds(800);
+  while (Clock::now() < until) {
+    const auto t0 = Clock::now();
+    commit_rows(5);
+    worst = std::max(worst, Clock::now() - t0);
+    std::this_thread::sleep_for(milliseconds(2));
+  }
+  EXPECT_GT((*cp)->runs(), 5u);
+  EXPECT_LT(worst, milliseconds(1000)) << "a commit waited for the reader through RESTART";
+  ASSERT_TRUE(reader.exec("COMMIT").ok());
 }
 
 }  // namespace
