@@ -117,8 +117,7 @@ Status GroupCommitter::enable_audit(HsmContext& hsm, std::chrono::milliseconds a
 }
 
 Status GroupCommitter::checkpoint_off_the_commit_path(const std::string& db_path) {
-  GS_TRY(db::disable_autocheckpoint(store_.db()));
-  GS_ASSIGN(checkpointer_, db::Checkpointer::start(db_path, std::chrono::milliseconds(500)));
+  GS_ASSIGN(checkpointer_, db::Checkpointer::take_over(store_.db(), db_path));
   return {};
 }
 

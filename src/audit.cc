@@ -865,8 +865,7 @@ Result<std::unique_ptr<Writer>> Writer::open(const std::string& db_path, HsmCont
   // Checkpoints off the commit path: SQLite runs one in the COMMIT that crosses the
   // wal_autocheckpoint threshold, with an fsync of the database file, while the write lock and
   // every response waiting for that commit wait too.
-  GS_TRY(db::disable_autocheckpoint(w->db_));
-  GS_ASSIGN(w->checkpointer_, db::Checkpointer::start(db_path, std::chrono::milliseconds(500)));
+  GS_ASSIGN(w->checkpointer_, db::Checkpointer::take_over(w->db_, db_path));
   w->thread_ = std::thread([raw = w.get()] { raw->run(); });
   return w;
 }

@@ -274,6 +274,11 @@ Result<std::unique_ptr<Checkpointer>> Checkpointer::start(const std::string& pat
   return std::unique_ptr<Checkpointer>(new Checkpointer(std::move(st)));
 }
 
+Result<std::unique_ptr<Checkpointer>> Checkpointer::take_over(Db& writer, const std::string& path) {
+  GS_TRY(disable_autocheckpoint(writer));
+  return start(path, kInterval);
+}
+
 Checkpointer::Checkpointer(std::unique_ptr<State> s) : state_(std::move(s)) {}
 
 Checkpointer::~Checkpointer() {

@@ -97,7 +97,7 @@ class Stmt {
 // that commits with wal_autocheckpoint on runs a checkpoint inside the COMMIT that crosses the
 // threshold, copying up to a thousand pages into the database file and fsyncing it while every
 // response waiting for that commit waits too; a latency-bound writer turns it off
-// (disable_autocheckpoint) and lets one of these do the copying:
+// (disable_autocheckpoint; take_over does both) and lets one of these do the copying:
 // - every `interval` (and once more when stopped), PRAGMA wal_checkpoint(PASSIVE): copies what is
 //   committed without blocking anyone;
 // - when the WAL then holds `restart_frames` frames or more, PRAGMA wal_checkpoint(RESTART).
@@ -110,9 +110,12 @@ class Stmt {
 class Checkpointer {
  public:
   static constexpr std::int64_t kRestartWaitMs = 50;
+  static constexpr std::chrono::milliseconds kInterval{500};
   static Result<std::unique_ptr<Checkpointer>> start(const std::string& path,
                                                       std::chrono::milliseconds interval,
                                                       std::int64_t restart_frames = 8192);
+  // For a latency-bound writer on `path`: turns its autocheckpoint off, then start(path, kInterval).
+  static Result<std::unique_ptr<Checkpointer>> take_over(Db& writer, const std::string& path);
   ~Checkpointer();  // stops and joins
   Checkpointer(const Checkpointer&) = delete;
   Checkpointer& operator=(const Checkpointer&) = delete;

@@ -64,6 +64,28 @@ class SqliteBusyTest : public ::testing::Test {
     });
   }
 
+  // A writer on table `blobs` that never checkpoints by itself.
+  Db blob_writer() {
+    Db db = open(5000);
+    EXPECT_TRUE(db.exec("CREATE TABLE blobs (b BLOB NOT NULL)").ok());
+    EXPECT_TRUE(disable_autocheckpoint(db).ok());
+    return db;
+  }
+
+  // One transaction of `rows` rows of 3,000 bytes (about a page each).
+  static void commit_blobs(Db& db, int rows) {
+    const Bytes page(3000, 0x5A);
+    auto tx = Transaction::begin(db);
+    ASSERT_TRUE(tx.ok()) << tx.error().message();
+    auto ins = db.prepare("INSERT INTO blobs (b) VALUES (?1)");
+    ASSERT_TRUE(ins.ok());
+    for (int r = 0; r < rows; ++r) {
+      ASSERT_TRUE(ins->bind(1, ByteView(page)).run().ok());
+      ins->reset();
+    }
+    ASSERT_TRUE(tx->commit().ok());
+  }
+
   std::string dir_;
   std::string path_;
 };
@@ -139,24 +161,13 @@ TEST_F(SqliteBusyTest, MovedConnectionStillWaits) {
 // stays bounded though the writer never pauses at a moment when the WAL is fully copied.
 TEST_F(SqliteBusyTest, CheckpointerKeepsTheWalOfAWriterWithoutAutocheckpointBounded) {
   const std::string wal = path_ + "-wal";
-  const Bytes page(3000, 0x5A);  // a row per page or so
-  auto write = [&](Db& db, int commits) {
+  auto write = [](Db& db, int commits) {
     for (int c = 0; c < commits; ++c) {
-      auto tx = Transaction::begin(db);
-      ASSERT_TRUE(tx.ok()) << tx.error().message();
-      auto ins = db.prepare("INSERT INTO blobs (b) VALUES (?1)");
-      ASSERT_TRUE(ins.ok());
-      for (int r = 0; r < 20; ++r) {
-        ASSERT_TRUE(ins->bind(1, ByteView(page)).run().ok());
-        ins->reset();
-      }
-      ASSERT_TRUE(tx->commit().ok());
+      commit_blobs(db, 20);
       std::this_thread::sleep_for(milliseconds(3));
     }
   };
-  Db db = open(5000);
-  ASSERT_TRUE(db.exec("CREATE TABLE blobs (b BLOB NOT NULL)").ok());
-  ASSERT_TRUE(disable_autocheckpoint(db).ok());
+  Db db = blob_writer();
 
   // Control: nobody checkpoints, so 300 commits of 20 pages leave over 5,000 frames in the WAL.
   // (Enough that a checkpointer thread starved for a second on a loaded machine still passes.)
@@ -184,22 +195,8 @@ TEST_F(SqliteBusyTest, CheckpointerKeepsTheWalOfAWriterWithoutAutocheckpointBoun
 // snapshot open (an audit export, say) must not stall the writers for their whole busy timeout:
 // the Checkpointer gives up after kRestartWaitMs and tries again at its next run.
 TEST_F(SqliteBusyTest, LongReaderDoesNotStallWritersThroughTheCheckpointer) {
-  Db writer = open(5000);
-  ASSERT_TRUE(writer.exec("CREATE TABLE blobs (b BLOB NOT NULL)").ok());
-  ASSERT_TRUE(disable_autocheckpoint(writer).ok());
-  const Bytes page(3000, 0x33);
-  auto commit_rows = [&](int rows) {
-    auto tx = Transaction::begin(writer);
-    ASSERT_TRUE(tx.ok()) << tx.error().message();
-    auto ins = writer.prepare("INSERT INTO blobs (b) VALUES (?1)");
-    ASSERT_TRUE(ins.ok());
-    for (int r = 0; r < rows; ++r) {
-      ASSERT_TRUE(ins->bind(1, ByteView(page)).run().ok());
-      ins->reset();
-    }
-    ASSERT_TRUE(tx->commit().ok());
-  };
-  commit_rows(100);
+  Db writer = blob_writer();
+  commit_blobs(writer, 100);
 
   Db reader = open(5000);
   ASSERT_TRUE(reader.exec("BEGIN").ok());
@@ -215,7 +212,7 @@ TEST_F(SqliteBusyTest, LongReaderDoesNotStallWritersThroughTheCheckpointer) {
   const auto until = Clock::now() + milliseconds(800);
   while (Clock::now() < until) {
     const auto t0 = Clock::now();
-    commit_rows(5);
+    commit_blobs(writer, 5);
     worst = std::max(worst, Clock::now() - t0);
     std::this_thread::sleep_for(milliseconds(2));
   }
