@@ -238,6 +238,10 @@ bool Supervisor::spawn(Worker& w) {
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
+  std::vector<std::string> env = worker_environment(::environ, opt_.worker_env_defaults);
+  std::vector<char*> envp;
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
   std::vector<int> keep = opt_.inherit_fds;
   keep.push_back(sv[1]);
   const pid_t parent = ::getpid();
@@ -262,7 +266,7 @@ bool Supervisor::spawn(Worker& w) {
     for (int fd : keep) ::fcntl(fd, F_SETFD, 0);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::signal(SIGPIPE, SIG_DFL);
-    ::execv(opt_.exe.c_str(), argv.data());
+    ::execve(opt_.exe.c_str(), argv.data(), envp.data());
     ::_exit(127);
   }
   ::close(sv[1]);
@@ -678,6 +682,21 @@ std::uint16_t reserve_port(const std::string& address, int& fd_out) {
 }
 
 // ---- exposition merging ------------------------------------------------------------------------
+
+std::vector<std::string> worker_environment(
+    const char* const* base,
+    const std::vector<std::pair<std::string, std::string>>& defaults) {
+  std::vector<std::string> env;
+  for (const char* const* e = base; e != nullptr && *e != nullptr; ++e) env.emplace_back(*e);
+  for (const auto& [name, value] : defaults) {
+    const std::string prefix = name + "=";
+    const bool present = std::any_of(env.begin(), env.end(), [&](const std::string& e) {
+      return e.compare(0, prefix.size(), prefix) == 0;
+    });
+    if (!present) env.push_back(prefix + value);
+  }
+  return env;
+}
 
 std::string merge_expositions(const std::vector<std::pair<std::string, std::string>>& parts,
                               const std::string& label) {

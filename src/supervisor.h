@@ -31,6 +31,9 @@ struct Options {
   // `--worker <index> --control-fd <fd>`.
   std::vector<std::string> worker_args;
   std::vector<int> inherit_fds;  // stay open (same numbers) in every worker
+  // Environment variables every worker gets unless the supervisor's own environment already
+  // has the name (what the operator set wins): name, value.
+  std::vector<std::pair<std::string, std::string>> worker_env_defaults;
   std::chrono::milliseconds drain{10000};  // SIGTERM: workers get this long, plus 5 s, then KILL
   std::chrono::milliseconds ready_timeout{120000};  // a starting worker must report ready
   std::chrono::milliseconds health_interval{2000};  // health query to every ready worker
@@ -81,6 +84,12 @@ std::uint16_t reserve_port(const std::string& address, int& fd_out);
 // Prometheus text expositions merged into one: families once (HELP/TYPE from the first part that
 // has them, sorted by name), every sample of part i with label `label`="<parts[i].first>" added
 // (no label added when parts[i].first is empty).
+// A worker's environment: `base` (a null-terminated array of "NAME=value", e.g. ::environ)
+// plus each of `defaults` whose name it does not have, in that order.
+std::vector<std::string> worker_environment(
+    const char* const* base,
+    const std::vector<std::pair<std::string, std::string>>& defaults);
+
 std::string merge_expositions(const std::vector<std::pair<std::string, std::string>>& parts,
                               const std::string& label);
 

@@ -6,7 +6,9 @@
 
 #include <sys/un.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <mutex>
@@ -14,6 +16,7 @@
 #include <sstream>
 #include <thread>
 
+#include "src/daemon_main.h"
 #include "src/supervisor.h"
 #include "tests/unit/sesd_fixture.h"
 
@@ -31,6 +34,15 @@ std::vector<pid_t> children(pid_t pid) {
   std::vector<pid_t> out;
   pid_t c = 0;
   while (f >> c) out.push_back(c);
+  return out;
+}
+
+// The environment a process started with ("NAME=value" each).
+std::vector<std::string> environment_of(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/environ", std::ios::binary);
+  std::vector<std::string> out;
+  std::string e;
+  while (std::getline(f, e, '\0')) out.push_back(e);
   return out;
 }
 
@@ -64,6 +76,14 @@ TEST(SesdSupervisor, WorkersShareThePortAndMetricsAreMerged) {
   ASSERT_TRUE(d.setup().ok());
   ASSERT_TRUE(d.start().ok()) << d.err_log();
   EXPECT_TRUE(wait_for([&] { return children(d.pid()).size() == 2; }));
+  // Each worker got the allocator tunables (or the value this test process was given).
+  const char* inherited = std::getenv("GLIBC_TUNABLES");
+  const std::string want = std::string("GLIBC_TUNABLES=") +
+                           (inherited != nullptr ? inherited : gs::daemon::kWorkerGlibcTunables);
+  for (pid_t c : children(d.pid())) {
+    const std::vector<std::string> env = environment_of(c);
+    EXPECT_EQ(std::count(env.begin(), env.end(), want), 1) << "worker pid " << c;
+  }
   // Enough connections that both workers get some (the kernel spreads them by hash).
   for (int i = 0; i < 16; ++i) {
     auto c = d.connect();
@@ -270,6 +290,18 @@ TEST(SystemdUnit, SesdUnitVerifies) {
   std::filesystem::remove_all(tmpl);
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_EQ(r.out.find("gridseal-sesd.service:"), std::string::npos) << r.out;
+}
+
+TEST(WorkerEnvironment, AddsEachDefaultTheSupervisorDoesNotHave) {
+  const char* base[] = {"PATH=/usr/bin", "GLIBC_TUNABLES_NOTE=x", "LANG=C", nullptr};
+  const auto env = gs::supervisor::worker_environment(
+      base, {{"GLIBC_TUNABLES", "glibc.malloc.tcache_count=1000"}, {"LANG", "de_DE.UTF-8"}});
+  // LANG was set: kept as it was, not added twice; a longer name with the same prefix does not
+  // count as GLIBC_TUNABLES.
+  EXPECT_EQ(env, (std::vector<std::string>{"PATH=/usr/bin", "GLIBC_TUNABLES_NOTE=x", "LANG=C",
+                                           "GLIBC_TUNABLES=glibc.malloc.tcache_count=1000"}));
+  EXPECT_EQ(gs::supervisor::worker_environment(nullptr, {{"A", "1"}}),
+            (std::vector<std::string>{"A=1"}));
 }
 
 TEST(MergeExpositions, AddsTheWorkerLabelAndKeepsOneHeaderPerFamily) {
