@@ -681,8 +681,6 @@ std::uint16_t reserve_port(const std::string& address, int& fd_out) {
                                   : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
 }
 
-// ---- exposition merging ------------------------------------------------------------------------
-
 std::vector<std::string> worker_environment(
     const char* const* base,
     const std::vector<std::pair<std::string, std::string>>& defaults) {
@@ -697,6 +695,8 @@ std::vector<std::string> worker_environment(
   }
   return env;
 }
+
+// ---- exposition merging ------------------------------------------------------------------------
 
 std::string merge_expositions(const std::vector<std::pair<std::string, std::string>>& parts,
                               const std::string& label) {

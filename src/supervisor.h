@@ -81,15 +81,15 @@ class WorkerLink {
 // runs. Returns the port and sets fd_out, or 0 on failure.
 std::uint16_t reserve_port(const std::string& address, int& fd_out);
 
-// Prometheus text expositions merged into one: families once (HELP/TYPE from the first part that
-// has them, sorted by name), every sample of part i with label `label`="<parts[i].first>" added
-// (no label added when parts[i].first is empty).
 // A worker's environment: `base` (a null-terminated array of "NAME=value", e.g. ::environ)
 // plus each of `defaults` whose name it does not have, in that order.
 std::vector<std::string> worker_environment(
     const char* const* base,
     const std::vector<std::pair<std::string, std::string>>& defaults);
 
+// Prometheus text expositions merged into one: families once (HELP/TYPE from the first part that
+// has them, sorted by name), every sample of part i with label `label`="<parts[i].first>" added
+// (no label added when parts[i].first is empty).
 std::string merge_expositions(const std::vector<std::pair<std::string, std::string>>& parts,
                               const std::string& label);
 
