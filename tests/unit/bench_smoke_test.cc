@@ -7,6 +7,7 @@
 #include <fstream>
 #include <string>
 
+#include "src/sqlite.h"
 #include "tests/unit/dkusd_fixture.h"
 #include "tests/unit/sesd_fixture.h"
 
@@ -46,6 +47,48 @@ TEST(BenchSmoke, SesAgainstTheRealDaemon) {
   EXPECT_GT(json_number(json, "secured_per_s"), 0) << json;
   EXPECT_GT(json_number(json, "p99"), 0) << json;
   EXPECT_EQ(d.stop(), 0) << d.err_log();
+}
+
+// --sweep K: every meter exactly K times, then the run ends by itself. The SES's audit trail
+// (one "command" record per secured command, subject the meter id) is the independent count.
+TEST(BenchSmoke, SesSweepSendsEveryMeterExactlyKTimes) {
+  gs::test::SesdOptions o;
+  o.meters = 30;
+  gs::test::SesdDaemon d(o);
+  auto st = d.setup();
+  ASSERT_TRUE(st.ok()) << st.error().message();
+  st = d.start();
+  ASSERT_TRUE(st.ok()) << st.error().message();
+  const std::string cmd = std::string(GS_BIN_DIR) + "/gridseal-bench ses --host 127.0.0.1 --port " +
+                          std::to_string(d.port()) +
+                          " --plain --connections 4 --depth 4 --sweep 3 --duration 120 --warmup 0"
+                          " --meters 30 --title-prefix .7 --json --quiet";
+  const auto r = gs::test::run_command(cmd);
+  EXPECT_EQ(r.code, 0) << r.out << d.err_log();
+  const auto open = r.out.find('{');
+  ASSERT_NE(open, std::string::npos) << r.out;
+  const std::string json = r.out.substr(open);
+  EXPECT_EQ(json_number(json, "count"), 90) << json;
+  EXPECT_EQ(json_number(json, "sweep"), 3) << json;
+  EXPECT_EQ(json_number(json, "errors_total"), 0) << json;
+  EXPECT_LT(json_number(json, "duration_s"), 60) << json;  // ended when done, not at --duration
+  EXPECT_EQ(d.stop(), 0) << d.err_log();
+  auto db = gs::db::Db::open(d.dir() + "/gridseal.db");
+  ASSERT_TRUE(db.ok()) << db.error().message();
+  auto q = db->prepare(
+      "SELECT COUNT(*), MIN(n), MAX(n) FROM (SELECT subject, COUNT(*) AS n FROM audit "
+      "WHERE event = 'command' GROUP BY subject)");
+  ASSERT_TRUE(q.ok()) << q.error().message();
+  ASSERT_EQ(q->step().value(), gs::db::Step::row);
+  EXPECT_EQ(q->int64(0), 30);  // every meter
+  EXPECT_EQ(q->int64(1), 3);   // each exactly three times
+  EXPECT_EQ(q->int64(2), 3);
+  // Bad combinations are usage errors.
+  const std::string base = std::string(GS_BIN_DIR) +
+                           "/gridseal-bench ses --host 127.0.0.1 --port 1 --plain --meters 30"
+                           " --connections 4 ";
+  EXPECT_EQ(gs::test::run_command(base + "--sweep 5").code, 2);
+  EXPECT_EQ(gs::test::run_command(base + "--sweep 2 --rate 100").code, 2);
 }
 
 // Readings sealed by the bench under the fleet's plain keys, opened by the real DKUS: every

@@ -58,15 +58,26 @@ Bytes read_epsem(std::size_t target) {
 }
 
 // Builds read requests for random meters of the fleet; stateless, so any thread may call it.
+// A sweep (copies > 0) instead sends every meter exactly `copies` times, each copy on another
+// of `connections` connections (copies <= connections), then nothing more.
 class ReadRequests {
  public:
   ReadRequests(c1222::OwnedApTitle prefix, std::uint64_t meters, std::size_t epsem_bytes,
-               c1222::OwnedApTitle calling)
+               c1222::OwnedApTitle calling, std::uint64_t copies = 0, std::uint64_t connections = 1)
       : prefix_(std::move(prefix)), meters_(meters), epsem_(read_epsem(epsem_bytes)),
-        calling_(std::move(calling)) {}
+        calling_(std::move(calling)), copies_(copies), connections_(connections) {}
 
   Bytes make(std::size_t conn, std::uint64_t seq) const {
-    const std::uint64_t meter = 1 + mix64((static_cast<std::uint64_t>(conn) << 40) ^ seq) % meters_;
+    std::uint64_t meter = 0;
+    if (copies_ > 0) {
+      // Slot j = seq * C + conn, round robin over the connections; slots m*K .. m*K+K-1 are meter
+      // m's copies, on K consecutive (so distinct) connections.
+      const std::uint64_t slot = seq * connections_ + conn;
+      if (slot >= meters_ * copies_) return {};  // this connection's share is sent
+      meter = 1 + slot / copies_;
+    } else {
+      meter = 1 + mix64((static_cast<std::uint64_t>(conn) << 40) ^ seq) % meters_;
+    }
     Bytes title = prefix_.oid;
     append_arc(title, meter);
     c1222::Message m;
@@ -95,6 +106,8 @@ class ReadRequests {
   std::uint64_t meters_;
   Bytes epsem_;
   c1222::OwnedApTitle calling_;
+  std::uint64_t copies_;
+  std::uint64_t connections_;
 };
 
 // Secured (mode 1/2) = ok; a mode-0 single-byte service = that error code; else malformed.
@@ -116,13 +129,17 @@ void usage_ses() {
       "usage: gridseal-bench ses --host ADDR --port P (--plain | --ca F --cert F --key F)\n"
       "         [--connections C] [--depth D] [--duration S] [--warmup S] [--rate R/s]\n"
       "         --meters N [--title-prefix .7] [--epsem-bytes 200] [--calling .1.9]\n"
-      "         [--threads T] [--json] [--quiet]\n"
+      "         [--threads T] [--sweep K] [--json] [--quiet]\n"
       "         [--hsm-config ses.toml [--hsm-threads 2] [--hsm-processes 1] [--hsm-seconds 3]\n"
       "          [--hsm-resident-keys K] [--hsm-only]]\n"
       "  Each of C connections keeps D read commands in flight (closed loop), or the total offered\n"
       "  load is paced at R requests/s (open loop: the warm-up runs closed loop to fill the SES's\n"
       "  caches, its last second adding nothing so that its backlog is answered; latency counts\n"
       "  from each command's intended send time in the measured part).\n"
+      "  --sweep K: instead, every meter exactly K times (1..C), each copy on another connection,\n"
+      "  and the run ends when all are answered (or at --duration): warms the SES's key and\n"
+      "  meter caches for a measured run; connections land on workers by the kernel's hash, so\n"
+      "  K of them reach every worker for nearly every meter.\n"
       "  Meters PREFIX.1..PREFIX.N must be imported in the daemon's store. Prints a progress line\n"
       "  each second on stderr (not with --quiet) and a table, or one JSON object with --json.\n"
       "  --threads: event-loop threads of the generator (default 1). --hsm-config also\n"
@@ -138,7 +155,7 @@ int run_ses(int argc, char** argv) {
   for (const char* v : {"host", "port", "ca", "cert", "key", "connections", "depth", "duration",
                         "warmup", "rate", "meters", "title-prefix", "epsem-bytes", "threads",
                         "hsm-config", "hsm-threads", "hsm-processes", "hsm-seconds", "hsm-resident-keys",
-                        "calling"}) {
+                        "calling", "sweep"}) {
     a.value(v);
   }
   a.flag("plain").flag("json").flag("quiet").flag("hsm-only");
@@ -159,14 +176,18 @@ int run_ses(int argc, char** argv) {
   auto hsm_procs = a.u64("hsm-processes", 1, 1, 64);
   auto hsm_secs = a.num("hsm-seconds", 3, 0.1, 3600);
   auto hsm_resident = a.u64("hsm-resident-keys", 0, 0, 1'000'000);
+  auto sweep = a.u64("sweep", 0, 1, 4096);
   std::string bad;
   auto check = [&bad](const auto& r) {
     if (!r.ok() && bad.empty()) bad = r.error().message();
   };
   check(port), check(conns), check(depth), check(duration), check(rate), check(meters);
   check(epsem), check(threads), check(hsm_threads), check(hsm_procs), check(hsm_secs);
-  check(hsm_resident);
+  check(hsm_resident), check(sweep);
   if (!bad.empty()) return usage_error(bad, usage_ses);
+  if (a.has("sweep") && (*sweep > *conns || a.has("rate"))) {
+    return usage_error("--sweep K needs K <= --connections and no --rate", usage_ses);
+  }
   if (!a.has("meters") && !a.has("hsm-only")) {
     return usage_error("--meters N is required", usage_ses);
   }
@@ -189,7 +210,8 @@ int run_ses(int argc, char** argv) {
   if (!prefix.ok()) return usage_error("--title-prefix: " + prefix.error().message(), usage_ses);
   auto calling = c1222::OwnedApTitle::parse(a.str("calling", ".1.9"));
   if (!calling.ok()) return usage_error("--calling: " + calling.error().message(), usage_ses);
-  const ReadRequests requests(*prefix, *meters, *epsem, *calling);
+  const ReadRequests requests(*prefix, *meters, *epsem, *calling, *sweep, o.connections);
+  o.until_done = *sweep > 0;
   o.make_request = [&requests](std::size_t c, std::uint64_t s) { return requests.make(c, s); };
   o.judge = judge_secured;
 
@@ -255,7 +277,7 @@ int run_ses(int argc, char** argv) {
     }
   }
   const double ratio = raw && raw->per_s > 0 ? r.ok_per_s() / raw->per_s : 0;
-  const std::string mode = o.rate > 0 ? "open loop" : "closed loop";
+  const std::string mode = o.rate > 0 ? "open loop" : *sweep > 0 ? "sweep" : "closed loop";
 
   if (a.has("json")) {
     std::string errs;
@@ -264,14 +286,15 @@ int run_ses(int argc, char** argv) {
     }
     std::printf(
         "{\"scenario\":\"ses\",\"target\":\"%s:%u\",\"tls\":%s,\"connections\":%zu,\"depth\":%zu,"
-        "\"mode\":\"%s\",\"rate_offered\":%.1f,\"duration_s\":%.3f,\"warmup_s\":%.3f,"
+        "\"mode\":\"%s\",\"sweep\":%llu,\"rate_offered\":%.1f,\"duration_s\":%.3f,\"warmup_s\":%.3f,"
         "\"meters\":%llu,\"epsem_bytes\":%zu,\"count\":%llu,\"secured_per_s\":%.1f,"
         "\"answered\":%llu,\"errors_total\":%llu,\"errors\":{%s},\"sent\":%llu,"
         "\"unanswered\":%llu,\"late\":%llu,\"connect_failures\":%llu,\"connection_errors\":%llu,"
         "\"connect_s\":%.3f,\"latency_ms\":{\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,"
         "\"p999\":%.3f,\"max\":%.3f},\"generator_cpu_s\":%.2f,\"generator_cpu_percent\":%.1f",
         json_escape(o.target.host).c_str(), static_cast<unsigned>(o.target.port),
-        o.target.plain ? "false" : "true", o.connections, o.depth, mode.c_str(), o.rate,
+        o.target.plain ? "false" : "true", o.connections, o.depth, mode.c_str(),
+        static_cast<unsigned long long>(*sweep), o.rate,
         r.measured_s, o.warmup_s, static_cast<unsigned long long>(*meters),
         requests.epsem_size(), static_cast<unsigned long long>(r.ok), r.ok_per_s(),
         static_cast<unsigned long long>(r.answered),
