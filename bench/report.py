@@ -20,14 +20,16 @@ import sys
 
 # The README table's rows, in its order. Other ids (warm passes) are set-up, reported apart.
 ORDER = [
-    "ses-raw", "ses-closed", "ses-cached", "ses-open-2000", "ses-open-1500", "ses-audit-on",
+    "ses-raw", "ses-closed", "ses-cached", "ses-open-2000", "ses-open-1500", "ses-tuned-closed",
+    "ses-tuned-open-80", "ses-audit-on",
     "ses-audit-off", "read", "rollover",
     "codec", "dkus-raw", "dkus-16x16", "dkus-16x64", "dkus-tls", "dkus-open-2000",
     "dkus-defaults",
 ]
 # Where a row's raw limit comes from when the row does not measure it itself.
 RAW_FROM = {"ses": "ses-raw"}
-PEAK_FROM = {"ses-open": "ses-closed", "dkus-open": "dkus-16x16"}
+PEAK_FROM = {"ses-open": "ses-closed", "ses-tuned-open": "ses-tuned-closed",
+             "dkus-open": "dkus-16x16"}
 
 
 def load(path):
@@ -79,7 +81,10 @@ def figure(kind, d):
         return "%s /s" % rate(d["raw_hsm"]["per_s"])
     if kind == "ses":
         return "%s secured commands/s, %s%s" % (rate(d["secured_per_s"]), lat(d), errs(d))
-    if kind == "ses-open":
+    if kind == "ses-warm":
+        return "%s secured commands/s, %s commands%s" % (rate(d["secured_per_s"]),
+                                                        rate(d["count"]), errs(d))
+    if kind in ("ses-open", "ses-tuned-open"):
         return "%s (offered %s /s, secured %s /s)%s" % (lat(d), rate(d["rate_offered"]),
                                                        rate(d["secured_per_s"]), errs(d))
     if kind in ("dkus", "warm"):

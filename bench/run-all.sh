@@ -56,6 +56,7 @@ SES_SMALL=$(q 3000 1000)         # "every meter key cached"
 SES_DUR=$(q 15 2)
 SES_WARM=$(q 3 1)
 SES_WARM_SMALL=$(q 5 1)
+SES_SWEEP=6                      # copies of each meter in the tuned SES's warm sweep
 HSM_S=$(q 5 1)                   # --hsm-seconds
 CHAIN_METERS=$(q 10000 500)      # simulated meters served by the relay, read and rekeyed
 CHAIN_DUR=$(q 10 2)
@@ -180,10 +181,11 @@ chmod 700 "$DIR"
 rm -f "$OUT/results.md" "$OUT/results.json"
 
 COMMON="$(hsm_store_config gridseal-bench)"
-write_configs() {
-  cat >"$DIR/ses.toml" <<EOF
+# ses_config [HSM_LINES]: gridseal-sesd for the benchmarks, as in make demo, plus HSM_LINES.
+ses_config() {
+  cat <<EOF
 # gridseal-sesd for the benchmarks (every key: conf/ses.toml), as in make demo.
-$COMMON
+$(hsm_store_config gridseal-bench "${1:-}")
 [server]
 address = "127.0.0.1"
 port = 0
@@ -199,6 +201,11 @@ policy = "policy.toml"
 command_key = 1
 metrics_port = 0
 EOF
+}
+write_configs() {
+  ses_config >"$DIR/ses.toml"
+  # Every key of the SES fleet cached in each handler's session (README "Performance").
+  ses_config "key_cache = $SES_BIG" >"$DIR/ses-tuned.toml"
   # The policy of make demo, without its quorum rule (tools/demo/lib.sh).
   base_policy bench-head-end >"$DIR/policy.toml"
 }
@@ -274,6 +281,29 @@ SES_PORT=$STARTED_PORT
 ses_load "$SES_SMALL" 32 16
 row ses-audit-off ses "SES audit off, same load (ses-noaudit.toml)" gridseal-bench \
   "${SES[@]}" --warmup "$SES_WARM_SMALL"
+stop_one "$STARTED_PID"
+
+# The SES with a fleet-sized key cache (`key_cache = SES_BIG`, ses-tuned.toml), warmed by one
+# sweep that sends every meter SES_SWEEP times, each copy on another connection (so nearly every
+# meter reaches both workers); then the closed-loop row, and the open loop at 80 % of its peak.
+step "start gridseal-sesd, tuned" "2 workers, TLS 1.3, key_cache = $SES_BIG" \
+  start_daemon gridseal-sesd "$DIR/sesd-tuned.out" "$BIN/gridseal-sesd" \
+  --config "$DIR/ses-tuned.toml" || finish
+SES_PORT=$STARTED_PORT
+ses_load "$SES_BIG" 32 16
+if row warm-ses-sweep ses-warm "sweep: every one of $SES_BIG meters $SES_SWEEP times (tuned SES)" \
+  gridseal-bench ses --host 127.0.0.1 --port "$SES_PORT" "${TLS[@]}" --meters "$SES_BIG" \
+  --title-prefix .7 --connections 32 --depth 16 --sweep "$SES_SWEEP" --warmup 0 --duration 1800; then
+  row ses-tuned-closed ses "SES, $SES_BIG meters, key_cache = $SES_BIG (ses-tuned.toml), 32 x 16" \
+    gridseal-bench "${SES[@]}" --warmup "$SES_WARM"
+  PEAK80=$(python3 -c 'import json,sys; print(max(100, int(0.8 * json.load(open(sys.argv[1]))["secured_per_s"])))' \
+    "$ROWS/ses-tuned-closed.json" 2>/dev/null || echo 0)
+  if [ "$PEAK80" -gt 0 ]; then
+    ses_load "$SES_BIG" 64 32
+    row ses-tuned-open-80 ses-tuned-open "SES open loop, tuned, 80 % of the row above ($PEAK80 /s)" \
+      gridseal-bench "${SES[@]}" --warmup "$SES_WARM" --rate "$PEAK80"
+  fi
+fi
 stop_one "$STARTED_PID"
 step "restart gridseal-sesd (audit on)" "2 workers, TLS 1.3" \
   start_daemon gridseal-sesd "$DIR/sesd-2.out" "$BIN/gridseal-sesd" --config "$DIR/ses.toml" || finish
