@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <memory>
 #include <string>
 
 #include "src/sqlite.h"
@@ -24,56 +25,58 @@ double json_number(const std::string& json, const std::string& key) {
   }
 }
 
-TEST(BenchSmoke, SesAgainstTheRealDaemon) {
-  gs::test::SesdOptions o;
-  o.meters = 50;
-  gs::test::SesdDaemon d(o);
-  auto st = d.setup();
-  ASSERT_TRUE(st.ok()) << st.error().message();
-  st = d.start();
-  ASSERT_TRUE(st.ok()) << st.error().message();
+// Runs `gridseal-bench ses --plain ARGS --json --quiet` against `d` (meters .7.*); its exit must
+// be 0. The JSON object it printed, or "" (a test failure) when there is none.
+std::string ses_bench_json(const gs::test::SesdDaemon& d, const std::string& args) {
   const std::string cmd = std::string(GS_BIN_DIR) + "/gridseal-bench ses --host 127.0.0.1 --port " +
-                          std::to_string(d.port()) +
-                          " --plain --connections 4 --depth 4 --duration 1.5 --warmup 0.5"
-                          " --meters 50 --title-prefix .7 --json --quiet";
+                          std::to_string(d.port()) + " --plain --title-prefix .7 " + args +
+                          " --json --quiet";
   const auto r = gs::test::run_command(cmd);
   EXPECT_EQ(r.code, 0) << r.out << d.err_log();
   const auto open = r.out.find('{');
-  ASSERT_NE(open, std::string::npos) << r.out;
-  const std::string json = r.out.substr(open);
+  EXPECT_NE(open, std::string::npos) << r.out;
+  return open == std::string::npos ? std::string() : r.out.substr(open);
+}
+
+// A real SES with `meters` meters, started (the test fails when it cannot start).
+std::unique_ptr<gs::test::SesdDaemon> started_sesd(std::size_t meters) {
+  gs::test::SesdOptions o;
+  o.meters = meters;
+  auto d = std::make_unique<gs::test::SesdDaemon>(o);
+  auto st = d->setup();
+  if (st.ok()) st = d->start();
+  EXPECT_TRUE(st.ok()) << st.error().message();
+  return st.ok() ? std::move(d) : nullptr;
+}
+
+TEST(BenchSmoke, SesAgainstTheRealDaemon) {
+  auto d = started_sesd(50);
+  ASSERT_NE(d, nullptr);
+  const std::string json =
+      ses_bench_json(*d, "--connections 4 --depth 4 --duration 1.5 --warmup 0.5 --meters 50");
+  ASSERT_FALSE(json.empty());
   EXPECT_GT(json_number(json, "count"), 0) << json;
   EXPECT_EQ(json_number(json, "errors_total"), 0) << json;
   EXPECT_EQ(json_number(json, "unanswered"), 0) << json;
   EXPECT_GT(json_number(json, "secured_per_s"), 0) << json;
   EXPECT_GT(json_number(json, "p99"), 0) << json;
-  EXPECT_EQ(d.stop(), 0) << d.err_log();
+  EXPECT_EQ(d->stop(), 0) << d->err_log();
 }
 
 // --sweep K: every meter exactly K times, then the run ends by itself. The SES's audit trail
 // (one "command" record per secured command, subject the meter id) is the independent count.
 TEST(BenchSmoke, SesSweepSendsEveryMeterExactlyKTimes) {
-  gs::test::SesdOptions o;
-  o.meters = 30;
-  gs::test::SesdDaemon d(o);
-  auto st = d.setup();
-  ASSERT_TRUE(st.ok()) << st.error().message();
-  st = d.start();
-  ASSERT_TRUE(st.ok()) << st.error().message();
-  const std::string cmd = std::string(GS_BIN_DIR) + "/gridseal-bench ses --host 127.0.0.1 --port " +
-                          std::to_string(d.port()) +
-                          " --plain --connections 4 --depth 4 --sweep 3 --duration 120 --warmup 0"
-                          " --meters 30 --title-prefix .7 --json --quiet";
-  const auto r = gs::test::run_command(cmd);
-  EXPECT_EQ(r.code, 0) << r.out << d.err_log();
-  const auto open = r.out.find('{');
-  ASSERT_NE(open, std::string::npos) << r.out;
-  const std::string json = r.out.substr(open);
+  auto d = started_sesd(30);
+  ASSERT_NE(d, nullptr);
+  const std::string json = ses_bench_json(
+      *d, "--connections 4 --depth 4 --sweep 3 --duration 120 --warmup 0 --meters 30");
+  ASSERT_FALSE(json.empty());
   EXPECT_EQ(json_number(json, "count"), 90) << json;
   EXPECT_EQ(json_number(json, "sweep"), 3) << json;
   EXPECT_EQ(json_number(json, "errors_total"), 0) << json;
   EXPECT_LT(json_number(json, "duration_s"), 60) << json;  // ended when done, not at --duration
-  EXPECT_EQ(d.stop(), 0) << d.err_log();
-  auto db = gs::db::Db::open(d.dir() + "/gridseal.db");
+  EXPECT_EQ(d->stop(), 0) << d->err_log();
+  auto db = gs::db::Db::open(d->dir() + "/gridseal.db");
   ASSERT_TRUE(db.ok()) << db.error().message();
   auto q = db->prepare(
       "SELECT COUNT(*), MIN(n), MAX(n) FROM (SELECT subject, COUNT(*) AS n FROM audit "
