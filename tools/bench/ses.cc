@@ -63,7 +63,7 @@ Bytes read_epsem(std::size_t target) {
 class ReadRequests {
  public:
   ReadRequests(c1222::OwnedApTitle prefix, std::uint64_t meters, std::size_t epsem_bytes,
-               c1222::OwnedApTitle calling, std::uint64_t copies = 0, std::uint64_t connections = 1)
+               c1222::OwnedApTitle calling, std::uint64_t copies, std::uint64_t connections)
       : prefix_(std::move(prefix)), meters_(meters), epsem_(read_epsem(epsem_bytes)),
         calling_(std::move(calling)), copies_(copies), connections_(connections) {}
 
