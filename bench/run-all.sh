@@ -65,7 +65,7 @@ DKUS_METERS=$(q 100000 4000)
 WARM_PASSES="${BENCH_WARM_PASSES:-$(q 3 1)}"
 DKUS_WARMUP=$(q 10 1)
 DKUS_DUR=$(q 20 2)
-DKUS_PER_METER=$(q 8 40)         # enough pre-sealed messages for the closed-loop rows
+DKUS_PER_METER=$(q 16 80)        # enough pre-sealed messages for the closed-loop rows (40,000 /s seen)
 DKUS_OL_WARMUP=$(q 5 2)          # closed loop (the caches are warm from the rows above), last second drains
 DKUS_OL_DUR=$(q 30 3)
 DKUS_DEF_WARMUP=$(q 3 1)
@@ -180,7 +180,6 @@ chmod 700 "$DIR"
 : >"$ROWS/rows.tsv"
 rm -f "$OUT/results.md" "$OUT/results.json"
 
-COMMON="$(hsm_store_config gridseal-bench)"
 # ses_config [HSM_LINES]: gridseal-sesd for the benchmarks, as in make demo, plus HSM_LINES.
 ses_config() {
   cat <<EOF
@@ -421,7 +420,7 @@ if dkus_phase tuned "processes 2 x io_threads 1, key_cache 100000, plain TCP" --
   row dkus-16x64 dkus "DKUS, same, 16 x 64" gridseal-bench "${DKUS[@]}"
   row dkus-open-2000 dkus-open "DKUS open loop, same set-up, 2,000 /s" gridseal-bench \
     "${DKUS_BASE[@]}" --connections 16 --depth 32 --rate 2000 --warmup "$DKUS_OL_WARMUP" \
-    --duration "$DKUS_OL_DUR" --hsm-config dkus.toml --hsm-seconds "$HSM_S"
+    --duration "$DKUS_OL_DUR" --store gridseal.db --hsm-config dkus.toml --hsm-seconds "$HSM_S"
 fi
 stop_all
 
