@@ -6,8 +6,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <random>
 #include <set>
 #include <thread>
@@ -16,6 +19,7 @@
 #include "c1222/oid.h"
 #include "dkus/replay.h"
 #include "src/key_store.h"
+#include "src/metrics.h"
 
 namespace gs::store {
 namespace {
@@ -339,6 +343,56 @@ TEST_F(ReplayWindowTest, RacingConnectionsAcceptEachIdOnce) {
 
 // The worker's in-memory filter: refuses only what the store certainly refuses, and a claim
 // that did not commit is released.
+// The group committer's batching: updates that arrive while it waits join one transaction, and
+// a full batch (max_batch) ends the wait at once. max_delay is far longer than the test may
+// take, so a writer that missed the full batch's wake-up would fail the wait below.
+TEST_F(ReplayWindowTest, GroupCommitterJoinsUpdatesAndAFullBatchEndsTheWait) {
+  auto store = KeyStore::open(path_);
+  ASSERT_TRUE(store.ok()) << store.error().message();
+  metrics::Registry registry;
+  dkus::CommitterOptions opt;
+  opt.max_delay = std::chrono::seconds(120);
+  opt.max_batch = 8;
+  dkus::GroupCommitter committer(std::move(store).value(), opt, registry);
+  committer.start();
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<dkus::CommitOutcome> outcomes;
+  for (std::uint64_t i = 1; i <= 8; ++i) {
+    dkus::MarkUpdate u;
+    u.meter = rows_.at(i % 2);
+    u.invocation_id = 100 + i;
+    u.iv_time = 7;
+    u.done = [&](dkus::CommitOutcome o) {
+      std::lock_guard<std::mutex> lock(mu);
+      outcomes.push_back(o);
+      cv.notify_all();
+    };
+    ASSERT_TRUE(committer.submit(std::move(u)).ok());
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return outcomes.size() == 8; }))
+        << "a full batch did not end the committer's wait";
+  }
+  for (auto o : outcomes) EXPECT_EQ(o, dkus::CommitOutcome::committed);
+  EXPECT_EQ(registry.counter("gridseal_dkus_group_commits_total", "").value(), 1u);
+  EXPECT_EQ(registry.counter("gridseal_dkus_group_commit_updates_total", "").value(), 8u);
+  EXPECT_EQ(mark(0).invocation_id, 108u);
+  EXPECT_EQ(mark(1).invocation_id, 107u);
+  // Fewer than a batch: stop() ends the wait and commits them; nothing is dropped.
+  dkus::MarkUpdate u;
+  u.meter = rows_.at(2);
+  u.invocation_id = 5;
+  u.iv_time = 7;
+  u.done = [&](dkus::CommitOutcome o) { outcomes.push_back(o); };
+  ASSERT_TRUE(committer.submit(std::move(u)).ok());
+  committer.stop();
+  ASSERT_EQ(outcomes.size(), 9u);
+  EXPECT_EQ(outcomes.back(), dkus::CommitOutcome::committed);
+  EXPECT_EQ(mark(2).invocation_id, 5u);
+}
+
 TEST(ReplayMarksFilter, ClaimReleaseAndBounds) {
   dkus::ReplayMarks f(1024, 64);
   EXPECT_EQ(f.check(1, 100), V::accepted);
