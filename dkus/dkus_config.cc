@@ -172,6 +172,7 @@ Result<DkusConfig> load_dkus_config(const std::string& path) {
   GS_TRY(daemon::parse_audit_table(root, path, c.audit));
   GS_TRY(parse_rollover(root, path, dir, c.rollover));
   c.rollover.relay.max_frame = c.server.max_frame;
+  c.rollover.command_key_session_copy = c.base.hsm.command_key_session_copy;
   return c;
 }
 

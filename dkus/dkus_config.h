@@ -44,6 +44,7 @@ struct RolloverConfig {
   std::chrono::milliseconds poll{500};              // rollover.poll_ms
   std::uint32_t standby_retention_s = 604800;       // rollover.standby_retention_s
   std::uint32_t key_cache = 1024;  // rollover.key_cache: unwrapped meter keys kept by the engine
+  bool command_key_session_copy = true;  // hsm.command_key_session_copy (hsm::signing_handle)
   // rollover.challenge_ttl_s: an MT-2043 challenge (DESIGN §3.4) answered later than this after
   // it was issued is refused (a retry issues a fresh one).
   std::uint32_t challenge_ttl_s = 300;

@@ -554,9 +554,8 @@ struct RolloverEngine::Impl {
     signer.reset();
     GS_TRY(hs.ensure_hsm(hsm, rc.key_cache));
     const std::string label = "gs-cmd-" + std::to_string(rc.command_key_id);
-    auto key = hsm::find_object(hs.lease->session(), hsm::ObjectClass::private_key, label);
-    if (!key.ok()) return Error(key.error().code, label + ": " + key.error().message());
-    signer = std::make_unique<ses::HsmSigner>(hs.lease->session(), *key, rc.command_key_id);
+    GS_ASSIGN(const hsm::SigningHandle key, hs.signing_key(label, rc.command_key_session_copy));
+    signer = std::make_unique<ses::HsmSigner>(hs.lease->session(), key.handle, rc.command_key_id);
     return {};
   }
 

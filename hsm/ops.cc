@@ -302,6 +302,25 @@ Result<ObjectHandle> copy_to_session(Session& s, ObjectHandle token_key) {
   return h;
 }
 
+SigningHandle signing_handle(Session& s, ObjectHandle token_key, bool want_copy) {
+  SigningHandle out;
+  out.handle = token_key;
+  if (!want_copy) {
+    out.note = "session copies off (hsm.command_key_session_copy = false)";
+    return out;
+  }
+  // Any refusal (a key made CKA_MODIFIABLE=false, an HSM whose policy forbids copying private
+  // keys) leaves the token key, which signs the same, only slower.
+  auto copy = copy_to_session(s, token_key);
+  if (!copy.ok()) {
+    out.note = copy.error().message();
+    return out;
+  }
+  out.handle = *copy;
+  out.session_copy = true;
+  return out;
+}
+
 Result<Signature> sign_digest(Session& s, ObjectHandle private_key, ByteView digest) {
   GS_TRY(need_open(s));
   if (digest.size() != 32) {

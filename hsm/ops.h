@@ -72,6 +72,16 @@ Result<KeyPair> generate_ec_p256(Session& s, std::string_view label, EcKeyUse us
 // sensitive and non-extractable); signs faster on SoftHSM2. Lives until the session closes or
 // destroy_object. Errc::unsupported for a CKA_MODIFIABLE=false key (see above).
 Result<ObjectHandle> copy_to_session(Session& s, ObjectHandle token_key);
+// The handle to sign with for the token private key `token_key`: with `want_copy`, a session copy
+// when the token makes one (copy_to_session), else the token key itself, with `note` saying why
+// no copy was made. On SoftHSM2 a C_SignInit on a token key re-reads and locks the key's file
+// and the token's generation file; on a session copy it does not (gs_bench BM_Sign_*).
+struct SigningHandle {
+  ObjectHandle handle = 0;
+  bool session_copy = false;
+  std::string note;  // empty, or why the token key itself is used
+};
+SigningHandle signing_handle(Session& s, ObjectHandle token_key, bool want_copy);
 // ECDSA (CKM_ECDSA) of a 32-byte SHA-256 digest; one C_SignInit + one C_Sign.
 Result<Signature> sign_digest(Session& s, ObjectHandle private_key, ByteView digest);
 // Errc::bad_signature when the signature does not verify.

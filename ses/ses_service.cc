@@ -156,9 +156,18 @@ Status SesService::ensure_hsm(WorkerState& w) {
   GS_TRY(w.ensure_hsm(hsm_, cfg_.base.hsm.key_cache));
   hsm::Session& s = w.lease->session();
   const std::string cmd_label = "gs-cmd-" + std::to_string(cfg_.command_key_id);
-  auto cmd = hsm::find_object(s, hsm::ObjectClass::private_key, cmd_label);
-  if (!cmd.ok()) return Error(cmd.error().code, cmd_label + ": " + cmd.error().message());
-  w.command_key = *cmd;
+  GS_ASSIGN(const hsm::SigningHandle key,
+            w.signing_key(cmd_label, cfg_.base.hsm.command_key_session_copy));
+  std::call_once(signing_noted_, [&] {
+    if (key.session_copy) {
+      std::fprintf(stderr, "gridseal-sesd: %s: signing with a session copy of the token key\n",
+                   cmd_label.c_str());
+    } else {
+      std::fprintf(stderr, "gridseal-sesd: %s: signing with the token key (%s)\n",
+                   cmd_label.c_str(), key.note.c_str());
+    }
+  });
+  w.command_key = key.handle;
   w.signer = std::make_unique<HsmSigner>(s, w.command_key, cfg_.command_key_id);
   return {};
 }

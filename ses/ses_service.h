@@ -154,6 +154,7 @@ class SesService {
   std::mutex requests_mu_;
   std::map<std::pair<int, const char*>, metrics::Counter*> requests_;
   std::atomic<bool> hsm_ok_{true};
+  std::once_flag signing_noted_;  // the first worker state says how the command key signs
   std::atomic<bool> store_ok_{true};
   // Last member: stopped (its callbacks use the members above) before anything else goes.
   std::unique_ptr<audit::Writer> audit_;

@@ -119,9 +119,10 @@ Result<std::vector<std::uint8_t>> register_initial_keys(db::Db& db, hsm::Session
                                                         std::int64_t now);
 
 // Generates the next free key (>= 3, skipping labels already in the token) as gs-cmd-<id> with the
-// attributes `hsm init` gives command keys (hsm::generate_ec_p256, sign only) and registers it.
+// attributes `hsm init` gives command keys (hsm::generate_ec_p256, sign only, session-copyable
+// when `session_copyable`: hsm.command_key_session_copy) and registers it.
 Result<CommandKey> generate_key(db::Db& db, hsm::Session& s, std::string_view actor,
-                                std::int64_t now);
+                                std::int64_t now, bool session_copyable);
 
 // The public point of the token's EC public key `label` (Errc::not_found when absent).
 Result<EcPoint> token_public_point(hsm::Session& s, const std::string& label);

@@ -21,6 +21,9 @@ struct HsmConfig {
   std::string softhsm_dir;
   std::uint32_t sessions = 4;  // PKCS#11 sessions per process
   std::uint32_t key_cache = 4096;  // unwrapped meter keys kept per session (LRU)
+  // Command keys (gs-cmd-N) are made copyable (CKA_MODIFIABLE=true) by `hsm init` and `cmdkeys
+  // generate`, and the daemons sign with a session copy of theirs (hsm::signing_handle).
+  bool command_key_session_copy = true;
 };
 
 struct StoreConfig {

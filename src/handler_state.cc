@@ -31,8 +31,27 @@ Result<hsm::ObjectHandle> HsmThreadState::meter_key(std::uint64_t ref, const sto
   return keys->get(ref, k, slot.wrapped, aux);
 }
 
+Result<hsm::SigningHandle> HsmThreadState::signing_key(const std::string& label,
+                                                        bool session_copy) {
+  if (!lease) return Error(Errc::hsm_failure, "no HSM session");
+  if (signing_ && signing_label_ == label) return *signing_;
+  hsm::Session& s = lease->session();
+  if (signing_ && signing_->session_copy) (void)hsm::destroy_object(s, signing_->handle);
+  signing_.reset();
+  auto key = hsm::find_object(s, hsm::ObjectClass::private_key, label);
+  if (!key.ok()) return Error(key.error().code, label + ": " + key.error().message());
+  signing_ = hsm::signing_handle(s, *key, session_copy);
+  signing_label_ = label;
+  return *signing_;
+}
+
 void HsmThreadState::drop_hsm() {
   const bool lost = lease && (*lease)->lost();
+  // The pool keeps the session open for the next lease: a copy left in it would outlive us.
+  if (signing_ && signing_->session_copy && lease && !lost) {
+    (void)hsm::destroy_object(lease->session(), signing_->handle);
+  }
+  signing_.reset();
   if (keys) {
     if (lost) keys->reset(0);  // the objects are gone with the session
     keys.reset();

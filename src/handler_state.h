@@ -17,6 +17,7 @@
 #include "hsm/hsm_aes.h"
 #include "hsm/key_cache.h"
 #include "hsm/session.h"
+#include "hsm/ops.h"
 #include "src/hsm_context.h"
 #include "src/kek_rotation.h"
 #include "src/key_store.h"
@@ -42,9 +43,17 @@ struct HsmThreadState {
                                       hsm::KeyAux** aux);
   // The handle of KEK generation `gen` (new keys go under kek::current_generation).
   Result<hsm::ObjectHandle> kek_handle(std::uint32_t gen);
-  // Gives the session back (the cached key objects are destroyed, or forgotten when the
-  // session was lost with them).
+  // The handle to sign with for the token private key `label` (a command key): found once per
+  // session, and with `session_copy` a session copy of it when the token makes one
+  // (hsm::signing_handle; its note says why not).
+  Result<hsm::SigningHandle> signing_key(const std::string& label, bool session_copy);
+  // Gives the session back (the cached key objects and the signing key's session copy are
+  // destroyed, or forgotten when the session was lost with them).
   void drop_hsm();
+
+ private:
+  std::optional<hsm::SigningHandle> signing_;
+  std::string signing_label_;
 };
 
 struct StoreThreadState {

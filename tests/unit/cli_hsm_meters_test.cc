@@ -63,6 +63,28 @@ class CliHsm : public ::testing::Test {
   std::string conf_;
 };
 
+// With hsm.command_key_session_copy = false the command keys are made CKA_MODIFIABLE=false
+// like the others (the daemons then sign with the token key).
+TEST_F(CliHsm, InitWithoutSessionCopiesMakesFixedCommandKeys) {
+  std::ofstream(conf_, std::ios::trunc)
+      << "[hsm]\nsofthsm_dir = \"hsm\"\ntoken_label = \"gs-test\"\n"
+         "pin_file = \"hsm/user.pin\"\nso_pin_file = \"hsm/so.pin\"\n"
+         "command_key_session_copy = false\n[store]\npath = \"gridseal.db\"\n";
+  CmdResult a = run("hsm init" + cfg());
+  ASSERT_EQ(a.code, 0) << a.out;
+  EXPECT_EQ(a.out.find("session-copyable"), std::string::npos) << a.out;
+  CmdResult s = run("hsm status --json" + cfg());
+  ASSERT_EQ(s.code, 0) << s.out;
+  EXPECT_NE(s.out.find("\"label\":\"gs-cmd-1\",\"class\":\"private\",\"token\":true,"
+                       "\"private\":true,\"modifiable\":false"),
+            std::string::npos)
+      << s.out;
+  EXPECT_EQ(s.out.find("\"class\":\"private\",\"token\":true,\"private\":true,"
+                       "\"modifiable\":true"),
+            std::string::npos)
+      << s.out;
+}
+
 TEST_F(CliHsm, InitIsIdempotentAndObjectsAreLockedDown) {
   CmdResult a = run("hsm init" + cfg());
   ASSERT_EQ(a.code, 0) << a.out;
@@ -85,6 +107,16 @@ TEST_F(CliHsm, InitIsIdempotentAndObjectsAreLockedDown) {
             std::string::npos)
       << s.out;
   EXPECT_EQ(s.out.find("\"extractable\":true"), std::string::npos) << s.out;
+  // The command keys are session-copyable (hsm.command_key_session_copy, the default); the
+  // keys that sign rarely stay CKA_MODIFIABLE=false.
+  const std::string copyable = "\"class\":\"private\",\"token\":true,\"private\":true,"
+                               "\"modifiable\":true,\"sensitive\":true,\"extractable\":false";
+  const std::string fixed = "\"class\":\"private\",\"token\":true,\"private\":true,"
+                            "\"modifiable\":false,\"sensitive\":true,\"extractable\":false";
+  EXPECT_NE(s.out.find("\"label\":\"gs-cmd-1\"," + copyable), std::string::npos) << s.out;
+  EXPECT_NE(s.out.find("\"label\":\"gs-cmd-2\"," + copyable), std::string::npos) << s.out;
+  EXPECT_NE(s.out.find("\"label\":\"gs-audit\"," + fixed), std::string::npos) << s.out;
+  EXPECT_NE(s.out.find("\"label\":\"gs-revocation\"," + fixed), std::string::npos) << s.out;
 
   CmdResult hex = run("hsm export-pubkey gs-cmd-1 --hex" + cfg());
   ASSERT_EQ(hex.code, 0);

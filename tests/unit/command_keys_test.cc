@@ -126,7 +126,8 @@ TEST_F(CommandKeys, GenerateMakesASignOnlyNonExtractableKeyAndRegistersIt) {
   auto a = gs::hsm::object_attributes(lease->session(), *priv);
   ASSERT_TRUE(a.ok());
   EXPECT_TRUE(a->token && a->private_object && a->sensitive && a->sign);
-  EXPECT_FALSE(a->extractable || a->derive || a->decrypt || a->unwrap || a->modifiable);
+  EXPECT_FALSE(a->extractable || a->derive || a->decrypt || a->unwrap);
+  EXPECT_TRUE(a->modifiable);  // session-copyable (hsm.command_key_session_copy, the default)
   auto ref = gs::hsm::find_object(lease->session(), gs::hsm::ObjectClass::private_key, "gs-cmd-1");
   ASSERT_TRUE(ref.ok());
   auto ra = gs::hsm::object_attributes(lease->session(), *ref);

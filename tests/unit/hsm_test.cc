@@ -348,6 +348,39 @@ TEST_F(HsmTest, CommandKeyAttributesAndNonExtractable) {
   EXPECT_FALSE(sign_digest(s, provision_.private_key, Bytes(32, 1)).ok());
 }
 
+// What the daemons sign with (hsm.command_key_session_copy): the session copy when asked for
+// and the token makes one, else the token key with the reason; each signs for the same key.
+TEST_F(HsmTest, SigningHandleIsASessionCopyWhenTheTokenMakesOne) {
+  auto s = user_session();
+  const Bytes digest(32, 0x42);
+  auto fast = signing_handle(s, cmd2_.private_key, true);
+  EXPECT_TRUE(fast.session_copy);
+  EXPECT_NE(fast.handle, cmd2_.private_key);
+  EXPECT_TRUE(fast.note.empty()) << fast.note;
+  auto a = object_attributes(s, fast.handle);
+  ASSERT_TRUE(a.ok());
+  EXPECT_FALSE(a->token);
+  EXPECT_TRUE(a->sensitive);
+  EXPECT_FALSE(a->extractable);
+  auto sig = sign_digest(s, fast.handle, digest);
+  ASSERT_TRUE(sig.ok()) << sig.error().message();
+  EXPECT_TRUE(verify_digest(s, cmd2_.public_key, digest, *sig).ok());
+  EXPECT_TRUE(destroy_object(s, fast.handle).ok());
+
+  auto fixed = signing_handle(s, cmd_.private_key, true);  // CKA_MODIFIABLE=false
+  EXPECT_FALSE(fixed.session_copy);
+  EXPECT_EQ(fixed.handle, cmd_.private_key);
+  EXPECT_NE(fixed.note.find("CKR_ATTRIBUTE_READ_ONLY"), std::string::npos) << fixed.note;
+  auto sig1 = sign_digest(s, fixed.handle, digest);
+  ASSERT_TRUE(sig1.ok());
+  EXPECT_TRUE(verify_digest(s, cmd_.public_key, digest, *sig1).ok());
+
+  auto off = signing_handle(s, cmd2_.private_key, false);
+  EXPECT_FALSE(off.session_copy);
+  EXPECT_EQ(off.handle, cmd2_.private_key);
+  EXPECT_NE(off.note.find("command_key_session_copy"), std::string::npos) << off.note;
+}
+
 TEST_F(HsmTest, KekIsTrustedPrivateAndNonExtractable) {
   auto s = user_session();
   auto found = find_objects(s, ObjectClass::secret_key, "gs-kek", true);

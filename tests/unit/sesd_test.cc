@@ -126,6 +126,10 @@ TEST_F(Sesd, ReadCommandIsSignedEncryptedAndIdsRise) {
   auto eax2 = gs::c1222::EaxPrime::make(*aes2).value();
   EXPECT_FALSE(gs::c1222::open(*resp, [&](std::uint8_t) { return &eax2; }).ok());
   EXPECT_EQ(stop_daemon(), 0) << slurp(dir_ + "/sesd.err");
+  // `hsm init` made gs-cmd-1 session-copyable: the signatures above came from the session copy.
+  const std::string log = slurp(dir_ + "/sesd.err");
+  EXPECT_NE(log.find("gs-cmd-1: signing with a session copy of the token key"), std::string::npos)
+      << log;
 }
 
 TEST_F(Sesd, RefusalsCarryOneResponseCode) {

@@ -65,13 +65,19 @@ Result<std::pair<Bytes, Bytes>> sample_meter_message(std::size_t epsem_bytes) {
 // One thread: its own session, the command key, one unwrapped meter key; composites (or opens)
 // from `start` (or when its set-up is done, if later) until the deadline.
 Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, const std::string& kek_label,
-                             Clock::time_point start, Clock::time_point deadline) {
+                             bool session_copy, Clock::time_point start,
+                             Clock::time_point deadline) {
   GS_ASSIGN(auto lease, hsm.pool->acquire());
   hsm::Session& s = lease.session();
-  hsm::ObjectHandle cmd = 0;
+  // The command key as the SES signs with it: a session copy when the config asks for one and
+  // the token makes it (hsm::signing_handle), else the token key. The ceiling is the fastest
+  // path the daemons take, never a slower one.
+  hsm::SigningHandle cmd;
   if (o.op == RawOp::ses_composite) {
     const std::string label = "gs-cmd-" + std::to_string(o.command_key);
-    GS_ASSIGN(cmd, hsm::find_object(s, hsm::ObjectClass::private_key, label));
+    GS_ASSIGN(const hsm::ObjectHandle token_key,
+              hsm::find_object(s, hsm::ObjectClass::private_key, label));
+    cmd = hsm::signing_handle(s, token_key, session_copy);
   }
   GS_ASSIGN(const hsm::ObjectHandle kek, hsm::find_object(s, hsm::ObjectClass::secret_key, kek_label));
   // A meter key as the SES holds it: stored wrapped under the current KEK, unwrapped as a
@@ -91,6 +97,7 @@ Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, const std:
   auto cleanup = [&] {
     (void)hsm::destroy_object(s, meter_key);
     for (const hsm::ObjectHandle h : resident) (void)hsm::destroy_object(s, h);
+    if (cmd.session_copy) (void)hsm::destroy_object(s, cmd.handle);
   };
 
   if (o.op == RawOp::eax_open) {
@@ -145,7 +152,7 @@ Result<Count> composite_loop(HsmContext& hsm, const RawHsmOptions& o, const std:
     signing_input[0] = static_cast<std::uint8_t>(n);
     auto digest = sha256(signing_input);
     if (!digest.ok()) return digest.error();
-    auto sig = hsm::sign_digest(s, cmd, *digest);
+    auto sig = hsm::sign_digest(s, cmd.handle, *digest);
     if (!sig.ok()) return Error(sig.error().code, "C_Sign: " + sig.error().message());
     auto eax = eax_for_key(*aes, meter_key, &aux);
     if (!eax.ok()) return eax.error();
@@ -186,10 +193,12 @@ Result<Count> one_process(const RawHsmOptions& o, Clock::time_point start,
   if (!opened.ok()) return opened.error();
   HsmContext hsm = std::move(opened).value();
   GS_ASSIGN(const std::string kek_label, current_kek_label(cfg));
+  const bool copy = cfg.hsm.command_key_session_copy;
   std::vector<std::thread> ts;
   std::vector<Result<Count>> results(o.threads, Count{});
   for (std::size_t t = 0; t < o.threads; ++t) {
-    ts.emplace_back([&, t] { results[t] = composite_loop(hsm, o, kek_label, start, deadline); });
+    ts.emplace_back(
+        [&, t] { results[t] = composite_loop(hsm, o, kek_label, copy, start, deadline); });
   }
   for (auto& t : ts) t.join();
   Count total;

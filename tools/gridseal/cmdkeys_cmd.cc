@@ -168,7 +168,7 @@ int run_generate(const std::string& config_path, bool json) {
       [&](db::Db& db, hsm::Session& s, std::vector<audit::Event>& events) -> Status {
         const std::int64_t now = now_s();
         GS_TRY(cmdkeys::register_initial_keys(db, s, now));
-        auto k = cmdkeys::generate_key(db, s, actor, now);
+        auto k = cmdkeys::generate_key(db, s, actor, now, o->cfg.hsm.command_key_session_copy);
         audit::Detail d;
         if (k.ok()) {
           d.add("key_id", unsigned{k->key_id});

@@ -30,10 +30,13 @@ namespace {
 struct EcObject {
   const char* label;
   hsm::EcKeyUse use;
+  // A command key: made session-copyable under hsm.command_key_session_copy (the SES and the
+  // rollover engine sign every command with it; the other keys sign rarely).
+  bool command_key = false;
 };
 constexpr EcObject kEcObjects[] = {
-    {kLabelCommandKey1, hsm::EcKeyUse::sign}, {kLabelCommandKey2, hsm::EcKeyUse::sign},
-    {kLabelRevocation, hsm::EcKeyUse::sign},  {kLabelProvision, hsm::EcKeyUse::derive},
+    {kLabelCommandKey1, hsm::EcKeyUse::sign, true}, {kLabelCommandKey2, hsm::EcKeyUse::sign, true},
+    {kLabelRevocation, hsm::EcKeyUse::sign},        {kLabelProvision, hsm::EcKeyUse::derive},
     {kLabelAudit, hsm::EcKeyUse::sign},
 };
 
@@ -191,10 +194,12 @@ int run_init_objects(const std::string& config_path) {
       continue;
     }
     if (found.error().code != Errc::not_found) return fail(found.error().message());
-    auto kp = hsm::generate_ec_p256(*s, obj.label, obj.use);
+    const bool copyable = obj.command_key && h.command_key_session_copy;
+    auto kp = hsm::generate_ec_p256(*s, obj.label, obj.use, copyable);
     if (!kp.ok()) return fail(std::string("creating ") + obj.label + ": " + kp.error().message());
-    std::printf("created %s (EC P-256, %s only, non-extractable)\n", obj.label,
-                obj.use == hsm::EcKeyUse::sign ? "sign" : "derive");
+    std::printf("created %s (EC P-256, %s only, non-extractable%s)\n", obj.label,
+                obj.use == hsm::EcKeyUse::sign ? "sign" : "derive",
+                copyable ? ", session-copyable" : "");
     ++changes;
   }
   if (changes == 0) {
