@@ -252,7 +252,7 @@ ses_load() {
   SES=(ses --host 127.0.0.1 --port "$SES_PORT" "${TLS[@]}" --meters "$1" --title-prefix .7
     --connections "$2" --depth "$3" --duration "$SES_DUR")
 }
-row ses-raw ses-raw "raw HSM composite (C_Sign gs-cmd-1 + EAX' seal, 2 processes)" gridseal-bench \
+row ses-raw ses-raw "raw HSM composite (C_Sign with a session copy of gs-cmd-1 + EAX' seal, 2 processes)" gridseal-bench \
   ses --hsm-config ses.toml --hsm-only --hsm-processes 2 --hsm-threads 1 --hsm-seconds "$HSM_S"
 ses_load "$SES_BIG" 32 16
 row ses-closed ses "SES, $SES_BIG meters, TLS 1.3, 32 x 16, closed loop" gridseal-bench \

@@ -26,6 +26,8 @@ constexpr char kRecordDomain[] = "GSAR1";
 constexpr char kCheckpointDomain[] = "GSAC1";
 constexpr char kAnchorDomain[] = "GSAA1";
 constexpr std::size_t kDomainSize = 5;
+// A batch that takes this long is logged with where its time went (Writer::apply).
+constexpr std::chrono::milliseconds kSlowBatch{100};
 
 // Writes into a buffer sized up front; take() checks that it was filled exactly.
 class Writer8 {
@@ -611,6 +613,7 @@ Result<Anchors> Notary::anchors(hsm::Session& s) {
     if (a.ok() && !failed && a->unreadable.empty()) return a;
   }
   anchor_objects_.clear();
+  ++searches_;
   GS_ASSIGN(auto handles, hsm::find_data_objects(s, kAnchorApplication));
   GS_ASSIGN(Anchors a, read_anchor_objects(s, handles, nullptr));
   // Cached once the set is settled (two readable objects); until then found every time.
@@ -688,26 +691,34 @@ Status Notary::seal(hsm::Session& s, const Anchors& current, const Head& head) {
   anchor_objects_.clear();
   const std::string value = anchor_encoding(head, AnchorMark::sealed);
   for (hsm::ObjectHandle h : current.unreadable) (void)hsm::destroy_object(s, h);
-  std::size_t written = 0;
+  std::vector<hsm::ObjectHandle> sealed;
   for (const AnchorValue& v : current.values) {
-    if (written == 2) {
+    if (sealed.size() == 2) {
       (void)hsm::destroy_object(s, v.object);
       continue;
     }
     if (v.head == head && v.mark == AnchorMark::sealed) {
-      ++written;
+      sealed.push_back(v.object);
       continue;
     }
     Status st = hsm::write_data_text(s, v.object, value);
     if (st.ok()) {
-      ++written;
+      sealed.push_back(v.object);
     } else if (s.lost()) {
       return st;
     } else {
       (void)hsm::destroy_object(s, v.object);
     }
   }
-  for (; written < 2; ++written) GS_TRY(hsm::create_data_object(s, kAnchorApplication, value));
+  while (sealed.size() < 2) {
+    GS_ASSIGN(const hsm::ObjectHandle h, hsm::create_data_object(s, kAnchorApplication, value));
+    sealed.push_back(h);
+  }
+  // The pair is settled: the next batch reads it through these handles (anchors()). Forgetting
+  // them cost that batch a C_FindObjects, which SoftHSM2 answers by walking every object of
+  // the token and of every session: 160-240 ms with 100,000 meter keys resident, while the batch
+  // held the database's write lock and every waiting response waited with it.
+  anchor_objects_ = std::move(sealed);
   return {};
 }
 
@@ -918,7 +929,8 @@ void Writer::stop() {
 }
 
 WriterStats Writer::stats() const {
-  return {records_.load(), commits_.load(), failures_.load(), checkpoints_.load()};
+  return {records_.load(),     commits_.load(), failures_.load(),
+          checkpoints_.load(), seals_.load(),   anchor_searches_.load()};
 }
 
 bool Writer::checkpoint_due(std::int64_t now) {
@@ -970,19 +982,29 @@ void Writer::apply(std::vector<Item>& batch) {
   std::size_t kept = 0;
   bool signed_cp = false;
   bool anchored = false;
+  // Where a slow batch spent its time (logged below): session, write lock, chain head and
+  // anchor read, records, checkpoint and anchor write, COMMIT (fsync).
+  using Clock = std::chrono::steady_clock;
+  std::array<Clock::time_point, 7> mark{};
+  bool anchor_read = false;
   auto attempt = [&]() -> Status {
     std::fill(outcome.begin(), outcome.end(), Status{});
     kept = 0;
     signed_cp = false;
     anchored = false;
+    mark[0] = Clock::now();
     GS_ASSIGN(auto lease, hsm_.pool->acquire());
     hsm::Session& s = lease.session();
+    mark[1] = Clock::now();
     GS_ASSIGN(auto tx, db::Transaction::begin(db_));
+    mark[2] = Clock::now();
     // The first transaction (last_anchor_ is the epoch) and then one per anchor_interval read,
     // check and advance the HSM anchor; the others make no HSM call unless a checkpoint is due.
     const bool anchor = opt_.anchor_interval.count() == 0 ||
                         std::chrono::steady_clock::now() - last_anchor_ >= opt_.anchor_interval;
+    anchor_read = anchor;
     GS_ASSIGN(Batch b, trail_->begin(s, anchor));
+    mark[3] = Clock::now();
     for (std::size_t i = 0; i < batch.size(); ++i) {
       Item& it = batch[i];
       if (it.event.time == 0) it.event.time = now;
@@ -1005,6 +1027,7 @@ void Writer::apply(std::vector<Item>& batch) {
       }
       GS_TRY(db_.exec("RELEASE audit_item"));
     }
+    mark[4] = Clock::now();
     bool cp = false;
     if (b.head.seq > b.prev.seq && checkpoint_due(now)) {
       if (opt_.checkpoint_interval.count() == 0) {
@@ -1018,7 +1041,9 @@ void Writer::apply(std::vector<Item>& batch) {
     }
     GS_TRY(trail_->finish(s, b, cp, anchor));
     signed_cp = cp;
+    mark[5] = Clock::now();
     GS_TRY(tx.commit());
+    mark[6] = Clock::now();
     anchored = b.anchored;
     if (Status c = trail_->confirm(s, b); !c.ok()) {
       // The records are durable; the anchor stays pending (reported as lost_batch after a crash).
@@ -1033,7 +1058,21 @@ void Writer::apply(std::vector<Item>& batch) {
   for (int retry = 0; !st.ok() && st.error().code == Errc::busy && retry < kBusyRetries; ++retry) {
     st = attempt();
   }
-  m_commit_seconds_->observe(std::chrono::steady_clock::now() - t0);
+  const auto took = std::chrono::steady_clock::now() - t0;
+  m_commit_seconds_->observe(took);
+  anchor_searches_.store(trail_->anchor_searches());
+  if (st.ok() && took >= kSlowBatch) {
+    auto ms = [&](int i) {
+      return std::chrono::duration<double, std::milli>(mark[i + 1] - mark[i]).count();
+    };
+    char line[320];
+    std::snprintf(line, sizeof line,
+                  "slow batch: %zu records in %.1f ms (HSM session %.1f, write lock %.1f, chain "
+                  "head%s %.1f, records %.1f, checkpoint/anchor %.1f, commit %.1f ms)",
+                  batch.size(), std::chrono::duration<double, std::milli>(took).count(), ms(0),
+                  ms(1), anchor_read ? " and HSM anchor" : "", ms(2), ms(3), ms(4), ms(5));
+    log_failure(line);
+  }
   if (!st.ok()) {
     failures_.fetch_add(1);
     m_failures_->inc();
@@ -1069,7 +1108,9 @@ void Writer::seal(bool checkpoint) {
     GS_TRY(trail_->seal(lease.session(), checkpoint));
     return tx.commit();
   }();
+  anchor_searches_.store(trail_->anchor_searches());
   if (st.ok()) {
+    seals_.fetch_add(1);
     dirty_ = false;
     if (checkpoint && opt_.checkpoint_interval.count() > 0) {
       next_checkpoint_check_ = now_s() + opt_.checkpoint_interval.count();
@@ -1087,7 +1128,7 @@ void Writer::log_failure(const std::string& what) {
     return;
   }
   if (suppressed_ > 0) {
-    std::fprintf(stderr, "%s: audit: (%llu more failures in the last second)\n",
+    std::fprintf(stderr, "%s: audit: (%llu more failures or slow batches in the last second)\n",
                  opt_.program.c_str(), static_cast<unsigned long long>(suppressed_));
   }
   suppressed_ = 0;

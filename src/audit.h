@@ -273,10 +273,14 @@ class Notary {
     key_ = hsm::kNoObject;
     anchor_objects_.clear();
   }
+  // Times anchors() searched the token for the anchor objects instead of reading the handles
+  // it holds: a C_FindObjects walks every object of the token and of every session.
+  std::uint64_t searches() const noexcept { return searches_; }
 
  private:
   hsm::ObjectHandle key_ = hsm::kNoObject;
   std::vector<hsm::ObjectHandle> anchor_objects_;
+  std::uint64_t searches_ = 0;
 };
 
 // One append transaction in progress (Trail::begin .. Trail::finish).
@@ -328,6 +332,7 @@ class Trail {
   Result<Head> reset_anchor(hsm::Session& s, Event event);
 
   Chain& chain() noexcept { return chain_; }
+  std::uint64_t anchor_searches() const noexcept { return notary_.searches(); }
 
  private:
   explicit Trail(Chain c) : chain_(std::move(c)) {}
@@ -367,6 +372,8 @@ struct WriterStats {
   std::uint64_t commits = 0;
   std::uint64_t failures = 0;
   std::uint64_t checkpoints = 0;
+  std::uint64_t seals = 0;            // idle and stop seals that committed
+  std::uint64_t anchor_searches = 0;  // C_FindObjects for the anchor objects (see Notary)
 };
 
 class Writer {
@@ -421,7 +428,8 @@ class Writer {
   // writer's connection has wal_autocheckpoint off).
   std::unique_ptr<db::Checkpointer> checkpointer_;
   std::atomic<bool> healthy_{true};
-  std::atomic<std::uint64_t> records_{0}, commits_{0}, failures_{0}, checkpoints_{0};
+  std::atomic<std::uint64_t> records_{0}, commits_{0}, failures_{0}, checkpoints_{0}, seals_{0};
+  std::atomic<std::uint64_t> anchor_searches_{0};  // trail_->anchor_searches(), for stats()
   std::int64_t next_checkpoint_check_ = 0;
   std::chrono::steady_clock::time_point last_anchor_{};
   bool dirty_ = false;  // records committed since the last seal

@@ -788,6 +788,39 @@ TEST_F(Audit, ActionAndRecordCommitTogether) {
   }
 }
 
+// An idle writer seals the anchor pair; the next batch must read the pair through the handles
+// it holds. A search (C_FindObjects) walks every object in SoftHSM2: with 100,000 meter keys in
+// the sessions it took 160-240 ms, under the write lock, after every idle moment.
+TEST_F(Audit, BatchesAfterAnIdleSealDoNotSearchForTheAnchor) {
+  audit::WriterOptions o;
+  o.seal_after_idle = std::chrono::milliseconds(20);
+  auto w = audit::Writer::open(db_path_, *hsm_, o, nullptr);
+  ASSERT_TRUE(w.ok()) << w.error().message();
+  auto sealed = [&](std::uint64_t n) {
+    for (int i = 0; i < 1000 && (*w)->stats().seals < n; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return (*w)->stats().seals >= n;
+  };
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE((*w)->append(event(i)).ok());
+  ASSERT_TRUE(sealed(1));
+  ASSERT_TRUE((*w)->append(event(10)).ok());
+  ASSERT_TRUE(sealed(2));
+  const std::uint64_t settled = (*w)->stats().anchor_searches;
+  EXPECT_GE(settled, 1U);  // the first batch found the objects (or that there were none)
+  for (std::uint64_t round = 0; round < 3; ++round) {
+    ASSERT_TRUE((*w)->append(event(20 + static_cast<int>(round))).ok());
+    ASSERT_TRUE(sealed(3 + round));
+  }
+  EXPECT_EQ((*w)->stats().anchor_searches, settled)
+      << "a batch after an idle seal searched the token for the anchor objects";
+  (*w)->stop();
+  auto rep = verify();
+  ASSERT_TRUE(rep.ok) << rep.failure->message;
+  EXPECT_EQ(rep.records, 7);
+  EXPECT_EQ(rep.anchor->state, audit::AnchorState::sealed);
+}
+
 TEST_F(Audit, TwoWritersOnOneFileKeepOneChain) {
   audit::WriterOptions o;
   o.checkpoint_interval = std::chrono::seconds(1);
