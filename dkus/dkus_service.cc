@@ -198,9 +198,11 @@ Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, 
                                                  std::move(alloc), std::move(committer),
                                                  started_at));
   for (std::size_t i = 0; i < threads; ++i) {
-    s->states_.add(std::make_unique<ThreadState>(
-        cfg.meter_cache, std::chrono::milliseconds(cfg.meter_cache_ttl_ms),
-        std::chrono::milliseconds(cfg.meter_cache_poll_ms)));
+    auto w = std::make_unique<ThreadState>(cfg.meter_cache,
+                                           std::chrono::milliseconds(cfg.meter_cache_ttl_ms),
+                                           std::chrono::milliseconds(cfg.meter_cache_poll_ms));
+    w->count_key_lookups(registry);
+    s->states_.add(std::move(w));
   }
   DkusService* raw = s.get();
   registry.gauge_fn("gridseal_dkus_commit_queue", "Replay-mark updates waiting for a commit", {},

@@ -79,9 +79,11 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
                                                std::move(limiter), std::move(id_store),
                                                std::move(alloc)));
   for (std::size_t i = 0; i < threads; ++i) {
-    s->states_.add(std::make_unique<WorkerState>(
-        cfg.meter_cache, std::chrono::milliseconds(cfg.meter_cache_ttl_ms),
-        std::chrono::milliseconds(cfg.meter_cache_poll_ms)));
+    auto w = std::make_unique<WorkerState>(cfg.meter_cache,
+                                           std::chrono::milliseconds(cfg.meter_cache_ttl_ms),
+                                           std::chrono::milliseconds(cfg.meter_cache_poll_ms));
+    w->count_key_lookups(registry);
+    s->states_.add(std::move(w));
   }
   SesService* raw = s.get();
   registry.gauge_fn("gridseal_ses_invocation_ids_issued", "Invocation ids issued", {},

@@ -28,7 +28,22 @@ Result<hsm::ObjectHandle> HsmThreadState::meter_key(std::uint64_t ref, const sto
                                                     hsm::KeyAux** aux) {
   if (!keys) return Error(Errc::hsm_failure, "no HSM session");
   GS_ASSIGN(const hsm::ObjectHandle k, kek_handle(slot.kek));
-  return keys->get(ref, k, slot.wrapped, aux);
+  const std::uint64_t misses = keys->misses();
+  auto h = keys->get(ref, k, slot.wrapped, aux);
+  if (keys->misses() != misses) {
+    if (key_misses_ != nullptr) key_misses_->inc();
+  } else if (h.ok() && key_hits_ != nullptr) {
+    key_hits_->inc();
+  }
+  return h;
+}
+
+void HsmThreadState::count_key_lookups(metrics::Registry& registry) {
+  key_hits_ = &registry.counter("gridseal_hsm_key_cache_hits_total",
+                                "Meter-key lookups answered by a handler's session key cache");
+  key_misses_ = &registry.counter(
+      "gridseal_hsm_key_cache_misses_total",
+      "Meter-key lookups that unwrapped the key into the session (C_UnwrapKey)");
 }
 
 Result<hsm::SigningHandle> HsmThreadState::signing_key(const std::string& label,

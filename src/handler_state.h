@@ -19,6 +19,7 @@
 #include "hsm/session.h"
 #include "hsm/ops.h"
 #include "src/hsm_context.h"
+#include "src/metrics.h"
 #include "src/kek_rotation.h"
 #include "src/key_store.h"
 #include "src/meter_cache.h"
@@ -50,8 +51,13 @@ struct HsmThreadState {
   // Gives the session back (the cached key objects and the signing key's session copy are
   // destroyed, or forgotten when the session was lost with them).
   void drop_hsm();
+  // meter_key() counts its lookups in gridseal_hsm_key_cache_{hits,misses}_total of `registry`
+  // (a miss is a C_UnwrapKey). Call once, before the state is used.
+  void count_key_lookups(metrics::Registry& registry);
 
  private:
+  metrics::Counter* key_hits_ = nullptr;
+  metrics::Counter* key_misses_ = nullptr;
   std::optional<hsm::SigningHandle> signing_;
   std::string signing_label_;
 };

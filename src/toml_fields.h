@@ -44,7 +44,7 @@ inline Status get_bool(const toml::table& t, const char* key, const std::string&
                        const std::string& prefix, bool& out) {
   const toml::node* n = t.get(key);
   if (n == nullptr) return {};
-  auto v = n->value<bool>();
+  auto v = n->value_exact<bool>();
   if (!v) return key_error(file, prefix + key, "must be true or false");
   out = *v;
   return {};

@@ -109,6 +109,10 @@ TEST_F(Dkusd, OpensToModeZeroWithTheSameEpsem) {
   EXPECT_EQ(gs::to_hex(*r1), gs::to_hex(host_open(1, sealed1)));
   EXPECT_EQ(metric("gridseal_dkus_requests_total", {"result=\"ok\""}), 5);
   EXPECT_GE(metric("gridseal_dkus_group_commits_total"), 1);
+  // One key lookup per message: the first in each handler's session unwraps the key.
+  const auto misses = metric("gridseal_hsm_key_cache_misses_total");
+  EXPECT_GE(misses, 1);
+  EXPECT_EQ(metric("gridseal_hsm_key_cache_hits_total") + misses, 5);
   EXPECT_EQ(daemon_->stop(), 0) << daemon_->err_log();
   const std::string err = daemon_->err_log();
   EXPECT_EQ(err.find(daemon_->meter(1).key_hex), std::string::npos) << "key in the log";
@@ -693,6 +697,13 @@ TEST_F(Dkusd, ConfigErrorsNameTheKey) {
                             " --check");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("audit.anchor: unknown key"), std::string::npos) << r.out;
+  std::ofstream(conf) << "[hsm]\npin_file = \"pin\"\ncommand_key_session_copy = 1\n[server]\n"
+                         "plain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n";
+  r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
+                            " --check");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("hsm.command_key_session_copy"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("true or false"), std::string::npos) << r.out;
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
 }

@@ -218,6 +218,10 @@ TEST_F(Sesd, RevokedMeterIsRefusedAndBroadcastIsSignedOnce) {
                                  {"result=\"meter_refused\""}),
             1)
       << metrics;
+  // The one secured command looked its meter's key up once, in a cold session cache.
+  EXPECT_EQ(gs::test::metric_sum(metrics, "gridseal_hsm_key_cache_misses_total", {}), 1)
+      << metrics;
+  EXPECT_EQ(gs::test::metric_sum(metrics, "gridseal_hsm_key_cache_hits_total", {}), 0) << metrics;
   EXPECT_EQ(stop_daemon(), 0);
 }
 
