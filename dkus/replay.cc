@@ -113,6 +113,8 @@ Status GroupCommitter::enable_audit(HsmContext& hsm, std::chrono::milliseconds a
   trail_.emplace(std::move(trail));
   hsm_ = &hsm;
   anchor_interval_ = anchor_interval;
+  // The anchor objects found now, before the handlers fill the sessions with meter keys.
+  if (auto lease = hsm.pool->acquire(); lease.ok()) trail_->prepare(lease->session());
   return {};
 }
 

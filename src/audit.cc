@@ -621,8 +621,18 @@ Result<Anchors> Notary::anchors(hsm::Session& s) {
   return a;
 }
 
+void Notary::prepare(hsm::Session& s) {
+  if (key_ == hsm::kNoObject) {
+    ++searches_;
+    auto k = hsm::find_object(s, hsm::ObjectClass::private_key, kLabelAudit);
+    if (k.ok()) key_ = *k;
+  }
+  if (anchor_objects_.empty()) (void)anchors(s);
+}
+
 Result<Checkpoint> Notary::sign(hsm::Session& s, const Head& head, std::int64_t time) {
   if (key_ == hsm::kNoObject) {
+    ++searches_;
     auto k = hsm::find_object(s, hsm::ObjectClass::private_key, kLabelAudit);
     if (!k.ok()) {
       return Error(k.error().code, std::string(kLabelAudit) + ": " + k.error().message());
@@ -873,6 +883,10 @@ Result<std::unique_ptr<Writer>> Writer::open(const std::string& db_path, HsmCont
   if (w->start_.state == AnchorState::lost_batch) {
     std::fprintf(stderr, "%s: audit: %s\n", opt.program.c_str(), w->start_.message.c_str());
   }
+  if (auto lease = hsm.pool->acquire(); lease.ok()) {
+    w->trail_->prepare(lease->session());
+    w->token_searches_.store(w->trail_->token_searches());
+  }
   // Checkpoints off the commit path: SQLite runs one in the COMMIT that crosses the
   // wal_autocheckpoint threshold, with an fsync of the database file, while the write lock and
   // every response waiting for that commit wait too.
@@ -930,7 +944,7 @@ void Writer::stop() {
 
 WriterStats Writer::stats() const {
   return {records_.load(),     commits_.load(), failures_.load(),
-          checkpoints_.load(), seals_.load(),   anchor_searches_.load()};
+          checkpoints_.load(), seals_.load(),   token_searches_.load()};
 }
 
 bool Writer::checkpoint_due(std::int64_t now) {
@@ -1060,7 +1074,7 @@ void Writer::apply(std::vector<Item>& batch) {
   }
   const auto took = std::chrono::steady_clock::now() - t0;
   m_commit_seconds_->observe(took);
-  anchor_searches_.store(trail_->anchor_searches());
+  token_searches_.store(trail_->token_searches());
   if (st.ok() && took >= kSlowBatch) {
     auto ms = [&](int i) {
       return std::chrono::duration<double, std::milli>(mark[i + 1] - mark[i]).count();
@@ -1108,7 +1122,7 @@ void Writer::seal(bool checkpoint) {
     GS_TRY(trail_->seal(lease.session(), checkpoint));
     return tx.commit();
   }();
-  anchor_searches_.store(trail_->anchor_searches());
+  token_searches_.store(trail_->token_searches());
   if (st.ok()) {
     seals_.fetch_add(1);
     dirty_ = false;

@@ -791,7 +791,7 @@ TEST_F(Audit, ActionAndRecordCommitTogether) {
 // An idle writer seals the anchor pair; the next batch must read the pair through the handles
 // it holds. A search (C_FindObjects) walks every object in SoftHSM2: with 100,000 meter keys in
 // the sessions it took 160-240 ms, under the write lock, after every idle moment.
-TEST_F(Audit, BatchesAfterAnIdleSealDoNotSearchForTheAnchor) {
+TEST_F(Audit, WriterSearchesTheTokenAtOpenNotAfterIdleSeals) {
   audit::WriterOptions o;
   o.seal_after_idle = std::chrono::milliseconds(20);
   auto w = audit::Writer::open(db_path_, *hsm_, o, nullptr);
@@ -806,18 +806,32 @@ TEST_F(Audit, BatchesAfterAnIdleSealDoNotSearchForTheAnchor) {
   ASSERT_TRUE(sealed(1));
   ASSERT_TRUE((*w)->append(event(10)).ok());
   ASSERT_TRUE(sealed(2));
-  const std::uint64_t settled = (*w)->stats().anchor_searches;
+  const std::uint64_t settled = (*w)->stats().token_searches;
   EXPECT_GE(settled, 1U);  // the first batch found the objects (or that there were none)
   for (std::uint64_t round = 0; round < 3; ++round) {
     ASSERT_TRUE((*w)->append(event(20 + static_cast<int>(round))).ok());
     ASSERT_TRUE(sealed(3 + round));
   }
-  EXPECT_EQ((*w)->stats().anchor_searches, settled)
+  EXPECT_EQ((*w)->stats().token_searches, settled)
       << "a batch after an idle seal searched the token for the anchor objects";
   (*w)->stop();
+
+  // A writer opened later (as after a restart) finds gs-audit and the anchor pair at open,
+  // before any meter key fills the sessions; its batches, each signing a checkpoint here,
+  // search no more.
+  o.checkpoint_interval = std::chrono::seconds(0);
+  auto w2 = audit::Writer::open(db_path_, *hsm_, o, nullptr);
+  ASSERT_TRUE(w2.ok()) << w2.error().message();
+  const std::uint64_t at_open = (*w2)->stats().token_searches;
+  EXPECT_GE(at_open, 1U);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE((*w2)->append(event(30 + i)).ok());
+  (*w2)->stop();
+  EXPECT_GE((*w2)->stats().checkpoints, 1U);
+  EXPECT_EQ((*w2)->stats().token_searches, at_open)
+      << "a batch searched the token for gs-audit or the anchor objects";
   auto rep = verify();
   ASSERT_TRUE(rep.ok) << rep.failure->message;
-  EXPECT_EQ(rep.records, 7);
+  EXPECT_EQ(rep.records, 10);
   EXPECT_EQ(rep.anchor->state, audit::AnchorState::sealed);
 }
 
