@@ -169,8 +169,7 @@ Status SesService::ensure_hsm(WorkerState& w) {
                    cmd_label.c_str(), key.note.c_str());
     }
   });
-  w.command_key = key.handle;
-  w.signer = std::make_unique<HsmSigner>(s, w.command_key, cfg_.command_key_id);
+  w.signer = std::make_unique<HsmSigner>(s, key.handle, cfg_.command_key_id);
   return {};
 }
 

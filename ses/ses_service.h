@@ -41,7 +41,6 @@ struct WorkerState : HsmThreadState, StoreThreadState {
   WorkerState(std::size_t meter_cache, std::chrono::milliseconds ttl,
               std::chrono::milliseconds poll = store::MeterCache::kDefaultPoll)
       : StoreThreadState(meter_cache, ttl, poll) {}
-  hsm::ObjectHandle command_key = 0;
   std::unique_ptr<HsmSigner> signer;
 };
 

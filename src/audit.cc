@@ -621,24 +621,22 @@ Result<Anchors> Notary::anchors(hsm::Session& s) {
   return a;
 }
 
+Status Notary::find_key(hsm::Session& s) {
+  if (key_ != hsm::kNoObject) return {};
+  ++searches_;
+  auto k = hsm::find_object(s, hsm::ObjectClass::private_key, kLabelAudit);
+  if (!k.ok()) return Error(k.error().code, std::string(kLabelAudit) + ": " + k.error().message());
+  key_ = *k;
+  return {};
+}
+
 void Notary::prepare(hsm::Session& s) {
-  if (key_ == hsm::kNoObject) {
-    ++searches_;
-    auto k = hsm::find_object(s, hsm::ObjectClass::private_key, kLabelAudit);
-    if (k.ok()) key_ = *k;
-  }
+  (void)find_key(s);
   if (anchor_objects_.empty()) (void)anchors(s);
 }
 
 Result<Checkpoint> Notary::sign(hsm::Session& s, const Head& head, std::int64_t time) {
-  if (key_ == hsm::kNoObject) {
-    ++searches_;
-    auto k = hsm::find_object(s, hsm::ObjectClass::private_key, kLabelAudit);
-    if (!k.ok()) {
-      return Error(k.error().code, std::string(kLabelAudit) + ": " + k.error().message());
-    }
-    key_ = *k;
-  }
+  GS_TRY(find_key(s));
   Checkpoint c;
   c.seq = head.seq;
   c.head = head.hash;

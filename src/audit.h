@@ -282,6 +282,9 @@ class Notary {
   void prepare(hsm::Session& s);
 
  private:
+  // gs-audit's handle, searched for once (and again after a failed signature).
+  Status find_key(hsm::Session& s);
+
   hsm::ObjectHandle key_ = hsm::kNoObject;
   std::vector<hsm::ObjectHandle> anchor_objects_;
   std::uint64_t searches_ = 0;
