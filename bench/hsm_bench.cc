@@ -1,5 +1,6 @@
-// SoftHSM2 rates: ECDSA sign (token key, session copy, pool), EAX' over HsmAes vs the raw call
-// composite, wrap/unwrap, ECDH key derivation; OpenSSL rates alongside for reference.
+// SoftHSM2 rates: ECDSA sign (token key, session copy, pool), EAX' over HsmAes and over bound
+// operations vs the raw call composite, one PKCS#11 AES init against one update, wrap/unwrap,
+// ECDH key derivation; OpenSSL rates alongside for reference.
 #include <benchmark/benchmark.h>
 #include <stdlib.h>
 
@@ -11,10 +12,12 @@
 #include <vector>
 
 #include "c1222/eax_prime.h"
+#include "hsm/bound_aes.h"
 #include "hsm/hsm_aes.h"
 #include "hsm/key_cache.h"
 #include "hsm/module.h"
 #include "hsm/ops.h"
+#include "hsm/p11.h"
 #include "hsm/session.h"
 #include "hsm/softhsm.h"
 #include "src/host_aes.h"
@@ -276,6 +279,64 @@ void BM_EaxPrime_OpenSsl(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_EaxPrime_OpenSsl);
+
+// What one PKCS#11 AES call costs on this token: a whole single-block operation
+// (C_EncryptInit + C_Encrypt) against one more block of an operation already open
+// (C_EncryptUpdate). EAX' through the token is a choice between the two.
+void BM_Aes_InitAndOneBlock(benchmark::State& state) {
+  NEED_ENV();
+  CK_FUNCTION_LIST* f = detail::fl(*E.module);
+  CK_MECHANISM mech{CKM_AES_ECB, nullptr, 0};
+  CK_BYTE in[16] = {}, out[16];
+  for (auto _ : state) {
+    CK_ULONG len = sizeof out;
+    f->C_EncryptInit(E.session->handle(), &mech, E.meter_key);
+    f->C_Encrypt(E.session->handle(), in, sizeof in, out, &len);
+    benchmark::DoNotOptimize(out);
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_Aes_InitAndOneBlock);
+
+void BM_Aes_UpdateOneBlock(benchmark::State& state) {
+  NEED_ENV();
+  CK_FUNCTION_LIST* f = detail::fl(*E.module);
+  CK_MECHANISM mech{CKM_AES_ECB, nullptr, 0};
+  CK_BYTE in[16] = {}, out[16];
+  f->C_EncryptInit(E.session->handle(), &mech, E.meter_key);
+  for (auto _ : state) {
+    CK_ULONG len = sizeof out;
+    f->C_EncryptUpdate(E.session->handle(), in, sizeof in, out, &len);
+    benchmark::DoNotOptimize(out);
+  }
+  CK_BYTE tail[16];
+  CK_ULONG tl = sizeof tail;
+  f->C_EncryptFinal(E.session->handle(), tail, &tl);
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_Aes_UpdateOneBlock);
+
+// EAX' of a 200-byte EPSEM on the meter key's bound operations (hsm/bound_aes.h): three
+// C_EncryptUpdate calls, no C_EncryptInit.
+void BM_EaxPrime_Hsm_Bound(benchmark::State& state) {
+  NEED_ENV();
+  BoundAesPool pool(*E.module, E.session->slot(), 2);
+  auto bound = pool.bind(E.meter_key);
+  if (!bound) {
+    state.SkipWithError("the token refused the bound operations");
+    return;
+  }
+  auto eax = c1222::EaxPrime::make(*bound);
+  Bytes data = epsem();
+  for (auto _ : state) {
+    auto mac = eax->encrypt(cleartext(), data);
+    benchmark::DoNotOptimize(mac);
+  }
+  state.counters["pkcs11_calls_per_msg"] =
+      static_cast<double>(bound->counters().updates) / static_cast<double>(state.iterations());
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_EaxPrime_Hsm_Bound);
 
 void BM_Wrap(benchmark::State& state) {
   NEED_ENV();

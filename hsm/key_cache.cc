@@ -14,6 +14,7 @@ MeterKeyCache::MeterKeyCache(Session& session, ObjectHandle kek, std::size_t cap
 MeterKeyCache::~MeterKeyCache() { clear(); }
 
 void MeterKeyCache::drop(std::list<Entry>::iterator it) {
+  it->bound.reset();  // the operations end before the key they run on
   if (session_->is_open()) {
     destroy_object(*session_, it->handle).ok();  // a stale handle is gone anyway
   }
@@ -34,6 +35,13 @@ Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ObjectHandle kek, Byte
         std::memcmp(it->wrapped.data(), wrapped.data(), wrapped.size()) == 0) {
       lru_.splice(lru_.begin(), lru_, it);
       ++hits_;
+      if (it->bound && it->bound->broken()) {
+        // The token ended an operation (an HSM error): bind afresh rather than fall back for
+        // as long as the key stays cached.
+        it->bound.reset();
+        it->bound = bound_pool_ != nullptr ? bound_pool_->bind(it->handle) : nullptr;
+        it->aux.bound = it->bound.get();
+      }
       if (aux != nullptr) *aux = &it->aux;
       return it->handle;
     }
@@ -44,9 +52,13 @@ Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ObjectHandle kek, Byte
   while (lru_.size() >= capacity_) {
     drop(std::prev(lru_.end()));
   }
-  Entry e{id, h, kek, {}, wrapped.size(), {}};
+  Entry e{id, h, kek, {}, wrapped.size(), {}, nullptr};
   std::memcpy(e.wrapped.data(), wrapped.data(), wrapped.size());
-  lru_.push_front(e);
+  if (bound_pool_ != nullptr) {
+    e.bound = bound_pool_->bind(h);
+    e.aux.bound = e.bound.get();
+  }
+  lru_.push_front(std::move(e));
   map_[id] = lru_.begin();
   if (aux != nullptr) *aux = &lru_.front().aux;
   return h;
@@ -66,7 +78,10 @@ void MeterKeyCache::clear() {
 }
 
 void MeterKeyCache::reset(ObjectHandle kek) {
-  for (Entry& e : lru_) secure_zero(e.aux.bytes.data(), e.aux.bytes.size());
+  for (Entry& e : lru_) {
+    e.bound.reset();
+    secure_zero(e.aux.bytes.data(), e.aux.bytes.size());
+  }
   lru_.clear();
   map_.clear();
   kek_ = kek;

@@ -5,10 +5,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <list>
+#include <memory>
 #include <unordered_map>
 
 #include "gridseal/bytes.h"
 #include "gridseal/result.h"
+#include "hsm/bound_aes.h"
 #include "hsm/session.h"
 #include "hsm/types.h"
 
@@ -19,10 +21,12 @@ namespace gs::hsm {
 // asked for is replaced, so a new key version is never served from the old handle. Evicted and
 // replaced objects are destroyed. Lives with its Session, used by one thread at a time.
 // Bytes a caller derives once from a cached key and keeps with it (EAX' subkeys D || Q): no
-// token call on the next use. Zeroed when the entry goes.
+// token call on the next use. Zeroed when the entry goes. `bound`: the entry's open AES
+// operations when the cache binds them (bind_operations), else null; owned by the entry.
 struct KeyAux {
   std::array<std::uint8_t, 32> bytes{};
   bool valid = false;
+  BoundAes* bound = nullptr;
 };
 
 class MeterKeyCache {
@@ -41,12 +45,18 @@ class MeterKeyCache {
   // reused only for the same KEK and the same stored form.
   Result<ObjectHandle> get(std::uint64_t id, ObjectHandle kek, ByteView wrapped,
                            KeyAux** aux = nullptr);
+  // From now on each key unwrapped gets open ECB and CBC operations from `pool` (KeyAux::bound)
+  // while the pool has sessions; they end before the key object is destroyed, and are bound
+  // afresh on the next hit after the token ended one (BoundAes::broken). `pool` must outlive
+  // the cache.
+  void bind_operations(BoundAesPool* pool) noexcept { bound_pool_ = pool; }
   // Destroys the entry (key state changed: compromised, destroyed, ...).
   void erase(std::uint64_t id);
   // Destroys every entry.
   void clear();
-  // Forgets every entry without calling the token (after the session was lost: the objects are
-  // gone already), and takes the KEK handle to use from now on.
+  // Forgets every entry without destroying its object (after the session was lost: the objects
+  // are gone already; bound operations are still ended), and takes the KEK handle to use from
+  // now on.
   void reset(ObjectHandle kek);
 
   std::size_t size() const noexcept { return map_.size(); }
@@ -62,12 +72,14 @@ class MeterKeyCache {
     std::array<std::uint8_t, kMaxWrappedKeySize> wrapped;
     std::size_t wrapped_len;
     KeyAux aux;
+    std::unique_ptr<BoundAes> bound;
   };
   void drop(std::list<Entry>::iterator it);
 
   Session* session_;
   ObjectHandle kek_;
   std::size_t capacity_;
+  BoundAesPool* bound_pool_ = nullptr;
   std::list<Entry> lru_;  // front = most recent
   std::unordered_map<std::uint64_t, std::list<Entry>::iterator> map_;
   std::uint64_t hits_ = 0;

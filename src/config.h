@@ -24,6 +24,10 @@ struct HsmConfig {
   // Command keys (gs-cmd-N) are made copyable (CKA_MODIFIABLE=true) by `hsm init` and `cmdkeys
   // generate`, and the daemons sign with a session copy of theirs (hsm::signing_handle).
   bool command_key_session_copy = true;
+  // Each cached meter key keeps an ECB and a CBC encryption operation open in two sessions of
+  // its own, so EAX' costs C_EncryptUpdate calls only (hsm/bound_aes.h): two sessions and some
+  // token memory per cached key. Turn off on a token that limits sessions.
+  bool bound_aes = true;
 };
 
 struct StoreConfig {

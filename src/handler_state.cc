@@ -16,6 +16,7 @@ Status HsmThreadState::ensure_hsm(HsmContext& hsm, std::size_t key_cache) {
   // a rotation gs-kek itself may be gone.
   GS_ASSIGN(aes, hsm::HsmAes::make(s, hsm::kNoObject));
   keys = std::make_unique<hsm::MeterKeyCache>(s, hsm::kNoObject, key_cache);
+  keys->bind_operations(hsm.bound_aes.get());
   return {};
 }
 

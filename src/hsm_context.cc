@@ -1,6 +1,7 @@
 // Opening the configured HSM.
 #include "src/hsm_context.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -27,21 +28,30 @@ Result<HsmContext> open_hsm(const config::HsmConfig& cfg) {
   GS_ASSIGN(ctx.slot, ctx.module->find_slot(cfg.token_label));
   GS_ASSIGN(hsm::Secret pin, read_user_pin(cfg));
   GS_ASSIGN(ctx.pool, hsm::SessionPool::make(*ctx.module, ctx.slot, std::move(pin), cfg.sessions));
+  if (cfg.bound_aes) {
+    // Bounded by the key caches (two sessions per cached key), not here.
+    ctx.bound_aes = std::make_unique<hsm::BoundAesPool>(*ctx.module, ctx.slot, SIZE_MAX);
+  }
   return ctx;
 }
 
 Result<c1222::EaxPrime> eax_for_key(hsm::HsmAes& aes, hsm::ObjectHandle key, hsm::KeyAux* aux) {
   aes.set_key(key);
+  BlockCipher* cipher = &aes;
+  if (aux != nullptr && aux->bound != nullptr && !aux->bound->broken()) {
+    aux->bound->set_fallback(&aes);
+    cipher = aux->bound;
+  }
   if (aux != nullptr && aux->valid) {
     Block d{}, q{};
     std::memcpy(d.data(), aux->bytes.data(), 16);
     std::memcpy(q.data(), aux->bytes.data() + 16, 16);
-    auto e = c1222::EaxPrime::with_subkeys(aes, d, q);
+    auto e = c1222::EaxPrime::with_subkeys(*cipher, d, q);
     secure_zero(d.data(), d.size());
     secure_zero(q.data(), q.size());
     return e;
   }
-  GS_ASSIGN(auto e, c1222::EaxPrime::make(aes));
+  GS_ASSIGN(auto e, c1222::EaxPrime::make(*cipher));
   if (aux != nullptr) {
     std::memcpy(aux->bytes.data(), e.d().data(), 16);
     std::memcpy(aux->bytes.data() + 16, e.q().data(), 16);

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "c1222/eax_prime.h"
+#include "hsm/bound_aes.h"
 #include "hsm/hsm_aes.h"
 #include "hsm/key_cache.h"
 #include "hsm/module.h"
@@ -26,6 +27,9 @@ struct HsmContext {
   std::unique_ptr<hsm::Module> module;
   hsm::SlotId slot = 0;
   std::unique_ptr<hsm::SessionPool> pool;
+  // The sessions of bound AES operations (hsm.bound_aes), null when off. Declared after the
+  // module: destroyed before its C_Finalize.
+  std::unique_ptr<hsm::BoundAesPool> bound_aes;
 };
 
 // Points SOFTHSM2_CONF at the embedded token's configuration when hsm.softhsm_dir is set.
@@ -38,7 +42,8 @@ Result<hsm::Secret> read_user_pin(const config::HsmConfig& cfg);
 Result<HsmContext> open_hsm(const config::HsmConfig& cfg);
 
 // EAX' on the meter key `key` through `aes` (pointed at it): the subkeys come from `aux` when
-// it holds them, else they are derived (one HSM call) and kept there.
+// it holds them, else they are derived (one HSM call) and kept there. When the key has bound
+// operations (aux->bound), EAX' runs on them with `aes` as their fallback.
 Result<c1222::EaxPrime> eax_for_key(hsm::HsmAes& aes, hsm::ObjectHandle key, hsm::KeyAux* aux);
 
 }  // namespace gs

@@ -13,10 +13,12 @@
 #include <vector>
 
 #include "c1222/eax_prime.h"
+#include "hsm/bound_aes.h"
 #include "hsm/hsm_aes.h"
 #include "hsm/key_cache.h"
 #include "hsm/module.h"
 #include "hsm/ops.h"
+#include "hsm/p11.h"
 #include "hsm/session.h"
 #include "hsm/softhsm.h"
 #include "src/host_aes.h"
@@ -892,6 +894,213 @@ TEST_F(HsmTest, EaxSubkeysAreKeptWithTheCachedKey) {
   KeyAux* fresh = nullptr;
   ASSERT_TRUE(cache.get(7, *w2, &fresh).ok());
   EXPECT_FALSE(fresh->valid);
+}
+
+// ---- bound AES operations -------------------------------------------------------------------
+
+// ECB, CBC-MAC (from any chaining value), CBC-MAC pairs and CTR through operations kept open on
+// three keys, interleaved, match OpenSSL, above one chunk and in place too; no C_EncryptInit
+// after binding and no fallback.
+TEST_F(HsmTest, BoundAesMatchesHostAcrossInterleavedKeys) {
+  auto s = user_session();
+  BoundAesPool pool(*module_, slot_, 16);
+  const Bytes keys[3] = {hex("6624c7e23034e4036fe5cb3a8b5dab44"),
+                         hex("01020304050607080102030405060708"),
+                         hex("ffeeddccbbaa99887766554433221100")};
+  std::unique_ptr<BoundAes> bound[3];
+  std::unique_ptr<HsmAes> fallback[3];
+  std::unique_ptr<HostAes> host[3];
+  for (int k = 0; k < 3; ++k) {
+    auto h = import_meter_key(s, keys[k]);
+    ASSERT_TRUE(h.ok());
+    bound[k] = pool.bind(*h);
+    ASSERT_NE(bound[k], nullptr);
+    auto f = HsmAes::make(s, *h);
+    auto o = HostAes::make(keys[k]);
+    ASSERT_TRUE(f.ok() && o.ok());
+    fallback[k] = std::move(f).value();
+    host[k] = std::move(o).value();
+    bound[k]->set_fallback(fallback[k].get());
+  }
+  EXPECT_EQ(pool.stats().sessions, 6u);
+  EXPECT_EQ(pool.stats().in_use, 6u);
+  Bytes data(10007);
+  ASSERT_TRUE(generate_random(s, data).ok());
+  Block iv{};
+  int round = 0;
+  for (std::size_t n : {1u, 15u, 16u, 17u, 64u, 200u, 4096u, 4097u, 8192u, 10007u}) {
+    for (int k = 0; k < 3; ++k, ++round) {
+      iv[round % 16] ^= static_cast<std::uint8_t>(0x5a + round);
+      const ByteView in = ByteView(data).first(n);
+      Bytes a(n), b(n);
+      ASSERT_TRUE(bound[k]->ctr_xor(iv, in, a).ok()) << n;
+      ASSERT_TRUE(host[k]->ctr_xor(iv, in, b).ok());
+      EXPECT_EQ(a, b) << "ctr n=" << n << " key " << k;
+      Bytes inplace(in.begin(), in.end());
+      ASSERT_TRUE(bound[k]->ctr_xor(iv, inplace, inplace).ok());
+      EXPECT_EQ(inplace, b) << "ctr in place n=" << n;
+      const std::size_t whole = n / 16 * 16;
+      if (whole == 0) continue;
+      const ByteView w = ByteView(data).first(whole);
+      Block ma{}, mb{};
+      ASSERT_TRUE(bound[k]->cbc_mac(iv, w, ma).ok());
+      ASSERT_TRUE(host[k]->cbc_mac(iv, w, mb).ok());
+      EXPECT_EQ(ma, mb) << "cbc n=" << whole << " key " << k;
+      Bytes ea(whole), eb(whole);
+      ASSERT_TRUE(bound[k]->encrypt_blocks(w, ea).ok());
+      ASSERT_TRUE(host[k]->encrypt_blocks(w, eb).ok());
+      EXPECT_EQ(ea, eb) << "ecb n=" << whole;
+      Block p1{}, p2{}, q1{}, q2{};
+      const ByteView d2 = ByteView(data).subspan(16, std::min<std::size_t>(whole, 4096));
+      ASSERT_TRUE(bound[k]->cbc_mac_pair(mb, w, iv, d2, p1, p2).ok());
+      ASSERT_TRUE(host[k]->cbc_mac(mb, w, q1).ok());
+      ASSERT_TRUE(host[k]->cbc_mac(iv, d2, q2).ok());
+      EXPECT_EQ(p1, q1) << "pair 1 n=" << whole;
+      EXPECT_EQ(p2, q2) << "pair 2 n=" << whole;
+    }
+  }
+  for (int k = 0; k < 3; ++k) {
+    EXPECT_EQ(bound[k]->counters().fallbacks, 0u);
+    EXPECT_GT(bound[k]->counters().updates, 0u);
+    EXPECT_EQ(fallback[k]->counters().init_calls, 0u);
+    EXPECT_FALSE(bound[k]->broken());
+  }
+  // Bad sizes are refused without touching the operations.
+  Block m{};
+  Bytes out(17);
+  EXPECT_EQ(bound[0]->cbc_mac(iv, ByteView(data).first(15), m).error().code,
+            Errc::invalid_argument);
+  EXPECT_EQ(bound[0]->encrypt_blocks(ByteView(data).first(17), out).error().code,
+            Errc::invalid_argument);
+  EXPECT_FALSE(bound[0]->broken());
+  // Sessions go back to the pool and serve the next key.
+  bound[0].reset();
+  EXPECT_EQ(pool.stats().in_use, 4u);
+  auto h = import_meter_key(s, keys[0]);
+  ASSERT_TRUE(h.ok());
+  auto again = pool.bind(*h);
+  ASSERT_NE(again, nullptr);
+  EXPECT_EQ(pool.stats().sessions, 6u);
+  Bytes a(200), b(200);
+  ASSERT_TRUE(again->ctr_xor(iv, ByteView(data).first(200), a).ok());
+  ASSERT_TRUE(host[0]->ctr_xor(iv, ByteView(data).first(200), b).ok());
+  EXPECT_EQ(a, b);
+  // The pool's bound: 16 sessions, 8 keys; the ninth gets none.
+  std::vector<std::unique_ptr<BoundAes>> more;
+  for (int i = 0; i < 5; ++i) {
+    more.push_back(pool.bind(*h));
+    EXPECT_NE(more.back(), nullptr) << i;
+  }
+  EXPECT_EQ(pool.bind(*h), nullptr);
+  EXPECT_EQ(pool.stats().sessions, 16u);
+}
+
+// When the token ends a bound operation (here: its session is closed behind its back), the
+// call that meets the failure and every later one are served by the fallback with the same
+// results, and the session is not given back to the pool.
+TEST_F(HsmTest, BoundAesFallsBackWhenItsOperationEnds) {
+  auto s = user_session();
+  const Bytes key = hex("6624c7e23034e4036fe5cb3a8b5dab44");
+  auto h = import_meter_key(s, key);
+  ASSERT_TRUE(h.ok());
+  BoundAesPool pool(*module_, slot_, 8);
+  auto f = HsmAes::make(s, *h);
+  auto o = HostAes::make(key);
+  ASSERT_TRUE(f.ok() && o.ok());
+  Bytes data(256, 0x42);
+  Block iv{};
+  iv[3] = 9;
+  for (bool cbc : {false, true}) {
+    auto b = pool.bind(*h);
+    ASSERT_NE(b, nullptr);
+    b->set_fallback(f->get());
+    ASSERT_EQ(detail::fl(*module_)->C_CloseSession(b->session_for_test(cbc)), CKR_OK);
+    Bytes x(200), y(200);
+    Block m1{}, m2{};
+    ASSERT_TRUE(b->ctr_xor(iv, ByteView(data).first(200), x).ok());
+    ASSERT_TRUE((*o)->ctr_xor(iv, ByteView(data).first(200), y).ok());
+    EXPECT_EQ(x, y);
+    ASSERT_TRUE(b->cbc_mac(iv, data, m1).ok());
+    ASSERT_TRUE((*o)->cbc_mac(iv, data, m2).ok());
+    EXPECT_EQ(m1, m2);
+    EXPECT_TRUE(b->broken()) << cbc;
+    EXPECT_GE(b->counters().fallbacks, 1u);
+    // Without a fallback a broken cipher is an error, never a wrong answer.
+    b->set_fallback(nullptr);
+    EXPECT_EQ(b->cbc_mac(iv, data, m1).error().code, Errc::hsm_failure);
+    const auto before = pool.stats().sessions;
+    b.reset();
+    EXPECT_EQ(pool.stats().sessions, before - 1) << "the closed session is forgotten";
+    EXPECT_EQ(pool.stats().in_use, 0u);
+  }
+}
+
+// A cache with a pool binds each key it unwraps (KeyAux::bound), EAX' runs on the bound
+// operations with the paper vector's MAC, eviction and erase give the sessions back before the
+// key object goes.
+TEST_F(HsmTest, MeterKeyCacheBindsOperationsToItsKeys) {
+  auto s = user_session();
+  const Bytes key = hex("01020304050607080102030405060708");
+  const Bytes cleartext = hex(
+      "a20c060a607c86f7540116001702a703020104a803020102ac0fa20da00ba109"
+      "800102810448e99388be19281781159aa60d060b607c86f754011600178211"
+      "0248e99388");
+  const Bytes plaintext = hex("54454d500b40000700051a00000200e4");
+  const Bytes mac = hex("6555c029");
+  auto w = import_and_wrap_meter_key(s, kek_, key);
+  auto w2 = import_and_wrap_meter_key(s, kek_, hex("22222222222222222222222222222222"));
+  auto w3 = import_and_wrap_meter_key(s, kek_, hex("33333333333333333333333333333333"));
+  ASSERT_TRUE(w.ok() && w2.ok() && w3.ok());
+  BoundAesPool pool(*module_, slot_, 64);
+  MeterKeyCache cache(s, kek_, 2);
+  cache.bind_operations(&pool);
+  KeyAux* aux = nullptr;
+  auto h = cache.get(7, *w, &aux);
+  ASSERT_TRUE(h.ok());
+  ASSERT_NE(aux->bound, nullptr);
+  EXPECT_EQ(aux->bound->key(), *h);
+  auto aes = HsmAes::make(s, kNoObject);
+  ASSERT_TRUE(aes.ok());
+  for (int round = 0; round < 2; ++round) {
+    auto e = gs::eax_for_key(**aes, *h, aux);
+    ASSERT_TRUE(e.ok());
+    Bytes data = plaintext;
+    auto m = e->encrypt(cleartext, data);
+    ASSERT_TRUE(m.ok());
+    EXPECT_EQ(Bytes(m->begin(), m->end()), mac) << round;
+    ASSERT_TRUE(e->decrypt(cleartext, data, *m).ok());
+    EXPECT_EQ(data, plaintext);
+  }
+  EXPECT_EQ((*aes)->counters().init_calls, 0u) << "EAX' ran on the bound operations only";
+  EXPECT_GT(aux->bound->counters().updates, 0u);
+  EXPECT_EQ(pool.stats().in_use, 2u);
+  // The token ends one of them: that message falls back, the next hit binds afresh.
+  ASSERT_EQ(detail::fl(*module_)->C_CloseSession(aux->bound->session_for_test(false)), CKR_OK);
+  {
+    auto e = gs::eax_for_key(**aes, *h, aux);
+    ASSERT_TRUE(e.ok());
+    Bytes data = plaintext;
+    auto m = e->encrypt(cleartext, data);
+    ASSERT_TRUE(m.ok());
+    EXPECT_EQ(Bytes(m->begin(), m->end()), mac);
+    EXPECT_TRUE(aux->bound->broken());
+  }
+  KeyAux* rebound = nullptr;
+  ASSERT_TRUE(cache.get(7, *w, &rebound).ok());
+  ASSERT_NE(rebound->bound, nullptr);
+  EXPECT_FALSE(rebound->bound->broken());
+  EXPECT_EQ(pool.stats().in_use, 2u);
+  EXPECT_EQ(pool.stats().sessions, 2u) << "the closed session was forgotten, one new opened";
+  ASSERT_TRUE(cache.get(8, *w2).ok());
+  ASSERT_TRUE(cache.get(9, *w3).ok());  // evicts 7
+  EXPECT_EQ(pool.stats().in_use, 4u);
+  EXPECT_EQ(pool.stats().sessions, 4u) << "the evicted key's sessions serve the new one";
+  EXPECT_FALSE(object_attributes(s, *h).ok());
+  cache.erase(8);
+  EXPECT_EQ(pool.stats().in_use, 2u);
+  cache.reset(kek_);
+  EXPECT_EQ(pool.stats().in_use, 0u);
+  EXPECT_EQ(pool.stats().sessions, 4u);
 }
 
 // ---- pool, random -------------------------------------------------------------------------------

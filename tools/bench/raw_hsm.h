@@ -5,7 +5,9 @@
 //   it per request).
 // - DKUS EAX' open: one EAX' verify + decrypt of a 200-byte meter message through PKCS#11 on an
 //   unwrapped meter key whose handle and EAX' subkeys are cached, as the DKUS's key cache holds
-//   them (two CBC-MACs and one CTR pass: three C_EncryptInit + C_Encrypt pairs).
+//   them (two CBC-MACs in one CBC operation, one CTR pass: two C_EncryptInit).
+// Both use the meter key's bound AES operations when the config enables them (hsm.bound_aes,
+// hsm/bound_aes.h), as the daemons do: EAX' is then three C_EncryptUpdate calls.
 #pragma once
 
 #include <cstdint>
