@@ -35,11 +35,12 @@ Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ObjectHandle kek, Byte
         std::memcmp(it->wrapped.data(), wrapped.data(), wrapped.size()) == 0) {
       lru_.splice(lru_.begin(), lru_, it);
       ++hits_;
-      if (it->bound && it->bound->broken()) {
-        // The token ended an operation (an HSM error): bind afresh rather than fall back for
-        // as long as the key stays cached.
+      // Bound on the first hit, not on the miss: binding costs two C_EncryptInit, what one
+      // EAX' step saves, so a key used once (a fleet far larger than the cache) would pay it
+      // for nothing. A key whose operations the token ended (an HSM error) is bound afresh.
+      if (bound_pool_ != nullptr && (!it->bound || it->bound->broken())) {
         it->bound.reset();
-        it->bound = bound_pool_ != nullptr ? bound_pool_->bind(it->handle) : nullptr;
+        it->bound = bound_pool_->bind(it->handle);
         it->aux.bound = it->bound.get();
       }
       if (aux != nullptr) *aux = &it->aux;
@@ -54,10 +55,6 @@ Result<ObjectHandle> MeterKeyCache::get(std::uint64_t id, ObjectHandle kek, Byte
   }
   Entry e{id, h, kek, {}, wrapped.size(), {}, nullptr};
   std::memcpy(e.wrapped.data(), wrapped.data(), wrapped.size());
-  if (bound_pool_ != nullptr) {
-    e.bound = bound_pool_->bind(h);
-    e.aux.bound = e.bound.get();
-  }
   lru_.push_front(std::move(e));
   map_[id] = lru_.begin();
   if (aux != nullptr) *aux = &lru_.front().aux;

@@ -45,10 +45,10 @@ class MeterKeyCache {
   // reused only for the same KEK and the same stored form.
   Result<ObjectHandle> get(std::uint64_t id, ObjectHandle kek, ByteView wrapped,
                            KeyAux** aux = nullptr);
-  // From now on each key unwrapped gets open ECB and CBC operations from `pool` (KeyAux::bound)
-  // while the pool has sessions; they end before the key object is destroyed, and are bound
-  // afresh on the next hit after the token ended one (BoundAes::broken). `pool` must outlive
-  // the cache.
+  // From now on each cached key gets open ECB and CBC operations from `pool` (KeyAux::bound)
+  // on its first hit (a key looked up once never pays for them), while the pool has sessions;
+  // they end before the key object is destroyed, and are bound afresh on the next hit after
+  // the token ended one (BoundAes::broken). `pool` must outlive the cache.
   void bind_operations(BoundAesPool* pool) noexcept { bound_pool_ = pool; }
   // Destroys the entry (key state changed: compromised, destroyed, ...).
   void erase(std::uint64_t id);

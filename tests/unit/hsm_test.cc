@@ -1035,9 +1035,9 @@ TEST_F(HsmTest, BoundAesFallsBackWhenItsOperationEnds) {
   }
 }
 
-// A cache with a pool binds each key it unwraps (KeyAux::bound), EAX' runs on the bound
-// operations with the paper vector's MAC, eviction and erase give the sessions back before the
-// key object goes.
+// A cache with a pool binds a key on its first hit, not on the miss (KeyAux::bound); EAX' runs
+// on the bound operations with the paper vector's MAC; eviction and erase give the sessions back
+// before the key object goes.
 TEST_F(HsmTest, MeterKeyCacheBindsOperationsToItsKeys) {
   auto s = user_session();
   const Bytes key = hex("01020304050607080102030405060708");
@@ -1057,6 +1057,9 @@ TEST_F(HsmTest, MeterKeyCacheBindsOperationsToItsKeys) {
   KeyAux* aux = nullptr;
   auto h = cache.get(7, *w, &aux);
   ASSERT_TRUE(h.ok());
+  EXPECT_EQ(aux->bound, nullptr) << "a key looked up once is not bound";
+  EXPECT_EQ(pool.stats().sessions, 0u);
+  ASSERT_TRUE(cache.get(7, *w, &aux).ok());
   ASSERT_NE(aux->bound, nullptr);
   EXPECT_EQ(aux->bound->key(), *h);
   auto aes = HsmAes::make(s, kNoObject);
@@ -1092,7 +1095,12 @@ TEST_F(HsmTest, MeterKeyCacheBindsOperationsToItsKeys) {
   EXPECT_EQ(pool.stats().in_use, 2u);
   EXPECT_EQ(pool.stats().sessions, 2u) << "the closed session was forgotten, one new opened";
   ASSERT_TRUE(cache.get(8, *w2).ok());
+  EXPECT_EQ(pool.stats().in_use, 2u);
+  ASSERT_TRUE(cache.get(8, *w2).ok());
+  EXPECT_EQ(pool.stats().in_use, 4u);
   ASSERT_TRUE(cache.get(9, *w3).ok());  // evicts 7
+  EXPECT_EQ(pool.stats().in_use, 2u);
+  ASSERT_TRUE(cache.get(9, *w3).ok());
   EXPECT_EQ(pool.stats().in_use, 4u);
   EXPECT_EQ(pool.stats().sessions, 4u) << "the evicted key's sessions serve the new one";
   EXPECT_FALSE(object_attributes(s, *h).ok());
