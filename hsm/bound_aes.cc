@@ -86,6 +86,12 @@ std::unique_ptr<BoundAes> BoundAesPool::bind(ObjectHandle key) {
   return std::unique_ptr<BoundAes>(new BoundAes(*this, key, ecb, cbc));
 }
 
+void BoundAesPool::forget(std::size_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  in_use_ -= n;
+  opened_ -= n;
+}
+
 BoundAesPool::Stats BoundAesPool::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return Stats{opened_, in_use_, open_failures_};
@@ -94,8 +100,12 @@ BoundAesPool::Stats BoundAesPool::stats() const {
 // ---- BoundAes -----------------------------------------------------------------------------------
 
 BoundAes::~BoundAes() {
-  pool_->give_back(ecb_);
-  pool_->give_back(cbc_);
+  if (abandoned_) {
+    pool_->forget(2);
+  } else {
+    pool_->give_back(ecb_);
+    pool_->give_back(cbc_);
+  }
   secure_zero(chain_.data(), chain_.size());
 }
 

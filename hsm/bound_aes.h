@@ -61,6 +61,8 @@ class BoundAesPool {
   // Ends any operation left in `s` and keeps it for the next key, or forgets it when the token
   // says it is gone.
   void give_back(SessionHandle s);
+  // Forgets `n` sessions in use without a token call (BoundAes::abandon).
+  void forget(std::size_t n);
 
   Module* module_;
   SlotId slot_;
@@ -92,6 +94,13 @@ class BoundAes final : public BlockCipher {
                       Block& out2) override;
   Status ctr_xor(const Block& ctr, ByteView in, MutableByteView out) override;
 
+  // After the token lost its sessions (a device reset): the destructor forgets the two session
+  // handles instead of ending their operations, since the token may have handed the same
+  // numbers to new sessions of other threads by then. Every later call goes to the fallback.
+  void abandon() noexcept {
+    abandoned_ = true;
+    broken_ = true;
+  }
   // The cipher that serves the calls once this one is broken (not owned; may be null: the calls
   // then fail).
   void set_fallback(BlockCipher* fallback) noexcept { fallback_ = fallback; }
@@ -117,6 +126,7 @@ class BoundAes final : public BlockCipher {
   SessionHandle cbc_;
   Block chain_{};  // the CBC operation's last output block (its IV before the first update)
   bool broken_ = false;
+  bool abandoned_ = false;
   BlockCipher* fallback_ = nullptr;
   Counters counters_;
 };

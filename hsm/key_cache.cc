@@ -76,6 +76,7 @@ void MeterKeyCache::clear() {
 
 void MeterKeyCache::reset(ObjectHandle kek) {
   for (Entry& e : lru_) {
+    if (e.bound) e.bound->abandon();  // its session numbers may belong to new sessions by now
     e.bound.reset();
     secure_zero(e.aux.bytes.data(), e.aux.bytes.size());
   }

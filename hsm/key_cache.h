@@ -54,9 +54,9 @@ class MeterKeyCache {
   void erase(std::uint64_t id);
   // Destroys every entry.
   void clear();
-  // Forgets every entry without destroying its object (after the session was lost: the objects
-  // are gone already; bound operations are still ended), and takes the KEK handle to use from
-  // now on.
+  // Forgets every entry without a token call (after the session was lost: the objects are gone
+  // already, and the bound operations' sessions are forgotten, BoundAes::abandon), and takes the
+  // KEK handle to use from now on.
   void reset(ObjectHandle kek);
 
   std::size_t size() const noexcept { return map_.size(); }

@@ -1106,9 +1106,16 @@ TEST_F(HsmTest, MeterKeyCacheBindsOperationsToItsKeys) {
   EXPECT_FALSE(object_attributes(s, *h).ok());
   cache.erase(8);
   EXPECT_EQ(pool.stats().in_use, 2u);
-  cache.reset(kek_);
+  cache.erase(9);
   EXPECT_EQ(pool.stats().in_use, 0u);
   EXPECT_EQ(pool.stats().sessions, 4u);
+  // After a lost session, reset() forgets the bound sessions without touching them.
+  ASSERT_TRUE(cache.get(8, *w2).ok());
+  ASSERT_TRUE(cache.get(8, *w2).ok());
+  EXPECT_EQ(pool.stats().in_use, 2u);
+  cache.reset(kek_);
+  EXPECT_EQ(pool.stats().in_use, 0u);
+  EXPECT_EQ(pool.stats().sessions, 2u);
 }
 
 // ---- pool, random -------------------------------------------------------------------------------
