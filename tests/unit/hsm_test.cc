@@ -855,18 +855,24 @@ TEST_F(HsmTest, MeterKeyCacheIsBoundedAndFollowsKeyChanges) {
   EXPECT_FALSE(object_attributes(s, *h2).ok());
 }
 
+// An EAX' message with its MAC (key, canonified cleartext, plaintext EPSEM, MAC), for the
+// cache tests.
+struct EaxSample {
+  Bytes key = hex("01020304050607080102030405060708");
+  Bytes cleartext = hex(
+      "a20c060a607c86f7540116001702a703020104a803020102ac0fa20da00ba109"
+      "800102810448e99388be19281781159aa60d060b607c86f754011600178211"
+      "0248e99388");
+  Bytes plaintext = hex("54454d500b40000700051a00000200e4");
+  Bytes mac = hex("6555c029");
+};
+
 // EAX' subkeys are derived once per cached key (one HSM call) and kept with it; a new key for
 // the same id starts over.
 TEST_F(HsmTest, EaxSubkeysAreKeptWithTheCachedKey) {
   auto s = user_session();
-  const Bytes key = hex("01020304050607080102030405060708");
-  const Bytes cleartext = hex(
-      "a20c060a607c86f7540116001702a703020104a803020102ac0fa20da00ba109"
-      "800102810448e99388be19281781159aa60d060b607c86f754011600178211"
-      "0248e99388");
-  const Bytes plaintext = hex("54454d500b40000700051a00000200e4");
-  const Bytes mac = hex("6555c029");
-  auto w = import_and_wrap_meter_key(s, kek_, key);
+  const EaxSample v;
+  auto w = import_and_wrap_meter_key(s, kek_, v.key);
   auto w2 = import_and_wrap_meter_key(s, kek_, hex("22222222222222222222222222222222"));
   ASSERT_TRUE(w.ok() && w2.ok());
   MeterKeyCache cache(s, kek_, 4);
@@ -883,10 +889,10 @@ TEST_F(HsmTest, EaxSubkeysAreKeptWithTheCachedKey) {
     ASSERT_TRUE(e.ok());
     EXPECT_EQ((*aes)->counters().init_calls, round == 0 ? 1u : 0u) << round;
     EXPECT_TRUE(aux->valid);
-    Bytes data = plaintext;
-    auto m = e->encrypt(cleartext, data);
+    Bytes data = v.plaintext;
+    auto m = e->encrypt(v.cleartext, data);
     ASSERT_TRUE(m.ok());
-    EXPECT_EQ(Bytes(m->begin(), m->end()), mac) << round;
+    EXPECT_EQ(Bytes(m->begin(), m->end()), v.mac) << round;
     KeyAux* again = nullptr;
     ASSERT_TRUE(cache.get(7, *w, &again).ok());
     EXPECT_EQ(again, aux);
@@ -1040,14 +1046,8 @@ TEST_F(HsmTest, BoundAesFallsBackWhenItsOperationEnds) {
 // before the key object goes.
 TEST_F(HsmTest, MeterKeyCacheBindsOperationsToItsKeys) {
   auto s = user_session();
-  const Bytes key = hex("01020304050607080102030405060708");
-  const Bytes cleartext = hex(
-      "a20c060a607c86f7540116001702a703020104a803020102ac0fa20da00ba109"
-      "800102810448e99388be19281781159aa60d060b607c86f754011600178211"
-      "0248e99388");
-  const Bytes plaintext = hex("54454d500b40000700051a00000200e4");
-  const Bytes mac = hex("6555c029");
-  auto w = import_and_wrap_meter_key(s, kek_, key);
+  const EaxSample v;
+  auto w = import_and_wrap_meter_key(s, kek_, v.key);
   auto w2 = import_and_wrap_meter_key(s, kek_, hex("22222222222222222222222222222222"));
   auto w3 = import_and_wrap_meter_key(s, kek_, hex("33333333333333333333333333333333"));
   ASSERT_TRUE(w.ok() && w2.ok() && w3.ok());
@@ -1067,12 +1067,12 @@ TEST_F(HsmTest, MeterKeyCacheBindsOperationsToItsKeys) {
   for (int round = 0; round < 2; ++round) {
     auto e = gs::eax_for_key(**aes, *h, aux);
     ASSERT_TRUE(e.ok());
-    Bytes data = plaintext;
-    auto m = e->encrypt(cleartext, data);
+    Bytes data = v.plaintext;
+    auto m = e->encrypt(v.cleartext, data);
     ASSERT_TRUE(m.ok());
-    EXPECT_EQ(Bytes(m->begin(), m->end()), mac) << round;
-    ASSERT_TRUE(e->decrypt(cleartext, data, *m).ok());
-    EXPECT_EQ(data, plaintext);
+    EXPECT_EQ(Bytes(m->begin(), m->end()), v.mac) << round;
+    ASSERT_TRUE(e->decrypt(v.cleartext, data, *m).ok());
+    EXPECT_EQ(data, v.plaintext);
   }
   EXPECT_EQ((*aes)->counters().init_calls, 0u) << "EAX' ran on the bound operations only";
   EXPECT_GT(aux->bound->counters().updates, 0u);
@@ -1082,10 +1082,10 @@ TEST_F(HsmTest, MeterKeyCacheBindsOperationsToItsKeys) {
   {
     auto e = gs::eax_for_key(**aes, *h, aux);
     ASSERT_TRUE(e.ok());
-    Bytes data = plaintext;
-    auto m = e->encrypt(cleartext, data);
+    Bytes data = v.plaintext;
+    auto m = e->encrypt(v.cleartext, data);
     ASSERT_TRUE(m.ok());
-    EXPECT_EQ(Bytes(m->begin(), m->end()), mac);
+    EXPECT_EQ(Bytes(m->begin(), m->end()), v.mac);
     EXPECT_TRUE(aux->bound->broken());
   }
   KeyAux* rebound = nullptr;
