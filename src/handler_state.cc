@@ -17,6 +17,7 @@ Status HsmThreadState::ensure_hsm(HsmContext& hsm, std::size_t key_cache) {
   GS_ASSIGN(aes, hsm::HsmAes::make(s, hsm::kNoObject));
   keys = std::make_unique<hsm::MeterKeyCache>(s, hsm::kNoObject, key_cache);
   keys->bind_operations(hsm.bound_aes.get());
+  bound_pool_ = hsm.bound_aes.get();
   return {};
 }
 
@@ -36,6 +37,11 @@ Result<hsm::ObjectHandle> HsmThreadState::meter_key(std::uint64_t ref, const sto
   } else if (h.ok() && key_hits_ != nullptr) {
     key_hits_->inc();
   }
+  if (bound_pool_ != nullptr && bound_open_ != nullptr) {
+    const hsm::BoundAesPool::Stats st = bound_pool_->stats();
+    bound_open_->set(static_cast<double>(st.sessions));
+    bound_in_use_->set(static_cast<double>(st.in_use));
+  }
   return h;
 }
 
@@ -45,6 +51,11 @@ void HsmThreadState::count_key_lookups(metrics::Registry& registry) {
   key_misses_ = &registry.counter(
       "gridseal_hsm_key_cache_misses_total",
       "Meter-key lookups that unwrapped the key into the session (C_UnwrapKey)");
+  const std::string help =
+      "PKCS#11 sessions of the process's bound AES operations (hsm.bound_aes): opened, and "
+      "holding a cached meter key's operations";
+  bound_open_ = &registry.gauge("gridseal_hsm_bound_aes_sessions", help, {{"state", "open"}});
+  bound_in_use_ = &registry.gauge("gridseal_hsm_bound_aes_sessions", help, {{"state", "in_use"}});
 }
 
 Result<hsm::SigningHandle> HsmThreadState::signing_key(const std::string& label,

@@ -52,12 +52,16 @@ struct HsmThreadState {
   // destroyed, or forgotten when the session was lost with them).
   void drop_hsm();
   // meter_key() counts its lookups in gridseal_hsm_key_cache_{hits,misses}_total of `registry`
-  // (a miss is a C_UnwrapKey). Call once, before the state is used.
+  // (a miss is a C_UnwrapKey) and reports the process's bound AES sessions in
+  // gridseal_hsm_bound_aes_sessions{state="open"|"in_use"}. Call once, before the state is used.
   void count_key_lookups(metrics::Registry& registry);
 
  private:
   metrics::Counter* key_hits_ = nullptr;
   metrics::Counter* key_misses_ = nullptr;
+  metrics::Gauge* bound_open_ = nullptr;
+  metrics::Gauge* bound_in_use_ = nullptr;
+  hsm::BoundAesPool* bound_pool_ = nullptr;
   std::optional<hsm::SigningHandle> signing_;
   std::string signing_label_;
 };

@@ -112,7 +112,13 @@ TEST_F(Dkusd, OpensToModeZeroWithTheSameEpsem) {
   // One key lookup per message: the first in each handler's session unwraps the key.
   const auto misses = metric("gridseal_hsm_key_cache_misses_total");
   EXPECT_GE(misses, 1);
-  EXPECT_EQ(metric("gridseal_hsm_key_cache_hits_total") + misses, 5);
+  const auto hits = metric("gridseal_hsm_key_cache_hits_total");
+  EXPECT_EQ(hits + misses, 5);
+  // A key is bound on its first hit: two sessions of the worker that saw it again.
+  const auto bound_open = metric("gridseal_hsm_bound_aes_sessions", {"state=\"open\""});
+  const auto bound_in_use = metric("gridseal_hsm_bound_aes_sessions", {"state=\"in_use\""});
+  EXPECT_LE(bound_in_use, bound_open);
+  if (hits > 0) EXPECT_GE(bound_in_use, 2);
   EXPECT_EQ(daemon_->stop(), 0) << daemon_->err_log();
   const std::string err = daemon_->err_log();
   EXPECT_EQ(err.find(daemon_->meter(1).key_hex), std::string::npos) << "key in the log";
