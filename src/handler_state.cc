@@ -1,6 +1,11 @@
 // Per handler-thread HSM and store state: see handler_state.h.
 #include "src/handler_state.h"
 
+#include <errno.h>
+
+#include <atomic>
+#include <cstdio>
+
 #include "hsm/ops.h"
 
 namespace gs {
@@ -37,10 +42,19 @@ Result<hsm::ObjectHandle> HsmThreadState::meter_key(std::uint64_t ref, const sto
   } else if (h.ok() && key_hits_ != nullptr) {
     key_hits_->inc();
   }
-  if (bound_pool_ != nullptr && bound_open_ != nullptr) {
+  if (bound_pool_ != nullptr) {
     const hsm::BoundAesPool::Stats st = bound_pool_->stats();
-    bound_open_->set(static_cast<double>(st.sessions));
-    bound_in_use_->set(static_cast<double>(st.in_use));
+    if (bound_open_ != nullptr) {
+      bound_open_->set(static_cast<double>(st.sessions));
+      bound_in_use_->set(static_cast<double>(st.in_use));
+    }
+    static std::atomic<bool> refusal_noted{false};
+    if (st.open_failures > 0 && !refusal_noted.exchange(true)) {
+      std::fprintf(stderr,
+                   "%s: hsm.bound_aes: the token refused a session (%llu open for bound "
+                   "operations); keys without them use one C_EncryptInit per EAX' step\n",
+                   program_invocation_short_name, static_cast<unsigned long long>(st.sessions));
+    }
   }
   return h;
 }
