@@ -35,7 +35,7 @@ Result<Config> load(const std::string& path) {
     GS_TRY(check_keys(*t, path, "hsm.",
                       {"module", "token_label", "pin_file", "pin_env", "so_pin_file",
                        "softhsm_dir", "sessions", "key_cache", "command_key_session_copy",
-                       "bound_aes"}));
+                       "bound_aes", "bound_aes_sessions"}));
     GS_TRY(get_string(*t, "module", path, "hsm.", c.hsm.module));
     GS_TRY(get_string(*t, "token_label", path, "hsm.", c.hsm.token_label));
     GS_TRY(get_string(*t, "pin_file", path, "hsm.", c.hsm.pin_file));
@@ -46,6 +46,8 @@ Result<Config> load(const std::string& path) {
     GS_TRY(get_int(*t, "key_cache", path, "hsm.", 16, 10'000'000, c.hsm.key_cache));
     GS_TRY(get_bool(*t, "command_key_session_copy", path, "hsm.", c.hsm.command_key_session_copy));
     GS_TRY(get_bool(*t, "bound_aes", path, "hsm.", c.hsm.bound_aes));
+    GS_TRY(get_int(*t, "bound_aes_sessions", path, "hsm.", 0, 100'000'000,
+                   c.hsm.bound_aes_sessions));
   }
   if (const toml::node* s = root.get("store")) {
     const toml::table* t = s->as_table();

@@ -28,6 +28,9 @@ struct HsmConfig {
   // its own, so EAX' costs C_EncryptUpdate calls only (hsm/bound_aes.h): two sessions and some
   // token memory per cached key. Turn off on a token that limits sessions.
   bool bound_aes = true;
+  // At most this many sessions per process for bound operations (two per bound key); 0: as
+  // many as the key caches need. Keeps sessions free for the rest on an HSM that limits them.
+  std::uint32_t bound_aes_sessions = 0;
 };
 
 struct StoreConfig {

@@ -29,8 +29,9 @@ Result<HsmContext> open_hsm(const config::HsmConfig& cfg) {
   GS_ASSIGN(hsm::Secret pin, read_user_pin(cfg));
   GS_ASSIGN(ctx.pool, hsm::SessionPool::make(*ctx.module, ctx.slot, std::move(pin), cfg.sessions));
   if (cfg.bound_aes) {
-    // Bounded by the key caches (two sessions per cached key), not here.
-    ctx.bound_aes = std::make_unique<hsm::BoundAesPool>(*ctx.module, ctx.slot, SIZE_MAX);
+    // Unless capped, bounded by the key caches (two sessions per cached key).
+    const std::size_t cap = cfg.bound_aes_sessions == 0 ? SIZE_MAX : cfg.bound_aes_sessions;
+    ctx.bound_aes = std::make_unique<hsm::BoundAesPool>(*ctx.module, ctx.slot, cap);
   }
   return ctx;
 }

@@ -710,6 +710,12 @@ TEST_F(Dkusd, ConfigErrorsNameTheKey) {
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("hsm.command_key_session_copy"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("true or false"), std::string::npos) << r.out;
+  std::ofstream(conf) << "[hsm]\npin_file = \"pin\"\nbound_aes_sessions = -2\n[server]\n"
+                         "plain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n";
+  r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
+                            " --check");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("hsm.bound_aes_sessions"), std::string::npos) << r.out;
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
 }
