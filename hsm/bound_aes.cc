@@ -9,12 +9,6 @@
 namespace gs::hsm {
 namespace {
 
-void add_one(Block& ctr) noexcept {
-  for (int i = 15; i >= 0; --i) {
-    if (++ctr[static_cast<std::size_t>(i)] != 0) break;
-  }
-}
-
 Error broken_error() {
   return Error(Errc::hsm_failure, "AES operation bound to the meter key failed");
 }
@@ -144,42 +138,20 @@ bool BoundAes::cbc_mac_bound(const Block& iv, ByteView data, Block& out) {
   return ok;
 }
 
-bool BoundAes::ctr_bound(const Block& ctr, ByteView in, MutableByteView out) {
-  std::uint8_t ks[kChunk];
-  Block counter = ctr;
-  bool ok = true;
-  for (std::size_t off = 0; ok && off < in.size(); off += kChunk) {
-    const std::size_t n = std::min(kChunk, in.size() - off);
-    const std::size_t blocks = (n + 15) / 16;
-    for (std::size_t b = 0; b < blocks; ++b) {
-      std::memcpy(ks + b * 16, counter.data(), 16);
-      add_one(counter);
-    }
-    ok = update(ecb_, ks, blocks * 16, ks);
-    if (ok) {
-      for (std::size_t i = 0; i < n; ++i) {
-        out[off + i] = static_cast<std::uint8_t>(in[off + i] ^ ks[i]);
-      }
-    }
-  }
-  secure_zero(ks, std::min(kChunk, (in.size() + 15) / 16 * 16));
-  secure_zero(counter.data(), counter.size());
-  return ok;
-}
-
 Status BoundAes::encrypt_blocks(ByteView in, MutableByteView out) {
   if (in.size() != out.size() || in.size() % 16 != 0) {
     return Error(Errc::invalid_argument, "encrypt_blocks: sizes must match and be whole blocks");
   }
-  bool ok = !broken_;
-  for (std::size_t off = 0; ok && off < in.size(); off += kChunk) {
+  for (std::size_t off = 0; off < in.size(); off += kChunk) {
     const std::size_t n = std::min(kChunk, in.size() - off);
-    ok = update(ecb_, in.data() + off, n, out.data() + off);
+    if (!broken_ && update(ecb_, in.data() + off, n, out.data() + off)) continue;
+    // From the failed chunk on (the chunks before it are done, and in place they are no longer
+    // the input; a failed call writes no output).
+    if (fallback_ == nullptr) return broken_error();
+    ++counters_.fallbacks;
+    return fallback_->encrypt_blocks(in.subspan(off), out.subspan(off));
   }
-  if (ok) return {};
-  if (fallback_ == nullptr) return broken_error();
-  ++counters_.fallbacks;
-  return fallback_->encrypt_blocks(in, out);
+  return {};
 }
 
 Status BoundAes::cbc_mac(const Block& iv, ByteView data, Block& out) {
@@ -201,33 +173,6 @@ Status BoundAes::cbc_mac_pair(const Block& iv1, ByteView d1, const Block& iv2, B
   if (fallback_ == nullptr) return broken_error();
   ++counters_.fallbacks;
   return fallback_->cbc_mac_pair(iv1, d1, iv2, d2, out1, out2);
-}
-
-Status BoundAes::ctr_xor(const Block& ctr, ByteView in, MutableByteView out) {
-  if (in.size() != out.size()) {
-    return Error(Errc::invalid_argument, "ctr_xor: sizes differ");
-  }
-  if (in.empty()) return {};
-  // The fallback must see the input even after a failed chunk, and chunks before it have been
-  // written: in place over several chunks, work from a copy.
-  Bytes copy;
-  ByteView src = in;
-  if (!broken_ && in.data() == out.data() && in.size() > kChunk) {
-    copy.assign(in.begin(), in.end());
-    src = copy;
-  }
-  const bool ok = !broken_ && ctr_bound(ctr, src, out);
-  Status st;
-  if (!ok) {
-    if (fallback_ == nullptr) {
-      st = broken_error();
-    } else {
-      ++counters_.fallbacks;
-      st = fallback_->ctr_xor(ctr, src, out);
-    }
-  }
-  secure_zero(copy.data(), copy.size());
-  return st;
 }
 
 }  // namespace gs::hsm

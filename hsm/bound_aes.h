@@ -92,7 +92,7 @@ class BoundAes final : public BlockCipher {
   Status cbc_mac(const Block& iv, ByteView data, Block& out) override;
   Status cbc_mac_pair(const Block& iv1, ByteView d1, const Block& iv2, ByteView d2, Block& out1,
                       Block& out2) override;
-  Status ctr_xor(const Block& ctr, ByteView in, MutableByteView out) override;
+  // ctr_xor: BlockCipher's, the counter blocks through encrypt_blocks (one update per 32 blocks).
 
   // After the token lost its sessions (a device reset): the destructor forgets the two session
   // handles instead of ending their operations, since the token may have handed the same
@@ -118,7 +118,6 @@ class BoundAes final : public BlockCipher {
   // One C_EncryptUpdate of whole blocks in session s; false (and broken) on any failure.
   bool update(SessionHandle s, const std::uint8_t* in, std::size_t n, std::uint8_t* out);
   bool cbc_mac_bound(const Block& iv, ByteView data, Block& out);
-  bool ctr_bound(const Block& ctr, ByteView in, MutableByteView out);
 
   BoundAesPool* pool_;
   ObjectHandle key_;

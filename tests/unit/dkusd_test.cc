@@ -677,45 +677,37 @@ TEST_F(Dkusd, ConfigErrorsNameTheKey) {
   ASSERT_NE(mkdtemp(tmpl), nullptr);
   const std::string dir = tmpl;
   const std::string conf = dir + "/dkus.toml";
-  std::ofstream(conf) << "[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\n"
-                         "head_end_title = \".1.9\"\niv_window_s = 0\n";
-  auto r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
-                                 " --check");
-  EXPECT_NE(r.code, 0);
-  EXPECT_NE(r.out.find("dkus.iv_window_s"), std::string::npos) << r.out;
-  std::ofstream(conf) << "[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\n"
-                         "head_end_title = \".1.9\"\nreplay_window = 3\n";
-  r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
-                            " --check");
-  EXPECT_NE(r.code, 0);
-  EXPECT_NE(r.out.find("dkus.replay_window: unknown key"), std::string::npos) << r.out;
-  std::ofstream(conf) << "[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\n"
-                         "dkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n[audit]\n"
-                         "enabled = true\nbatch_max = 0\n";
-  r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
-                            " --check");
-  EXPECT_NE(r.code, 0);
-  EXPECT_NE(r.out.find("audit.batch_max"), std::string::npos) << r.out;
-  std::ofstream(conf) << "[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\n"
-                         "dkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n[audit]\n"
-                         "anchor = 1\n";
-  r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
-                            " --check");
-  EXPECT_NE(r.code, 0);
-  EXPECT_NE(r.out.find("audit.anchor: unknown key"), std::string::npos) << r.out;
-  std::ofstream(conf) << "[hsm]\npin_file = \"pin\"\ncommand_key_session_copy = 1\n[server]\n"
-                         "plain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n";
-  r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
-                            " --check");
-  EXPECT_NE(r.code, 0);
-  EXPECT_NE(r.out.find("hsm.command_key_session_copy"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("true or false"), std::string::npos) << r.out;
-  std::ofstream(conf) << "[hsm]\npin_file = \"pin\"\nbound_aes_sessions = -2\n[server]\n"
-                         "plain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n";
-  r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
-                            " --check");
-  EXPECT_NE(r.code, 0);
-  EXPECT_NE(r.out.find("hsm.bound_aes_sessions"), std::string::npos) << r.out;
+  // The daemon refuses the config, naming `key`; returns what it printed.
+  auto refused = [&](const std::string& text, const std::string& key) {
+    std::ofstream(conf) << text;
+    auto r = gs::test::run_command(std::string(GS_BIN_DIR) + "/gridseal-dkusd --config " + conf +
+                                   " --check");
+    EXPECT_NE(r.code, 0) << key;
+    EXPECT_NE(r.out.find(key), std::string::npos) << r.out;
+    return r.out;
+  };
+  refused("[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\n"
+          "head_end_title = \".1.9\"\niv_window_s = 0\n",
+          "dkus.iv_window_s");
+  refused("[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\n"
+          "head_end_title = \".1.9\"\nreplay_window = 3\n",
+          "dkus.replay_window: unknown key");
+  refused("[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\n"
+          "dkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n[audit]\n"
+          "enabled = true\nbatch_max = 0\n",
+          "audit.batch_max");
+  refused("[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\n"
+          "dkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n[audit]\n"
+          "anchor = 1\n",
+          "audit.anchor: unknown key");
+  const std::string out =
+      refused("[hsm]\npin_file = \"pin\"\ncommand_key_session_copy = 1\n[server]\n"
+              "plain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n",
+              "hsm.command_key_session_copy");
+  EXPECT_NE(out.find("true or false"), std::string::npos) << out;
+  refused("[hsm]\npin_file = \"pin\"\nbound_aes_sessions = -2\n[server]\n"
+          "plain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n",
+          "hsm.bound_aes_sessions");
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
 }
