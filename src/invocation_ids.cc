@@ -2,8 +2,13 @@
 #include "src/invocation_ids.h"
 
 #include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <limits>
 #include <string>
+#include <thread>
 
+#include "gridseal/thread_name.h"
 #include "src/key_store.h"
 
 namespace gs::ids {
@@ -93,6 +98,102 @@ Status check_window(std::uint64_t window_s, double peak_rate, std::uint64_t max_
   return {};
 }
 
+struct InvocationIdAllocator::State {
+  struct Block {
+    std::uint64_t next = 0;  // counter value
+    std::uint64_t end = 0;   // one past the last
+    std::int64_t reserved_at = 0;
+    std::uint64_t left() const { return end - next; }
+  };
+  struct Title {
+    std::optional<Block> current;
+    std::optional<Block> spare;  // reserved in the background, used when `current` runs out
+    bool refilling = false;      // a background reservation for this title is queued or running
+    std::int64_t prefetch_after = 0;  // after a failed one: not before this second
+  };
+  struct Want {
+    std::string title;
+    std::int64_t asked_at;
+  };
+
+  ReserveFn reserve;
+  AllocatorOptions opt;
+
+  mutable std::mutex mu;  // titles, stats, want, stopping
+  std::map<std::string, Title> titles;  // key: title bytes
+  AllocatorStats stats;
+  std::deque<Want> want;
+  bool stopping = false;
+  std::condition_variable cv;
+
+  std::mutex reserve_mu;  // reserve() is never called twice at once
+  std::thread thread;
+
+  State(ReserveFn r, const AllocatorOptions& o) : reserve(std::move(r)), opt(o) {}
+
+  bool expired(const Block& b, std::int64_t now_s) const {
+    return now_s < b.reserved_at || now_s - b.reserved_at > opt.max_block_age_s;
+  }
+
+  Result<Block> reserve_block(ByteView title, std::int64_t now_s) {
+    std::lock_guard r(reserve_mu);
+    GS_ASSIGN(std::uint64_t first, reserve(title, opt.block_size));
+    if (first > UINT64_MAX - opt.block_size) {
+      return {Errc::storage_failure, "invocation counter out of range"};
+    }
+    return Block{first, first + opt.block_size, now_s};
+  }
+
+  // Background reservations, one at a time, in the order asked.
+  void run() {
+    std::unique_lock lock(mu);
+    for (;;) {
+      cv.wait(lock, [this] { return stopping || !want.empty(); });
+      if (stopping) return;
+      Want w = std::move(want.front());
+      want.pop_front();
+      lock.unlock();
+      auto b = reserve_block(as_bytes(w.title), w.asked_at);
+      lock.lock();
+      auto it = titles.find(w.title);
+      if (!b.ok()) {
+        ++stats.prefetch_failures;
+        if (it != titles.end()) {
+          it->second.refilling = false;
+          it->second.prefetch_after = w.asked_at + 1;
+        }
+        continue;
+      }
+      ++stats.blocks_reserved;
+      if (it == titles.end() || it->second.spare) {
+        stats.values_abandoned += b->left();  // the title was evicted meanwhile
+        continue;
+      }
+      it->second.refilling = false;
+      it->second.spare = *b;
+    }
+  }
+
+  static ByteView as_bytes(const std::string& s) {
+    return ByteView(reinterpret_cast<const std::uint8_t*>(s.data()), s.size());
+  }
+};
+
+InvocationIdAllocator::InvocationIdAllocator(std::unique_ptr<State> s) : s_(std::move(s)) {}
+
+InvocationIdAllocator::InvocationIdAllocator(InvocationIdAllocator&& o) noexcept
+    : s_(std::move(o.s_)) {}
+
+InvocationIdAllocator::~InvocationIdAllocator() {
+  if (!s_ || !s_->thread.joinable()) return;
+  {
+    std::lock_guard lock(s_->mu);
+    s_->stopping = true;
+  }
+  s_->cv.notify_all();
+  s_->thread.join();
+}
+
 Result<InvocationIdAllocator> InvocationIdAllocator::make(ReserveFn reserve,
                                                           const AllocatorOptions& opt) {
   if (!reserve) return {Errc::invalid_argument, "no counter reservation function"};
@@ -101,7 +202,15 @@ Result<InvocationIdAllocator> InvocationIdAllocator::make(ReserveFn reserve,
   }
   if (opt.max_block_age_s < 1) return {Errc::invalid_argument, "max_block_age must be >= 1 s"};
   if (opt.max_titles == 0) return {Errc::invalid_argument, "max_titles must be >= 1"};
-  return InvocationIdAllocator(std::move(reserve), opt);
+  auto s = std::make_unique<State>(std::move(reserve), opt);
+  if (opt.prefetch) {
+    State* raw = s.get();
+    s->thread = std::thread([raw] {
+      name_this_thread("gs-ids");
+      raw->run();
+    });
+  }
+  return InvocationIdAllocator(std::move(s));
 }
 
 Result<InvocationIdAllocator> InvocationIdAllocator::over(store::KeyStore& ks,
@@ -111,54 +220,67 @@ Result<InvocationIdAllocator> InvocationIdAllocator::over(store::KeyStore& ks,
               opt);
 }
 
-InvocationIdAllocator::InvocationIdAllocator(InvocationIdAllocator&& o) noexcept
-    : reserve_(std::move(o.reserve_)), opt_(o.opt_) {
-  std::lock_guard lock(o.mu_);
-  blocks_ = std::move(o.blocks_);
-  stats_ = o.stats_;
-}
-
 Result<std::uint32_t> InvocationIdAllocator::next(ByteView calling_title, std::int64_t now_s) {
   if (calling_title.empty() || calling_title.size() > kMaxTitle) {
     return {Errc::invalid_argument, "calling AP title must be 1..255 bytes"};
   }
-  std::lock_guard lock(mu_);
+  State& s = *s_;
+  std::unique_lock lock(s.mu);
   std::string key(calling_title.begin(), calling_title.end());
-  auto it = blocks_.find(key);
-  if (it != blocks_.end()) {
-    Block& b = it->second;
-    const bool expired = now_s < b.reserved_at || now_s - b.reserved_at > opt_.max_block_age_s;
-    if (expired || b.next >= b.end) {
-      stats_.values_abandoned += b.end - b.next;
-      blocks_.erase(it);
-      it = blocks_.end();
-    }
-  }
-  if (it == blocks_.end()) {
-    if (blocks_.size() >= opt_.max_titles) {
-      // Drop the oldest block: its rest is skipped, never reused.
-      auto oldest = blocks_.begin();
-      for (auto j = blocks_.begin(); j != blocks_.end(); ++j) {
-        if (j->second.reserved_at < oldest->second.reserved_at) oldest = j;
+  auto it = s.titles.find(key);
+  if (it == s.titles.end()) {
+    if (s.titles.size() >= s.opt.max_titles) {
+      // Drop the title whose block is oldest: the rest of its blocks is skipped, never reused.
+      auto age = [](const State::Title& t) {
+        return t.current ? t.current->reserved_at : std::numeric_limits<std::int64_t>::min();
+      };
+      auto oldest = s.titles.begin();
+      for (auto j = s.titles.begin(); j != s.titles.end(); ++j) {
+        if (age(j->second) < age(oldest->second)) oldest = j;
       }
-      stats_.values_abandoned += oldest->second.end - oldest->second.next;
-      blocks_.erase(oldest);
+      if (oldest->second.current) s.stats.values_abandoned += oldest->second.current->left();
+      if (oldest->second.spare) s.stats.values_abandoned += oldest->second.spare->left();
+      s.titles.erase(oldest);
     }
-    GS_ASSIGN(std::uint64_t first, reserve_(calling_title, opt_.block_size));
-    if (first > UINT64_MAX - opt_.block_size) {
-      return {Errc::storage_failure, "invocation counter out of range"};
-    }
-    ++stats_.blocks_reserved;
-    it = blocks_.emplace(std::move(key), Block{first, first + opt_.block_size, now_s}).first;
+    it = s.titles.emplace(key, State::Title{}).first;
   }
-  const std::uint32_t id = id_for_counter(it->second.next++);
-  ++stats_.ids_issued;
+  State::Title& t = it->second;
+  auto usable = [&](const std::optional<State::Block>& b) {
+    return b && b->next < b->end && !s.expired(*b, now_s);
+  };
+  if (!usable(t.current)) {
+    if (t.current) s.stats.values_abandoned += t.current->left();
+    t.current.reset();
+    if (usable(t.spare)) {
+      t.current = t.spare;
+    } else if (t.spare) {
+      s.stats.values_abandoned += t.spare->left();
+    }
+    t.spare.reset();
+  }
+  if (!t.current) {
+    // Nothing reserved ahead: wait for the store (and, behind the lock, for a background
+    // reservation in progress, whose block then becomes the spare).
+    ++s.stats.waited;
+    GS_ASSIGN(State::Block b, s.reserve_block(calling_title, now_s));
+    ++s.stats.blocks_reserved;
+    t.current = b;
+  }
+  const std::uint32_t id = id_for_counter(t.current->next++);
+  ++s.stats.ids_issued;
+  if (s.thread.joinable() && !t.spare && !t.refilling && now_s >= t.prefetch_after &&
+      t.current->left() <= s.opt.block_size / 2) {
+    t.refilling = true;
+    s.want.push_back({key, now_s});
+    lock.unlock();
+    s.cv.notify_one();
+  }
   return id;
 }
 
 AllocatorStats InvocationIdAllocator::stats() const {
-  std::lock_guard lock(mu_);
-  return stats_;
+  std::lock_guard lock(s_->mu);
+  return s_->stats;
 }
 
 }  // namespace gs::ids

@@ -6,7 +6,12 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <atomic>
+#include <chrono>
 #include <filesystem>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <set>
 #include <vector>
 
@@ -172,6 +177,128 @@ TEST(InvocationIds, MaxTitlesEvictsOldestBlock) {
   EXPECT_EQ(a->stats().values_abandoned, 99u + 99u);  // title 1, then title 2
 }
 
+// A counter in memory that notices overlapping calls and can fail on demand or take its time.
+struct SharedCounter {
+  std::mutex mu;
+  std::uint64_t next = 0;
+  int calls = 0;
+  std::atomic<bool> inside{false};
+  std::atomic<int> overlaps{0};
+  std::atomic<bool> fail{false};
+  std::chrono::microseconds delay{0};
+  ReserveFn fn() {
+    return [this](ByteView, std::uint64_t n) -> Result<std::uint64_t> {
+      if (inside.exchange(true)) ++overlaps;
+      std::this_thread::sleep_for(delay);
+      Result<std::uint64_t> r = Errc::storage_failure;
+      if (!fail) {
+        std::lock_guard lock(mu);
+        ++calls;
+        r = next;
+        next += n;
+      }
+      inside = false;
+      return r;
+    };
+  }
+};
+
+// Polls `done` for up to 10 s.
+bool eventually(const std::function<bool()>& done) {
+  for (int i = 0; i < 10000; ++i) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return done();
+}
+
+TEST(InvocationIds, PrefetchReservesTheNextBlockAhead) {
+  SharedCounter c;
+  auto a = InvocationIdAllocator::make(c.fn(), {.block_size = 10, .prefetch = true});
+  ASSERT_TRUE(a.ok());
+  const Bytes t = {0x2A, 0x03};
+  std::uint32_t expect = 1;
+  for (std::uint64_t blk = 0; blk < 5; ++blk) {
+    for (int i = 0; i < 10; ++i) {
+      EXPECT_EQ(a->next(t, 100).value(), expect++);
+      // The 5th id of a block leaves half of it: the next one is asked for then.
+      if (i == 5) {
+        ASSERT_TRUE(eventually([&] { return a->stats().blocks_reserved == blk + 2; }));
+      }
+    }
+  }
+  const AllocatorStats st = a->stats();
+  EXPECT_EQ(st.waited, 1u);  // the first block only
+  EXPECT_EQ(st.blocks_reserved, 6u);
+  EXPECT_EQ(st.ids_issued, 50u);
+  EXPECT_EQ(st.values_abandoned, 0u);
+}
+
+TEST(InvocationIds, PrefetchNeverCallsTheStoreTwiceAtOnce) {
+  SharedCounter c;
+  c.delay = std::chrono::microseconds(300);
+  auto a = InvocationIdAllocator::make(c.fn(), {.block_size = 16, .prefetch = true});
+  ASSERT_TRUE(a.ok());
+  std::vector<std::uint32_t> got[4];
+  std::vector<std::thread> threads;
+  for (int k = 0; k < 4; ++k) {
+    threads.emplace_back([&, k] {
+      for (int i = 0; i < 2000; ++i) {
+        auto x = a->next(Bytes{0x01}, 7);
+        got[k].push_back(x.ok() ? *x : 0);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  std::set<std::uint32_t> seen;
+  for (const auto& g : got) {
+    for (std::uint32_t x : g) {
+      EXPECT_NE(x, 0u);
+      EXPECT_TRUE(seen.insert(x).second) << "id " << x << " issued twice";
+    }
+  }
+  EXPECT_EQ(seen.size(), 8000u);
+  EXPECT_EQ(c.overlaps.load(), 0);
+  EXPECT_EQ(a->stats().ids_issued, 8000u);
+}
+
+TEST(InvocationIds, FailedPrefetchFallsBackToWaiting) {
+  SharedCounter c;
+  auto a = InvocationIdAllocator::make(c.fn(), {.block_size = 10, .prefetch = true});
+  ASSERT_TRUE(a.ok());
+  const Bytes t = {0x05};
+  EXPECT_EQ(a->next(t, 100).value(), 1u);
+  c.fail = true;
+  for (std::uint32_t i = 2; i <= 5; ++i) EXPECT_EQ(a->next(t, 100).value(), i);
+  ASSERT_TRUE(eventually([&] { return a->stats().prefetch_failures == 1; }));
+  c.fail = false;
+  // Not asked again within the same second; the block's rest is still there.
+  for (std::uint32_t i = 6; i <= 10; ++i) EXPECT_EQ(a->next(t, 100).value(), i);
+  EXPECT_EQ(a->next(t, 100).value(), 11u);  // reserved in next()
+  const AllocatorStats st = a->stats();
+  EXPECT_EQ(st.waited, 2u);
+  EXPECT_EQ(st.prefetch_failures, 1u);
+  // The store failing for the caller too is reported.
+  c.fail = true;
+  auto b = InvocationIdAllocator::make(c.fn(), {.block_size = 10, .prefetch = true});
+  auto r = b->next(t, 100);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, Errc::storage_failure);
+}
+
+TEST(InvocationIds, SpareBlockAgesFromWhenItWasAskedFor) {
+  SharedCounter c;
+  auto a = InvocationIdAllocator::make(
+      c.fn(), {.block_size = 10, .max_block_age_s = 5, .prefetch = true});
+  ASSERT_TRUE(a.ok());
+  const Bytes t = {0x06};
+  for (std::uint32_t i = 1; i <= 6; ++i) EXPECT_EQ(a->next(t, 100).value(), i);
+  ASSERT_TRUE(eventually([&] { return a->stats().blocks_reserved == 2; }));
+  // Asked for at 100: at 106 the spare (counter 10..19) is too old, like the current block.
+  EXPECT_EQ(a->next(t, 106).value(), 21u);
+  EXPECT_EQ(a->stats().values_abandoned, 4u + 10u);
+}
+
 class InvocationIdsDb : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -207,7 +334,11 @@ TEST_F(InvocationIdsDb, TwoAllocatorsNeverOverlap) {
   EXPECT_GT(later, *seen.rbegin());
 }
 
-TEST_F(InvocationIdsDb, KillNineNeverReusesIds) {
+class InvocationIdsKill : public InvocationIdsDb, public ::testing::WithParamInterface<bool> {};
+
+// The child reserves its blocks in next() (false) or ahead on the allocator's thread (true).
+TEST_P(InvocationIdsKill, KillNineNeverReusesIds) {
+  const bool prefetch = GetParam();
   {
     auto ks = store::KeyStore::open(path_);  // schema before the child starts
     ASSERT_TRUE(ks.ok());
@@ -220,7 +351,7 @@ TEST_F(InvocationIdsDb, KillNineNeverReusesIds) {
     close(fds[0]);
     auto ks = store::KeyStore::open(path_);
     if (!ks.ok()) _exit(2);
-    auto a = InvocationIdAllocator::over(*ks, {.block_size = 50});
+    auto a = InvocationIdAllocator::over(*ks, {.block_size = 50, .prefetch = prefetch});
     if (!a.ok()) _exit(3);
     for (int i = 0; i < 10'000'000; ++i) {
       auto id = a->next(title_, 1);
@@ -267,6 +398,38 @@ TEST_F(InvocationIdsDb, KillNineNeverReusesIds) {
     EXPECT_FALSE(child_set.contains(x));
     EXPECT_GT(x, child_max);
   }
+}
+
+INSTANTIATE_TEST_SUITE_P(Prefetch, InvocationIdsKill, ::testing::Bool());
+
+TEST_F(InvocationIdsDb, PrefetchingAllocatorsOnOneDatabaseNeverOverlap) {
+  auto ks1 = store::KeyStore::open(path_);
+  auto ks2 = store::KeyStore::open(path_);
+  ASSERT_TRUE(ks1.ok() && ks2.ok());
+  auto a1 = InvocationIdAllocator::over(*ks1, {.block_size = 16, .prefetch = true});
+  auto a2 = InvocationIdAllocator::over(*ks2, {.block_size = 16, .prefetch = true});
+  ASSERT_TRUE(a1.ok() && a2.ok());
+  std::vector<std::uint32_t> got[4];
+  std::vector<std::thread> threads;
+  for (int k = 0; k < 4; ++k) {
+    threads.emplace_back([&, k] {
+      InvocationIdAllocator& a = k % 2 == 0 ? *a1 : *a2;
+      for (int i = 0; i < 500; ++i) {
+        auto x = a.next(title_, 1000);
+        if (!x.ok()) return;
+        got[k].push_back(*x);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::set<std::uint32_t> seen;
+  for (const auto& g : got) {
+    ASSERT_EQ(g.size(), 500u);
+    for (std::uint32_t x : g) EXPECT_TRUE(seen.insert(x).second) << "id " << x << " issued twice";
+  }
+  // Most blocks were reserved ahead: the callers waited for a few only.
+  EXPECT_LT(a1->stats().waited + a2->stats().waited, a1->stats().blocks_reserved +
+                                                         a2->stats().blocks_reserved);
 }
 
 }  // namespace
