@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <ctime>
 
+#include "gridseal/thread_name.h"
 #include "src/sqlite.h"
 
 namespace gs::dkus {
@@ -127,7 +128,10 @@ void GroupCommitter::start() {
   std::lock_guard<std::mutex> lock(mu_);
   if (started_) return;
   started_ = true;
-  thread_ = std::thread([this] { run(); });
+  thread_ = std::thread([this] {
+    name_this_thread("gs-replay");
+    run();
+  });
 }
 
 Status GroupCommitter::submit(MarkUpdate u) {
@@ -139,6 +143,7 @@ Status GroupCommitter::submit(MarkUpdate u) {
       return Error(Errc::busy, "replay-state writer has " + std::to_string(queue_.size()) +
                                    " updates waiting");
     }
+    if (queue_.empty()) first_queued_ = std::chrono::steady_clock::now();
     queue_.push_back(std::move(u));
     // Only the first update of a batch and a full batch can end the writer's wait (run()); a
     // wake for every update cost the daemon a futex wake and a context switch per message, and
@@ -180,10 +185,11 @@ void GroupCommitter::run() {
   for (;;) {
     cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
     if (queue_.empty()) break;  // stopping and drained
-    // Group: give concurrent requests up to max_delay to join, unless the batch is full.
+    // Group: give concurrent requests until max_delay after the oldest one came to join, unless
+    // the batch is full. Updates that came during the last commit have waited already.
     if (opt_.max_delay.count() > 0 && queue_.size() < opt_.max_batch && !stopping_) {
-      cv_.wait_for(lock, opt_.max_delay,
-                   [this] { return stopping_ || queue_.size() >= opt_.max_batch; });
+      cv_.wait_until(lock, first_queued_ + opt_.max_delay,
+                     [this] { return stopping_ || queue_.size() >= opt_.max_batch; });
     }
     const std::size_t n = std::min(queue_.size(), opt_.max_batch);
     for (std::size_t i = 0; i < n; ++i) {

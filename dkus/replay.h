@@ -182,6 +182,9 @@ class GroupCommitter {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<MarkUpdate> queue_;
+  // When the oldest update in queue_ came: a batch starts by max_delay after it (audit::Writer
+  // does the same).
+  std::chrono::steady_clock::time_point first_queued_{};
   bool stopping_ = false;
   bool started_ = false;
   std::thread thread_;
