@@ -24,6 +24,7 @@
 #include "c1222/services.h"
 #include "dkus/dkus_service.h"
 #include "gridseal/clock.h"
+#include "gridseal/thread_name.h"
 #include "hsm/ops.h"
 #include "src/client.h"
 #include "src/audit_recorder.h"
@@ -103,7 +104,10 @@ class RelayPool {
     std::lock_guard<std::mutex> lock(mu_);
     if (!threads_.empty()) return;
     stopping_ = false;
-    for (std::size_t i = 0; i < connections_; ++i) threads_.emplace_back([this, i] { run(i); });
+    for (std::size_t i = 0; i < connections_; ++i) threads_.emplace_back([this, i] {
+      name_this_thread("gs-relay");
+      run(i);
+    });
   }
 
   void stop() {
@@ -1902,7 +1906,10 @@ void RolloverEngine::start() {
   s.started = true;
   s.stopping = false;
   s.pool.start();
-  s.driver = std::thread([&s] { s.run(); });
+  s.driver = std::thread([&s] {
+    name_this_thread("gs-rollover");
+    s.run();
+  });
   const server::ClientConfig& r = s.rc.relay;
   std::fprintf(stderr,
                "%s: rollover engine started relay=%s:%u (%s) connections=%u pipeline_depth=%u "

@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <thread>
 
+#include "gridseal/thread_name.h"
+
 namespace gs::metrics {
 
 namespace asio = boost::asio;
@@ -401,7 +403,10 @@ Status HttpEndpoint::start(const HttpConfig& config, bool allow_remote) {
   }
   impl_->port = acc.local_endpoint(ec).port();
   asio::co_spawn(impl_->io, impl_->accept_loop(), asio::detached);
-  impl_->thread = std::thread([this] { impl_->io.run(); });
+  impl_->thread = std::thread([this] {
+    name_this_thread("gs-metrics");
+    impl_->io.run();
+  });
   return {};
 }
 

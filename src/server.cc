@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "c1222/framer.h"
+#include "gridseal/thread_name.h"
 #include "src/metrics.h"
 
 namespace gs::server {
@@ -397,6 +398,9 @@ class Connection final : public ConnectionBase {
     if (srv_->pool) {
       asio::post(*srv_->pool, [h = &srv_->handler, ctx = std::move(ctx), req = std::move(request),
                                done = std::move(done)]() mutable {
+        // asio::thread_pool makes its threads itself: each names itself on its first request.
+        static thread_local const bool named = (name_this_thread("gs-handler"), true);
+        (void)named;
         try {
           (*h)(ctx, std::move(req), std::move(done));
         } catch (...) {
@@ -752,7 +756,10 @@ Status Server::start() {
   asio::co_spawn(s.accept_strand, s.accept_loop(), asio::detached);
   s.started = true;
   for (std::size_t i = 0; i < s.cfg.io_threads; ++i) {
-    s.threads.emplace_back([&s] { s.io.run(); });
+    s.threads.emplace_back([&s] {
+      name_this_thread("gs-io");
+      s.io.run();
+    });
   }
   return {};
 }

@@ -9,6 +9,8 @@
 #include <mutex>
 #include <thread>
 
+#include "gridseal/thread_name.h"
+
 namespace gs::db {
 
 std::chrono::microseconds busy_wait_step(int attempt) noexcept {
@@ -275,7 +277,10 @@ Result<std::unique_ptr<Checkpointer>> Checkpointer::start(const std::string& pat
   GS_ASSIGN(Db db, Db::open(path, o));
   auto st = std::make_unique<State>(std::move(db), interval, restart_frames);
   State* raw = st.get();
-  st->thread = std::thread([raw] { raw->run(); });
+  st->thread = std::thread([raw] {
+    name_this_thread("gs-checkpoint");
+    raw->run();
+  });
   return std::unique_ptr<Checkpointer>(new Checkpointer(std::move(st)));
 }
 

@@ -27,6 +27,8 @@
 
 #ifdef GS_HAVE_SYSTEMD
 #include <systemd/sd-daemon.h>
+
+#include "gridseal/thread_name.h"
 #endif
 
 namespace gs::supervisor {
@@ -448,7 +450,10 @@ int Supervisor::run() {
       return 1;
     }
   }
-  std::thread monitor([this] { health_loop(); });
+  std::thread monitor([this] {
+    name_this_thread("gs-health");
+    health_loop();
+  });
 
 
   // Watchdog: systemd gets WATCHDOG=1 while this loop runs; hung workers are this loop's job.
@@ -604,6 +609,7 @@ void WorkerLink::serve(std::function<std::string()> metrics_fn,
   Impl* impl = impl_.get();
   impl->thread = std::thread([impl, metrics_fn = std::move(metrics_fn),
                               health_fn = std::move(health_fn), on_lost = std::move(on_lost)] {
+    name_this_thread("gs-link");
     for (;;) {
       Frame f;
       if (!read_frame(impl->fd, f, nullptr)) break;
