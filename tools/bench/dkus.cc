@@ -226,7 +226,7 @@ void usage_dkus() {
       "         --fleet FLEET.csv|FLEET.state [--meters N] [--connections C] [--depth D]\n"
       "         [--duration S] [--warmup S] [--rate R/s] [--epsem-bytes 200] [--called .1.9]\n"
       "         [--per-meter K] [--first-id ID] [--store gridseal.db] [--threads T] [--json]\n"
-      "         [--until-done] [--quiet]\n"
+      "         [--until-done] [--quiet] [--latency-log FILE]\n"
       "         [--hsm-config dkus.toml [--hsm-processes N] [--hsm-threads T] [--hsm-seconds 3]\n"
       "          [--hsm-resident-keys K] [--hsm-only]]\n"
       "  Sends secured readings (mode 2 under each meter's key, EPSEM --epsem-bytes long, IV =\n"
@@ -255,7 +255,9 @@ void usage_dkus() {
       "  --hsm-config: the DKUS's own config; after the load, the raw EAX' open of the same\n"
       "  EPSEM through PKCS#11 (key handle and subkeys cached) is measured with the DKUS's\n"
       "  server.processes x handler threads (or --hsm-processes/--hsm-threads) and opened/raw is\n"
-      "  printed; --hsm-only: that measurement alone. Exit 1 when nothing was opened or any\n"
+      "  printed; --hsm-only: that measurement alone. --latency-log FILE: one line per counted\n"
+      "  message, its intended send time (s from the start of the measured part) and its\n"
+      "  latency (ms), in send order. Exit 1 when nothing was opened or any\n"
       "  error, unanswered message, lost connection or exhausted connection was seen.\n");
 }
 
@@ -263,7 +265,7 @@ int run_dkus(int argc, char** argv) {
   Args a;
   for (const char* v : {"host", "port", "ca", "cert", "key", "connections", "depth", "duration",
                         "warmup", "rate", "fleet", "meters", "epsem-bytes", "called", "per-meter",
-                        "first-id", "store", "threads", "hsm-config", "hsm-threads", "hsm-processes",
+                        "first-id", "store", "threads", "latency-log", "hsm-config", "hsm-threads", "hsm-processes",
                         "hsm-seconds", "hsm-resident-keys"}) {
     a.value(v);
   }
@@ -354,6 +356,7 @@ int run_dkus(int argc, char** argv) {
   o.rate = *rate;
   o.io_threads = std::min<std::size_t>(*threads, o.connections);
   o.progress = !a.has("quiet");
+  o.latency_log = a.str("latency-log");
   o.until_done = a.has("until-done");
   o.closed_warmup = true;  // open loop: fill the DKUS's caches first, as fast as it answers
 

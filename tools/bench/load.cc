@@ -61,6 +61,7 @@ struct ThreadStats {
   std::uint64_t exhausted = 0;
   std::map<int, std::uint64_t> errors;
   std::vector<std::uint64_t> latency_ns;
+  std::vector<std::pair<double, double>> log;  // LoadOptions::latency_log: (sent s, latency ms)
 };
 
 class Conn : public std::enable_shared_from_this<Conn> {
@@ -287,6 +288,10 @@ class Conn : public std::enable_shared_from_this<Conn> {
       ++st_.answered;
       st_.latency_ns.push_back(static_cast<std::uint64_t>(
           std::chrono::duration_cast<std::chrono::nanoseconds>(now - intended).count()));
+      if (!sh_.opt->latency_log.empty()) {
+        st_.log.emplace_back(std::chrono::duration<double>(intended - sh_.count_from).count(),
+                             std::chrono::duration<double, std::milli>(now - intended).count());
+      }
       if (v == kVerdictOk) {
         ++st_.ok;
       } else {
@@ -390,6 +395,11 @@ Result<LoadResult> run_load(const LoadOptions& o) {
   if (o.connections == 0 || o.depth == 0 || o.io_threads == 0 ||
       (!o.make_request && !o.request_view) || (!o.judge && !o.judge_request)) {
     return Error(Errc::invalid_argument, "connections, depth, threads, requests and judge needed");
+  }
+  std::unique_ptr<FILE, int (*)(FILE*)> log(nullptr, &std::fclose);
+  if (!o.latency_log.empty()) {
+    log.reset(std::fopen(o.latency_log.c_str(), "w"));
+    if (!log) return Error(Errc::invalid_argument, "cannot write " + o.latency_log);
   }
   Shared sh;
   sh.opt = &o;
@@ -519,6 +529,15 @@ Result<LoadResult> run_load(const LoadOptions& o) {
     r.latency_ns.insert(r.latency_ns.end(), s.latency_ns.begin(), s.latency_ns.end());
   }
   std::sort(r.latency_ns.begin(), r.latency_ns.end());
+  if (log) {
+    std::vector<std::pair<double, double>> all;
+    for (auto& w : ws) all.insert(all.end(), w->stats.log.begin(), w->stats.log.end());
+    std::sort(all.begin(), all.end());
+    for (const auto& [sent, ms] : all) std::fprintf(log.get(), "%.6f %.3f\n", sent, ms);
+    if (std::fflush(log.get()) != 0) {
+      return Error(Errc::storage_failure, "cannot write " + o.latency_log);
+    }
+  }
   return r;
 }
 

@@ -53,6 +53,10 @@ struct LoadOptions {
   bool until_done = false;
   std::chrono::milliseconds connect_timeout{10000};
   std::chrono::milliseconds drain_timeout{5000};  // after the end, for the requests in flight
+  // When set: after the run, one line per counted response, "SENT_S LATENCY_MS" (its intended
+  // send time from the start of the measured part, and its latency), in send order: to see
+  // whether a p99 comes from steady queueing or from stalls, and when they happen.
+  std::string latency_log;
   // Request number `seq` (0, 1, ...) of connection `conn`; called on that connection's thread.
   // Either make_request (built on demand) or request_view (prepared before the run, the view
   // valid until run_load returns). An empty request: this connection has no more to send.

@@ -129,7 +129,7 @@ void usage_ses() {
       "usage: gridseal-bench ses --host ADDR --port P (--plain | --ca F --cert F --key F)\n"
       "         [--connections C] [--depth D] [--duration S] [--warmup S] [--rate R/s]\n"
       "         --meters N [--title-prefix .7] [--epsem-bytes 200] [--calling .1.9]\n"
-      "         [--threads T] [--sweep K] [--json] [--quiet]\n"
+      "         [--threads T] [--sweep K] [--json] [--quiet] [--latency-log FILE]\n"
       "         [--hsm-config ses.toml [--hsm-threads 2] [--hsm-processes 1] [--hsm-seconds 3]\n"
       "          [--hsm-resident-keys K] [--hsm-only]]\n"
       "  Each of C connections keeps D read commands in flight (closed loop), or the total offered\n"
@@ -146,8 +146,9 @@ void usage_ses() {
       "  measures the raw HSM composite (ECDSA sign + EAX' seal) on that token after the load and\n"
       "  prints secured/raw (--hsm-only: that measurement alone, no load; --hsm-resident-keys: K\n"
       "  more meter keys held in each session first, as a warm SES key cache holds them).\n"
-      "  Exit 1 when no command\n"
-      "  was secured or any error was seen.\n");
+      "  --latency-log FILE: one line per counted command, its intended send time (s from the\n"
+      "  start of the measured part) and its latency (ms), in send order.\n"
+      "  Exit 1 when no command was secured or any error was seen.\n");
 }
 
 int run_ses(int argc, char** argv) {
@@ -155,7 +156,7 @@ int run_ses(int argc, char** argv) {
   for (const char* v : {"host", "port", "ca", "cert", "key", "connections", "depth", "duration",
                         "warmup", "rate", "meters", "title-prefix", "epsem-bytes", "threads",
                         "hsm-config", "hsm-threads", "hsm-processes", "hsm-seconds", "hsm-resident-keys",
-                        "calling", "sweep"}) {
+                        "calling", "sweep", "latency-log"}) {
     a.value(v);
   }
   a.flag("plain").flag("json").flag("quiet").flag("hsm-only");
@@ -205,6 +206,7 @@ int run_ses(int argc, char** argv) {
   o.closed_warmup = true;  // open loop: fill the SES's caches first, as fast as it answers
   o.io_threads = std::min<std::size_t>(*threads, o.connections);
   o.progress = !a.has("quiet");
+  o.latency_log = a.str("latency-log");
 
   auto prefix = c1222::OwnedApTitle::parse(a.str("title-prefix", ".7"));
   if (!prefix.ok()) return usage_error("--title-prefix: " + prefix.error().message(), usage_ses);
