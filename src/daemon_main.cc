@@ -12,6 +12,7 @@
 #include <thread>
 #include <utility>
 
+#include "gridseal/thread_name.h"
 #include "src/audit.h"
 #include "src/sqlite.h"
 
@@ -133,6 +134,12 @@ void block_worker_signals() {
 
 int serve_worker(WorkerSpec spec) {
   const std::string me = spec.name + ": worker " + std::to_string(spec.worker);
+  {
+    // Started through /proc/self/exe, a worker would show as "exe" in ps and top.
+    std::string short_name = spec.name.rfind("gridseal-", 0) == 0 ? spec.name.substr(9) : spec.name;
+    short_name = (short_name + "-worker-" + std::to_string(spec.worker)).substr(0, 15);
+    name_this_thread(short_name.c_str());
+  }
   supervisor::WorkerLink link(spec.control_fd);
   spec.server.reuse_port = true;
   auto server = server::Server::create(spec.server, std::move(spec.handler), {}, spec.registry);
