@@ -12,7 +12,6 @@
 #include <future>
 
 #include "gridseal/clock.h"
-#include "gridseal/thread_name.h"
 #include "hsm/data_object.h"
 #include "hsm/ops.h"
 #include "src/host_ecdsa.h"
@@ -890,10 +889,7 @@ Result<std::unique_ptr<Writer>> Writer::open(const std::string& db_path, HsmCont
   // wal_autocheckpoint threshold, with an fsync of the database file, while the write lock and
   // every response waiting for that commit wait too.
   GS_ASSIGN(w->checkpointer_, db::Checkpointer::take_over(w->db_, db_path));
-  w->thread_ = std::thread([raw = w.get()] {
-    name_this_thread("gs-audit");
-    raw->run();
-  });
+  w->thread_ = std::thread([raw = w.get()] { raw->run(); });
   return w;
 }
 
@@ -907,12 +903,10 @@ Status Writer::submit(Item item) {
       return Error(Errc::busy,
                    "audit writer has " + std::to_string(queue_.size()) + " records waiting");
     }
-    if (queue_.empty()) first_queued_ = std::chrono::steady_clock::now();
     queue_.push_back(std::move(item));
-    // The writer waits for the first record of a batch, then (until batch_delay_us after that
-    // record came) for a full batch or stop: only those two events can end its wait. Waking it
-    // for every record cost a futex wake and a context switch per record for a predicate that
-    // is still false.
+    // The writer waits for the first record of a batch, then (batch_delay_us) for a full batch
+    // or stop: only those two events can end its wait. Waking it for every record cost a futex
+    // wake and a context switch per record for a predicate that is still false.
     wake = queue_.size() == 1 || queue_.size() == opt_.max_batch;
   }
   if (wake) cv_.notify_one();
@@ -975,12 +969,13 @@ void Writer::run() {
       }
     }
     if (queue_.empty()) break;  // stopping and drained
-    // Records that came while the last batch was being committed have waited already: the
-    // delay counts from the oldest one, so a record waits at most max_delay for company, not
-    // max_delay after the writer got round to it (which, under load, added a whole commit).
+    // The delay counts from when the writer looks, not from the oldest record: records that
+    // came during the last commit wait it again. Counting from the oldest (as the DKUS's replay
+    // committer does) halved the SES's batches under full load (25 -> 14.5 records), 55 % more
+    // commits and 5-15 % fewer secured commands/s on 2 cores; the wait is what gathers them.
     if (opt_.max_delay.count() > 0 && queue_.size() < opt_.max_batch && !stopping_) {
-      cv_.wait_until(lock, first_queued_ + opt_.max_delay,
-                     [this] { return stopping_ || queue_.size() >= opt_.max_batch; });
+      cv_.wait_for(lock, opt_.max_delay,
+                   [this] { return stopping_ || queue_.size() >= opt_.max_batch; });
     }
     const std::size_t n = std::min(queue_.size(), opt_.max_batch);
     for (std::size_t i = 0; i < n; ++i) {

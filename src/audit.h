@@ -430,9 +430,6 @@ class Writer {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Item> queue_;
-  // When the oldest record in queue_ came (set when a record finds the queue empty): a batch
-  // starts by max_delay after it, however long the writer was busy with the batch before.
-  std::chrono::steady_clock::time_point first_queued_{};
   bool stopping_ = false;
   bool stopped_ = false;
   std::thread thread_;
