@@ -134,7 +134,8 @@ class SesService {
   std::shared_ptr<const policy::Policy> policy_;
   metrics::Registry& registry_;
   policy::RateLimiter limiter_;
-  std::unique_ptr<store::KeyStore> id_store_;  // used only under the allocator's mutex
+  // Used only by the allocator, one reservation at a time (from its prefetch thread too).
+  std::unique_ptr<store::KeyStore> id_store_;
   ids::InvocationIdAllocator ids_;
   // Rate-limit grants (src/grants.h): verified with gs-audit's public key, spent in blocks.
   std::unique_ptr<grants::GrantLedger> grants_;

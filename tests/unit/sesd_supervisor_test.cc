@@ -184,7 +184,18 @@ TEST(SesdSupervisor, KilledWorkerIsReplacedUnderLoadAndNoInvocationIdRepeats) {
   EXPECT_GT(ids.size(), 100U);
   EXPECT_EQ(unique.size(), ids.size()) << "an invocation id was issued twice";
   EXPECT_NE(d.err_log().find("restarting"), std::string::npos);
-  EXPECT_NE(d.http_get("/metrics").find("gridseal_worker_restarts_total 1"), std::string::npos);
+  const std::string m = d.http_get("/metrics");
+  EXPECT_NE(m.find("gridseal_worker_restarts_total 1"), std::string::npos);
+  // The workers reserved most of their id blocks ahead, on their gs-ids threads.
+  double ahead = 0;
+  std::istringstream lines(m);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("gridseal_ses_invocation_id_blocks{", 0) == 0 &&
+        line.find("reserved=\"ahead\"") != std::string::npos) {
+      ahead += std::stod(line.substr(line.rfind(' ') + 1));
+    }
+  }
+  EXPECT_GT(ahead, 0) << m;
   EXPECT_EQ(d.stop(), 0) << d.err_log();
 }
 
