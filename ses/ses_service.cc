@@ -95,15 +95,13 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
   SesService* raw = s.get();
   registry.gauge_fn("gridseal_ses_invocation_ids_issued", "Invocation ids issued", {},
                     [raw] { return static_cast<double>(raw->ids_.stats().ids_issued); });
-  registry.gauge_fn("gridseal_ses_invocation_id_blocks",
-                    "Invocation-id blocks reserved: ahead, or while a request waited", {{"reserved", "ahead"}},
+  const char* blocks_help = "Invocation-id blocks reserved: ahead, or while a request waited";
+  registry.gauge_fn("gridseal_ses_invocation_id_blocks", blocks_help, {{"reserved", "ahead"}},
                     [raw] {
                       const auto st = raw->ids_.stats();
                       return static_cast<double>(st.blocks_reserved - st.waited);
                     });
-  registry.gauge_fn("gridseal_ses_invocation_id_blocks",
-                    "Invocation-id blocks reserved: ahead, or while a request waited",
-                    {{"reserved", "waited"}},
+  registry.gauge_fn("gridseal_ses_invocation_id_blocks", blocks_help, {{"reserved", "waited"}},
                     [raw] { return static_cast<double>(raw->ids_.stats().waited); });
   GS_TRY(s->open_grants(hsm));
   GS_TRY(s->open_revocation_key(hsm));

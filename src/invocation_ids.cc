@@ -173,10 +173,6 @@ struct InvocationIdAllocator::State {
       it->second.spare = *b;
     }
   }
-
-  static ByteView as_bytes(const std::string& s) {
-    return ByteView(reinterpret_cast<const std::uint8_t*>(s.data()), s.size());
-  }
 };
 
 InvocationIdAllocator::InvocationIdAllocator(std::unique_ptr<State> s) : s_(std::move(s)) {}
@@ -268,7 +264,7 @@ Result<std::uint32_t> InvocationIdAllocator::next(ByteView calling_title, std::i
   }
   const std::uint32_t id = id_for_counter(t.current->next++);
   ++s.stats.ids_issued;
-  if (s.thread.joinable() && !t.spare && !t.refilling && now_s >= t.prefetch_after &&
+  if (s.opt.prefetch && !t.spare && !t.refilling && now_s >= t.prefetch_after &&
       t.current->left() <= s.opt.block_size / 2) {
     t.refilling = true;
     s.want.push_back({key, now_s});
