@@ -12,6 +12,7 @@
 #include <future>
 
 #include "gridseal/clock.h"
+#include "gridseal/thread_name.h"
 #include "hsm/data_object.h"
 #include "hsm/ops.h"
 #include "src/host_ecdsa.h"
@@ -889,7 +890,10 @@ Result<std::unique_ptr<Writer>> Writer::open(const std::string& db_path, HsmCont
   // wal_autocheckpoint threshold, with an fsync of the database file, while the write lock and
   // every response waiting for that commit wait too.
   GS_ASSIGN(w->checkpointer_, db::Checkpointer::take_over(w->db_, db_path));
-  w->thread_ = std::thread([raw = w.get()] { raw->run(); });
+  w->thread_ = std::thread([raw = w.get()] {
+    name_this_thread("gs-audit");
+    raw->run();
+  });
   return w;
 }
 

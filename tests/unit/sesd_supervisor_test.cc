@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <set>
@@ -43,6 +44,19 @@ std::vector<std::string> environment_of(pid_t pid) {
   std::vector<std::string> out;
   std::string e;
   while (std::getline(f, e, '\0')) out.push_back(e);
+  return out;
+}
+
+// The names of the threads of process `pid` (/proc/PID/task/TID/comm).
+std::multiset<std::string> thread_names(pid_t pid) {
+  std::multiset<std::string> out;
+  std::error_code ec;
+  const std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  for (const auto& t : std::filesystem::directory_iterator(dir, ec)) {
+    std::ifstream f(t.path() / "comm");
+    std::string name;
+    if (std::getline(f, name)) out.insert(name);
+  }
   return out;
 }
 
@@ -91,6 +105,18 @@ TEST(SesdSupervisor, WorkersShareThePortAndMetricsAreMerged) {
     auto r = (*c)->call(gs::test::sesd_request(d.meter_title(1), 1, {kReadSt1}));
     ASSERT_TRUE(r.ok());
     EXPECT_TRUE(gs::test::check_secured(*r, d.meter_key(1), d.pub_hex()).ok());
+  }
+  // Every long-lived thread of a worker is named (top -H, perf, gdb). The audit writer lost its
+  // name once when a revert restored an older audit.cc.
+  for (pid_t c : children(d.pid())) {
+    const std::multiset<std::string> names = thread_names(c);
+    std::string all;
+    for (const auto& n : names) all += n + " ";
+    for (const char* want_name :
+         {"gs-io", "gs-handler", "gs-audit", "gs-checkpoint", "gs-ids", "gs-link"}) {
+      EXPECT_GE(names.count(want_name), 1u) << "worker pid " << c << ": " << all;
+    }
+    EXPECT_EQ(names.count("exe"), 0u) << "worker pid " << c << ": " << all;
   }
   const std::string m = d.http_get("/metrics");
   EXPECT_NE(m.find("gridseal_workers_ready 2"), std::string::npos) << m.substr(0, 2000);
