@@ -1,6 +1,7 @@
 // Shared main() pieces of gridseal-sesd and gridseal-dkusd: see daemon_main.h.
 #include "src/daemon_main.h"
 
+#include <dlfcn.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -125,6 +126,20 @@ Result<HsmContext> open_worker_hsm(config::HsmConfig cfg, std::size_t threads,
   return hsm;
 }
 
+std::string allocator_name() {
+  using Mallctl = int (*)(const char*, void*, std::size_t*, void*, std::size_t);
+  auto* mallctl = reinterpret_cast<Mallctl>(::dlsym(RTLD_DEFAULT, "mallctl"));
+  if (mallctl == nullptr) return "glibc malloc";
+  const char* version = nullptr;
+  std::size_t len = sizeof version;
+  if (mallctl("version", static_cast<void*>(&version), &len, nullptr, 0) != 0 ||
+      version == nullptr) {
+    return "jemalloc";
+  }
+  const std::string v(version);
+  return "jemalloc " + v.substr(0, v.find('-'));
+}
+
 void block_worker_signals() {
   ::unsetenv("NOTIFY_SOCKET");  // only the supervisor talks to systemd
   sigset_t sigs = daemon_signals();
@@ -198,10 +213,11 @@ int supervise(const SupervisorSpec& spec) {
   o.check_reload = spec.check_reload;
   o.on_ready = [&spec, &srv, port, processes](std::uint16_t metrics_port) {
     std::printf("%s: listening on %s:%u (%s), metrics on %s:%u, %zu worker processes x %zu "
-                "handler threads\n",
+                "handler threads, %s\n",
                 spec.name.c_str(), srv.address.c_str(), static_cast<unsigned>(port),
                 srv.plain_tcp ? "plain TCP" : "TLS 1.3", spec.metrics.address.c_str(),
-                static_cast<unsigned>(metrics_port), processes, spec.handler_threads);
+                static_cast<unsigned>(metrics_port), processes, spec.handler_threads,
+                allocator_name().c_str());
     std::fflush(stdout);
   };
   signal(SIGPIPE, SIG_IGN);

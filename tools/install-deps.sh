@@ -8,7 +8,7 @@ PACKAGES=(
   clang llvm libclang-rt-14-dev
   libssl-dev openssl
   libgtest-dev libgmock-dev libbenchmark-dev
-  libsqlite3-dev sqlite3
+  libsqlite3-dev sqlite3 libjemalloc-dev
   libspdlog-dev libfmt-dev libtomlplusplus-dev libcli11-dev libboost1.81-dev libsystemd-dev
   softhsm2 opensc libp11-kit-dev
   python3 python3-cryptography tshark

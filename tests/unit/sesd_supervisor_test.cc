@@ -106,6 +106,13 @@ TEST(SesdSupervisor, WorkersShareThePortAndMetricsAreMerged) {
     ASSERT_TRUE(r.ok());
     EXPECT_TRUE(gs::test::check_secured(*r, d.meter_key(1), d.pub_hex()).ok());
   }
+  // The start-up line names the allocator; the build links the daemons with jemalloc unless
+  // GS_JEMALLOC is off or it is a sanitizer build.
+#ifdef GS_DAEMONS_USE_JEMALLOC
+  EXPECT_NE(d.out_log().find("handler threads, jemalloc "), std::string::npos) << d.out_log();
+#else
+  EXPECT_NE(d.out_log().find("handler threads, glibc malloc"), std::string::npos) << d.out_log();
+#endif
   // Every long-lived thread of a worker is named (top -H, perf, gdb). The audit writer lost its
   // name once when a revert restored an older audit.cc.
   for (pid_t c : children(d.pid())) {
