@@ -118,7 +118,9 @@ TEST_F(Dkusd, OpensToModeZeroWithTheSameEpsem) {
   const auto bound_open = metric("gridseal_hsm_bound_aes_sessions", {"state=\"open\""});
   const auto bound_in_use = metric("gridseal_hsm_bound_aes_sessions", {"state=\"in_use\""});
   EXPECT_LE(bound_in_use, bound_open);
-  if (hits > 0) EXPECT_GE(bound_in_use, 2);
+  if (hits > 0) {
+    EXPECT_GE(bound_in_use, 2);
+  }
   EXPECT_EQ(daemon_->stop(), 0) << daemon_->err_log();
   const std::string err = daemon_->err_log();
   EXPECT_EQ(err.find(daemon_->meter(1).key_hex), std::string::npos) << "key in the log";
@@ -150,7 +152,9 @@ TEST_F(Dkusd, TamperedAtEveryBytePositionIsNeverOpened) {
     } else {
       c.reset();  // unframeable: that connection was closed
     }
-    if (pos >= epsem_at) EXPECT_EQ(code, gs::c1222::kRespSme) << "byte " << pos;
+    if (pos >= epsem_at) {
+      EXPECT_EQ(code, gs::c1222::kRespSme) << "byte " << pos;
+    }
     ++seen[code];
   }
   // Bytes outside the EPSEM: A8, AC (key id, IV) and the called title are bound by the MAC
@@ -256,7 +260,8 @@ TEST_F(Dkusd, WrongKeyIdUnknownMeterRevokedAndStale) {
   EXPECT_EQ(error_code(*r, 41), gs::c1222::kRespSme);
   // A message in mode 0 is not a secured message.
   mm.iv_time = 0;
-  r = c->call(gs::test::meter_cleartext(MeterMessage{.meter = daemon_->meter(1).title, .id = 42}));
+  r = c->call(gs::test::meter_cleartext(
+      MeterMessage{.meter = daemon_->meter(1).title, .id = 42, .answers = {}}));
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(error_code(*r, 42), gs::c1222::kRespSme);
   // Revoked meter: isc (meter_cache_ttl_ms = 0 in the fixture).

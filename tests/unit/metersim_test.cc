@@ -1105,7 +1105,8 @@ TEST_F(MetersimReplacementTest, TrustTableIsBoundedAndSharesPoints) {
   std::vector<HostEcKey> added;
   while (fleet_->trust().size() < kMaxTrustedKeys) {
     added.push_back(HostEcKey::generate().value());
-    ASSERT_EQ(replace(statement(1, static_cast<std::uint8_t>(3 + seq % 2), ++seq,
+    ++seq;  // before the call: its arguments are evaluated in no fixed order
+    ASSERT_EQ(replace(statement(1, static_cast<std::uint8_t>(3 + seq % 2), seq,
                                 added.back().public_point()),
                       ++id),
               c1222::kRespOk)
