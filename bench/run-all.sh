@@ -416,6 +416,13 @@ if dkus_phase tuned "processes 2 x io_threads 1, key_cache 100000, plain TCP" --
   row dkus-raw dkus-raw "raw HSM EAX' open (200 bytes, key handle and subkeys cached, 2 x 1)" \
     gridseal-bench dkus --hsm-config dkus.toml --hsm-only --hsm-processes 2 --hsm-threads 1 \
     --hsm-seconds "$HSM_S"
+  # The same raw open with one C_EncryptInit per step, as a PKCS#11 client without bound
+  # operations makes it (hsm.bound_aes = false).
+  sed 's/^\[hsm\]$/[hsm]\nbound_aes = false/' "$DIR/dkus.toml" > "$DIR/dkus-init.toml"
+  row dkus-raw-init dkus-raw \
+    "raw HSM EAX' open, one C_EncryptInit per step (hsm.bound_aes = false), 2 x 1" \
+    gridseal-bench dkus --hsm-config dkus-init.toml --hsm-only --hsm-processes 2 --hsm-threads 1 \
+    --hsm-seconds "$HSM_S"
   dkus_load 64
   row dkus-16x64 dkus "DKUS, same, 16 x 64" gridseal-bench "${DKUS[@]}"
   row dkus-open-2000 dkus-open "DKUS open loop, same set-up, 2,000 /s" gridseal-bench \
