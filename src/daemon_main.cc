@@ -129,7 +129,7 @@ Result<HsmContext> open_worker_hsm(config::HsmConfig cfg, std::size_t threads,
 std::string allocator_name() {
   using Mallctl = int (*)(const char*, void*, std::size_t*, void*, std::size_t);
   auto* mallctl = reinterpret_cast<Mallctl>(::dlsym(RTLD_DEFAULT, "mallctl"));
-  if (mallctl == nullptr) return "glibc malloc";
+  if (mallctl == nullptr) return "default malloc";
   const char* version = nullptr;
   std::size_t len = sizeof version;
   if (mallctl("version", static_cast<void*>(&version), &len, nullptr, 0) != 0 ||

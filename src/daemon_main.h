@@ -86,7 +86,8 @@ int serve_worker(WorkerSpec spec);
 inline constexpr char kWorkerGlibcTunables[] = "glibc.malloc.tcache_count=1000";
 
 // The allocator of this process, for the start-up line: "jemalloc 5.3.0" when the daemon was
-// linked with it (CMake GS_JEMALLOC, the default), else "glibc malloc".
+// linked with it (CMake GS_JEMALLOC, the default), else "default malloc" (glibc's, or a
+// sanitizer's).
 std::string allocator_name();
 
 struct SupervisorSpec {

@@ -111,7 +111,7 @@ TEST(SesdSupervisor, WorkersShareThePortAndMetricsAreMerged) {
 #ifdef GS_DAEMONS_USE_JEMALLOC
   EXPECT_NE(d.out_log().find("handler threads, jemalloc "), std::string::npos) << d.out_log();
 #else
-  EXPECT_NE(d.out_log().find("handler threads, glibc malloc"), std::string::npos) << d.out_log();
+  EXPECT_NE(d.out_log().find("handler threads, default malloc"), std::string::npos) << d.out_log();
 #endif
   // Every long-lived thread of a worker is named (top -H, perf, gdb). The audit writer lost its
   // name once when a revert restored an older audit.cc.
