@@ -80,9 +80,8 @@ int serve_worker(WorkerSpec spec);
 // blocks per size class many of those calls took the arena's slow paths. Measured on the SES
 // (README "Performance"): those paths fell from 11.4 % to about 9 % of its CPU samples. It holds
 // at most 1,000 freed blocks per size class up to 1 KiB per thread, so it can keep a few MiB per
-// thread more than the default.
-// (Only where the daemons run on glibc's malloc: they are linked with jemalloc by default, see
-// allocator_name.)
+// thread more than the default. It matters only in a build on glibc's malloc: the daemons are
+// linked with jemalloc by default (allocator_name).
 inline constexpr char kWorkerGlibcTunables[] = "glibc.malloc.tcache_count=1000";
 
 // The allocator of this process, for the start-up line: "jemalloc 5.3.0" when the daemon was
