@@ -189,6 +189,7 @@ Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, 
   copt.max_batch = cfg.commit_max_batch;
   copt.max_pending = cfg.max_pending;
   copt.reorder_window = cfg.reorder_window;
+  copt.around_done = server::run_batched;  // a commit's responses reach the loop together
   auto committer = std::make_unique<GroupCommitter>(std::move(writer_store), copt, registry);
   GS_TRY(committer->checkpoint_off_the_commit_path(cfg.base.store.path));
   if (cfg.audit.enabled) {
@@ -214,8 +215,9 @@ Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, 
                     "worker), no good MAC since",
                     {}, [raw] { return static_cast<double>(raw->mac_failures_.flagged()); });
   if (cfg.audit.enabled) {
-    auto w = audit::Writer::open(cfg.base.store.path, hsm,
-                                 daemon::audit_writer_options(cfg.audit, "gridseal-dkusd"), &registry);
+    audit::WriterOptions wo = daemon::audit_writer_options(cfg.audit, "gridseal-dkusd");
+    wo.around_done = server::run_batched;
+    auto w = audit::Writer::open(cfg.base.store.path, hsm, wo, &registry);
     if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
     s->audit_ = std::move(w).value();
   }

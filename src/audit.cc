@@ -60,12 +60,10 @@ class Writer8 {
 };
 
 Digest sha256_of(ByteView data) {
-  Digest d{};
-  unsigned int n = 0;
-  // EVP_Digest with a fixed algorithm and in-memory input fails only when out of memory.
-  GS_CHECK(EVP_Digest(data.data(), data.size(), d.data(), &n, EVP_sha256(), nullptr) == 1 &&
-           n == d.size());
-  return d;
+  // SHA-256 of in-memory input fails only when out of memory.
+  auto d = gs::sha256(data);
+  GS_CHECK(d.ok());
+  return *d;
 }
 
 Digest to_digest(ByteView v) {
@@ -1099,9 +1097,11 @@ void Writer::apply(std::vector<Item>& batch) {
     healthy_ = false;
     log_failure("a batch of " + std::to_string(batch.size()) +
                 " records did not commit: " + st.error().message());
-    for (auto& it : batch) {
-      if (it.done) it.done(st);
-    }
+    run_done([&] {
+      for (auto& it : batch) {
+        if (it.done) it.done(st);
+      }
+    });
     return;
   }
   healthy_ = true;
@@ -1116,8 +1116,18 @@ void Writer::apply(std::vector<Item>& batch) {
     checkpoints_.fetch_add(1);
     m_checkpoints_->inc();
   }
-  for (std::size_t i = 0; i < batch.size(); ++i) {
-    if (batch[i].done) batch[i].done(outcome[i]);
+  run_done([&] {
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      if (batch[i].done) batch[i].done(outcome[i]);
+    }
+  });
+}
+
+void Writer::run_done(const std::function<void()>& run) {
+  if (opt_.around_done) {
+    opt_.around_done(run);
+  } else {
+    run();
   }
 }
 

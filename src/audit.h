@@ -364,6 +364,10 @@ struct WriterOptions {
   std::chrono::milliseconds anchor_interval{1000};  // 0: the anchor in every transaction
   std::chrono::milliseconds seal_after_idle{200};   // seal the anchor when idle this long
   std::string program = "gridseal";                 // log prefix
+  // Runs a transaction's `done` callbacks: `run` calls them all, in order. A daemon wraps it in
+  // a scope that hands their responses to its event loop together (server::CompletionBatch).
+  // Unset: run directly.
+  std::function<void(const std::function<void()>& run)> around_done;
 };
 
 struct Item {
@@ -417,6 +421,7 @@ class Writer {
   Writer(db::Db db, HsmContext& hsm, const WriterOptions& opt, metrics::Registry* registry);
   void run();
   void apply(std::vector<Item>& batch);
+  void run_done(const std::function<void()>& run);
   void seal(bool checkpoint);
   bool checkpoint_due(std::int64_t now);
   // One stderr line per second at most (a tampered table fails every batch).

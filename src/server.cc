@@ -191,6 +191,22 @@ struct ServerImpl {
   // Declared after everything connections touch: io's destructor destroys pending handlers,
   // which may own the last reference to a connection.
   asio::io_context io;
+  // Responses finished off the event loop (the handler pool, an audit writer's commit) reach
+  // their connections in batches (hand_over, CompletionBatch): one post to the loop per batch,
+  // then a strand post per response from inside the loop (a private queue: no lock, no wake).
+  // A strand post from another thread takes the scheduler's lock and interrupts the loop's
+  // epoll_wait; an SES audit commit releasing 30 responses made 30 of those (18 % of the audit
+  // writer's CPU).
+  // Declared after io: destroyed first, with the connections it may still hold.
+  struct Completion {
+    std::shared_ptr<ConnectionBase> conn;
+    std::uint64_t seq;
+    Bytes response;
+  };
+  std::mutex handover_mu;
+  std::vector<Completion> handover;
+  bool handover_posted = false;
+
   Strand accept_strand{asio::make_strand(io)};
   tcp::acceptor acceptor{accept_strand};
   asio::steady_timer drain_timer{io};
@@ -206,6 +222,9 @@ struct ServerImpl {
   void connection_closed(std::uint64_t id);
   void check_drained();
   void shutdown(std::chrono::milliseconds drain);
+  // From any thread: complete(seq, response) on the connection's strand.
+  void hand_over(std::shared_ptr<ConnectionBase> conn, std::uint64_t seq, Bytes response);
+  void deliver_handed_over();
 };
 }  // namespace detail
 
@@ -221,20 +240,19 @@ struct Slot {
 // Calls complete() on the connection's strand exactly once: with the response, or with an empty
 // response (close) when the handler dropped Done without calling it.
 struct DoneState {
+  detail::ServerImpl* srv;
   std::shared_ptr<ConnectionBase> conn;
   std::uint64_t seq;
   std::atomic<bool> called{false};
 
-  DoneState(std::shared_ptr<ConnectionBase> c, std::uint64_t s) : conn(std::move(c)), seq(s) {}
+  DoneState(detail::ServerImpl* s, std::shared_ptr<ConnectionBase> c, std::uint64_t q)
+      : srv(s), conn(std::move(c)), seq(q) {}
   ~DoneState() {
-    if (!called.load()) {
-      asio::post(conn->strand(), [c = conn, s = seq] { c->complete(s, {}); });
-    }
+    if (!called.load()) srv->hand_over(std::move(conn), seq, {});
   }
   void finish(Bytes response) {
     if (called.exchange(true)) return;
-    asio::post(conn->strand(),
-               [c = conn, s = seq, r = std::move(response)]() mutable { c->complete(s, std::move(r)); });
+    srv->hand_over(conn, seq, std::move(response));
   }
 };
 
@@ -393,7 +411,7 @@ class Connection final : public ConnectionBase {
     RequestContext ctx = base_;
     ctx.sequence = seq;
     ctx.received = now;
-    auto st = std::make_shared<DoneState>(shared_from_this(), seq);
+    auto st = std::make_shared<DoneState>(srv_, shared_from_this(), seq);
     Done done = [st](Bytes r) { st->finish(std::move(r)); };
     if (srv_->pool) {
       asio::post(*srv_->pool, [h = &srv_->handler, ctx = std::move(ctx), req = std::move(request),
@@ -646,6 +664,74 @@ void detail::ServerImpl::connection_closed(std::uint64_t id) {
   }
   open_conns.fetch_sub(1);
   if (stopping.load()) check_drained();
+}
+
+namespace {
+// The thread's open CompletionBatch: its responses, with the server each goes to.
+struct ThreadBatch {
+  int depth = 0;
+  std::vector<std::pair<detail::ServerImpl*, detail::ServerImpl::Completion>> items;
+};
+thread_local ThreadBatch t_batch;
+}  // namespace
+
+CompletionBatch::CompletionBatch() { ++t_batch.depth; }
+
+CompletionBatch::~CompletionBatch() {
+  if (--t_batch.depth > 0 || t_batch.items.empty()) return;
+  auto items = std::move(t_batch.items);
+  t_batch.items.clear();
+  // Almost always one server per process; handed over per run of the same server.
+  std::size_t i = 0;
+  while (i < items.size()) {
+    detail::ServerImpl* srv = items[i].first;
+    std::size_t j = i;
+    bool post = false;
+    {
+      std::lock_guard lock(srv->handover_mu);
+      for (; j < items.size() && items[j].first == srv; ++j) {
+        srv->handover.push_back(std::move(items[j].second));
+      }
+      post = !srv->handover_posted;
+      srv->handover_posted = true;
+    }
+    if (post) asio::post(srv->io, [srv] { srv->deliver_handed_over(); });
+    i = j;
+  }
+}
+
+void run_batched(const std::function<void()>& run) {
+  CompletionBatch batch;
+  run();
+}
+
+void detail::ServerImpl::hand_over(std::shared_ptr<ConnectionBase> conn, std::uint64_t seq,
+                                   Bytes response) {
+  if (t_batch.depth > 0) {
+    t_batch.items.emplace_back(this, Completion{std::move(conn), seq, std::move(response)});
+    return;
+  }
+  bool post = false;
+  {
+    std::lock_guard lock(handover_mu);
+    handover.push_back(Completion{std::move(conn), seq, std::move(response)});
+    post = !handover_posted;
+    handover_posted = true;
+  }
+  if (post) asio::post(io, [this] { deliver_handed_over(); });
+}
+
+void detail::ServerImpl::deliver_handed_over() {
+  std::vector<Completion> batch;
+  {
+    std::lock_guard lock(handover_mu);
+    batch.swap(handover);
+    handover_posted = false;
+  }
+  for (auto& c : batch) {
+    Strand strand = c.conn->strand();
+    asio::post(strand, [c = std::move(c)]() mutable { c.conn->complete(c.seq, std::move(c.response)); });
+  }
 }
 
 void detail::ServerImpl::check_drained() {

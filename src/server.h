@@ -80,6 +80,22 @@ void log_refusal(const char* program, const RequestContext& ctx, const std::stri
 // (for a client that must be cut off); a Done dropped without being called does the same.
 using Done = std::function<void(Bytes response)>;
 
+// While one is alive on a thread, the responses that thread completes through Done reach the
+// event loop together when it ends: one hand-over and one wake-up of the loop for the lot,
+// instead of one per response. For a thread that completes many requests at once (an audit
+// writer releasing a committed batch). Nests; not movable.
+class CompletionBatch {
+ public:
+  CompletionBatch();
+  ~CompletionBatch();
+  CompletionBatch(const CompletionBatch&) = delete;
+  CompletionBatch& operator=(const CompletionBatch&) = delete;
+};
+
+// run() inside a CompletionBatch: the around_done hook of audit::WriterOptions and of the DKUS's
+// replay committer.
+void run_batched(const std::function<void()>& run);
+
 // Runs on the worker pool (may block on the HSM or SQLite), or inline when worker_threads is 0.
 // `request` is one whole, framed PDU (60 <len> …), not yet parsed.
 using Handler = std::function<void(const RequestContext& ctx, Bytes request, Done done)>;

@@ -147,6 +147,75 @@ TEST(Server, EchoAndPipelinedResponsesInRequestOrder) {
   EXPECT_EQ(server->stats().responses, 8u);
 }
 
+// Responses completed inside a CompletionBatch (as the SES's audit writer completes a committed
+// batch) reach the event loop only when the outermost batch ends, then go out in request order
+// on each connection; a Done dropped inside the batch still closes its connection after the
+// responses before it.
+TEST(Server, CompletionBatchHandsResponsesOverWhenItEnds) {
+  std::mutex mu;
+  std::vector<std::pair<std::uint8_t, Done>> parked;
+  auto h = [&](const RequestContext&, Bytes req, Done done) {
+    std::lock_guard lock(mu);
+    parked.emplace_back(tag_of(req), std::move(done));
+  };
+  ServerConfig cfg = plain_config();
+  auto server = start(cfg, h);
+  ASSERT_TRUE(server);
+  auto a = Client::connect(client_for(*server));
+  auto b = Client::connect(client_for(*server));
+  ASSERT_TRUE(a.ok() && b.ok());
+  Bytes to_a, to_b;
+  for (std::uint8_t i = 0; i < 6; ++i) {
+    Bytes fa = frame(i), fb = frame(static_cast<std::uint8_t>(0x10 + i));
+    to_a.insert(to_a.end(), fa.begin(), fa.end());
+    to_b.insert(to_b.end(), fb.begin(), fb.end());
+  }
+  ASSERT_TRUE((*a)->send(to_a).ok());
+  ASSERT_TRUE((*b)->send(to_b).ok());
+  for (int i = 0; i < 300; ++i) {
+    {
+      std::lock_guard lock(mu);
+      if (parked.size() == 12) break;
+    }
+    std::this_thread::sleep_for(10ms);
+  }
+  std::vector<std::pair<std::uint8_t, Done>> all;
+  {
+    std::lock_guard lock(mu);
+    ASSERT_EQ(parked.size(), 12u);
+    all = std::move(parked);
+  }
+  std::thread completer([&] {
+    CompletionBatch outer;
+    {
+      CompletionBatch inner;  // nested: its end hands nothing over
+      for (auto it = all.rbegin(); it != all.rend(); ++it) {
+        if (it->first == 0x14) {
+          Done dropped = std::move(it->second);  // b's request 4: dropped, closes b after 0x13
+          continue;
+        }
+        it->second(frame(it->first, 3));
+      }
+    }
+    std::this_thread::sleep_for(200ms);
+    EXPECT_EQ(server->stats().responses, 0u) << "a response left before the batch ended";
+  });
+  completer.join();
+  for (std::uint8_t i = 0; i < 6; ++i) {
+    auto r = (*a)->receive();
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    EXPECT_EQ(*r, frame(i, 3));
+  }
+  for (std::uint8_t i = 0; i < 4; ++i) {
+    auto r = (*b)->receive();
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    EXPECT_EQ(*r, frame(static_cast<std::uint8_t>(0x10 + i), 3));
+  }
+  auto closed = (*b)->receive();
+  ASSERT_FALSE(closed.ok());
+  EXPECT_EQ(closed.error().code, Errc::truncated);
+}
+
 TEST(Server, HalfCloseStillAnswersEverything) {
   auto server = start(plain_config(), echo_handler());
   ASSERT_TRUE(server);
