@@ -102,7 +102,19 @@ std::size_t utf8_len(std::string_view s, std::size_t i) {
   return n;
 }
 
+// True when every byte is printable ASCII (0x20..0x7E): the usual text, which clip() keeps as
+// it is, json_string() escapes only at quotes and backslashes, and which is valid UTF-8.
+bool printable_ascii(std::string_view s) {
+  unsigned bad = 0;
+  for (char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    bad |= static_cast<unsigned>(c < 0x20) | static_cast<unsigned>(c > 0x7E);
+  }
+  return bad == 0;
+}
+
 bool valid_utf8(std::string_view s) {
+  if (printable_ascii(s)) return true;
   for (std::size_t i = 0; i < s.size();) {
     const std::size_t n = utf8_len(s, i);
     if (n == 0) return false;
@@ -246,6 +258,7 @@ Status validate(const Event& e) {
 }
 
 std::string clip(std::string_view text, std::size_t max) {
+  if (text.size() <= max && printable_ascii(text)) return std::string(text);
   std::string out;
   out.reserve(std::min(text.size(), max));
   const std::size_t room = max >= 3 ? max - 3 : 0;
@@ -277,10 +290,14 @@ std::string clip(std::string_view text, std::size_t max) {
   return out;
 }
 
-std::string json_string(std::string_view s) {
-  std::string out;
-  out.reserve(s.size() + 2);
+namespace {
+void append_json_string(std::string& out, std::string_view s) {
   out.push_back('"');
+  if (s.find_first_of("\"\\") == std::string_view::npos && printable_ascii(s)) {
+    out.append(s);
+    out.push_back('"');
+    return;
+  }
   for (char ch : s) {
     const auto c = static_cast<unsigned char>(ch);
     if (c == '"' || c == '\\') {
@@ -295,30 +312,47 @@ std::string json_string(std::string_view s) {
     }
   }
   out.push_back('"');
+}
+
+// `"key":` after a comma when the body is not empty.
+void append_key(std::string& body, std::string_view key) {
+  if (!body.empty()) body.push_back(',');
+  append_json_string(body, key.size() <= 64 && printable_ascii(key) ? std::string_view(key)
+                                                                   : std::string_view(clip(key, 64)));
+  body.push_back(':');
+}
+}  // namespace
+
+std::string json_string(std::string_view s) {
+  std::string out;
+  out.reserve(s.size() + 2);
+  append_json_string(out, s);
   return out;
 }
 
 Detail& Detail::add(std::string_view key, std::string_view value) {
-  if (!body_.empty()) body_.push_back(',');
-  body_ += json_string(clip(key, 64));
-  body_.push_back(':');
-  body_ += json_string(clip(value, kMaxDetailValue));
+  append_key(body_, key);
+  if (value.size() <= kMaxDetailValue && printable_ascii(value)) {
+    append_json_string(body_, value);
+  } else {
+    append_json_string(body_, clip(value, kMaxDetailValue));
+  }
   return *this;
 }
 
 Detail& Detail::add(std::string_view key, std::int64_t value) {
-  if (!body_.empty()) body_.push_back(',');
-  body_ += json_string(clip(key, 64));
-  body_.push_back(':');
-  body_ += std::to_string(value);
+  append_key(body_, key);
+  char buf[24];
+  const int n = std::snprintf(buf, sizeof buf, "%" PRId64, value);
+  body_.append(buf, static_cast<std::size_t>(n));
   return *this;
 }
 
 Detail& Detail::add(std::string_view key, std::uint64_t value) {
-  if (!body_.empty()) body_.push_back(',');
-  body_ += json_string(clip(key, 64));
-  body_.push_back(':');
-  body_ += std::to_string(value);
+  append_key(body_, key);
+  char buf[24];
+  const int n = std::snprintf(buf, sizeof buf, "%" PRIu64, value);
+  body_.append(buf, static_cast<std::size_t>(n));
   return *this;
 }
 

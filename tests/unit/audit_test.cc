@@ -193,6 +193,16 @@ TEST(AuditEncoding, EventsAreValidatedAndClipped) {
   for (int i = 0; i < 10; ++i) big.add("k" + std::to_string(i), std::string(600, 'z'));
   EXPECT_LE(big.str().size(), audit::kMaxDetail);
   EXPECT_EQ(audit::json_string("\xc3\xa8\x01"), "\"\xc3\xa8\\u0001\"");
+  // Printable ASCII (the fast path) at and just over the bound; DEL is blanked like controls.
+  EXPECT_EQ(audit::clip("abcdef", 6), "abcdef");
+  EXPECT_EQ(audit::clip("abcdefg", 6), "abc...");
+  EXPECT_EQ(audit::clip("a\x7f" "b", 6), "a b");
+  EXPECT_EQ(audit::json_string("a\\b\"c"), R"("a\\b\"c")");
+  EXPECT_EQ(audit::json_string("\x7f"), "\"\\u007f\"");
+  audit::Detail keys;
+  keys.add("k\"1", std::int64_t{-5}).add(std::string(70, 'k'), std::uint64_t{18446744073709551615u});
+  EXPECT_EQ(keys.str(), "{\"k\\\"1\":-5,\"" + std::string(61, 'k') +
+                            "...\":18446744073709551615}");
 }
 
 // ---- against a real token
