@@ -372,7 +372,9 @@ TEST(SesdGrants, KillMinusNineMidGrantNeverOverspends) {
               recorded, static_cast<long long>(30 - static_cast<std::int64_t>(recorded)));
   // Units still unreserved at the kill are spent after the restart. (When the workers had
   // already reserved all 30 before the kill, what they held is lost: only the 2 free remain.)
-  if (reserved_at_kill < 30) EXPECT_GT(after.secured, 2);
+  if (reserved_at_kill < 30) {
+    EXPECT_GT(after.secured, 2);
+  }
   EXPECT_GE(after.secured, 2);
   EXPECT_LE(before + after.secured, 2 + 2 + 30) << "the grant was overspent";
   EXPECT_LE(recorded, 30U);
