@@ -283,7 +283,7 @@ void GroupCommitter::apply(std::vector<MarkUpdate>& batch) {
     healthy_ = false;
     std::fprintf(stderr, "gridseal-dkusd: replay-state commit of %zu updates failed: %s\n",
                  batch.size(), st.error().message().c_str());
-    run_done([&] {
+    audit::run_around(opt_.around_done, [&] {
       for (auto& u : batch) {
         if (u.done) u.done(CommitOutcome::failed);
       }
@@ -294,19 +294,11 @@ void GroupCommitter::apply(std::vector<MarkUpdate>& batch) {
   commits_.inc();
   rows_.inc(static_cast<std::uint64_t>(std::count(skip.begin(), skip.end(), false)));
   batch_size_.observe(static_cast<double>(batch.size()));
-  run_done([&] {
+  audit::run_around(opt_.around_done, [&] {
     for (std::size_t i = 0; i < batch.size(); ++i) {
       if (batch[i].done) batch[i].done(outcome[i]);
     }
   });
-}
-
-void GroupCommitter::run_done(const std::function<void()>& run) {
-  if (opt_.around_done) {
-    opt_.around_done(run);
-  } else {
-    run();
-  }
 }
 
 }  // namespace gs::dkus

@@ -131,9 +131,7 @@ struct CommitterOptions {
   std::size_t max_batch = 4096;               // updates per transaction
   std::size_t max_pending = 65536;            // queued updates; beyond, submit() says busy
   unsigned reorder_window = 64;               // W of the stored replay windows (0..64)
-  // Runs a transaction's `done` callbacks (`run` calls them all, in order), as
-  // audit::WriterOptions::around_done: the daemon hands their responses over together.
-  std::function<void(const std::function<void()>& run)> around_done;
+  audit::AroundDone around_done;  // as audit::WriterOptions::around_done
 };
 
 // One writer thread with its own store connection: takes every queued update, applies them in
@@ -175,7 +173,6 @@ class GroupCommitter {
  private:
   void run();
   void apply(std::vector<MarkUpdate>& batch);
-  void run_done(const std::function<void()>& run);
 
   store::KeyStore store_;
   std::optional<audit::Trail> trail_;  // on store_'s connection, with the audit on

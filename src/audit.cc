@@ -1131,7 +1131,7 @@ void Writer::apply(std::vector<Item>& batch) {
     healthy_ = false;
     log_failure("a batch of " + std::to_string(batch.size()) +
                 " records did not commit: " + st.error().message());
-    run_done([&] {
+    run_around(opt_.around_done, [&] {
       for (auto& it : batch) {
         if (it.done) it.done(st);
       }
@@ -1150,19 +1150,11 @@ void Writer::apply(std::vector<Item>& batch) {
     checkpoints_.fetch_add(1);
     m_checkpoints_->inc();
   }
-  run_done([&] {
+  run_around(opt_.around_done, [&] {
     for (std::size_t i = 0; i < batch.size(); ++i) {
       if (batch[i].done) batch[i].done(outcome[i]);
     }
   });
-}
-
-void Writer::run_done(const std::function<void()>& run) {
-  if (opt_.around_done) {
-    opt_.around_done(run);
-  } else {
-    run();
-  }
 }
 
 void Writer::seal(bool checkpoint) {

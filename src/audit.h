@@ -356,6 +356,19 @@ Result<AnchorCheck> check_store(db::Db& db, HsmContext& hsm);
 
 // ---- the batching writer for daemons ----------------------------------------------------------
 
+// Runs a transaction's `done` callbacks: `run` calls them all, in order. A daemon wraps it in a
+// scope that hands their responses to its event loop together (server::run_batched).
+using AroundDone = std::function<void(const std::function<void()>& run)>;
+
+// around(run), or run() when around is unset.
+inline void run_around(const AroundDone& around, const std::function<void()>& run) {
+  if (around) {
+    around(run);
+  } else {
+    run();
+  }
+}
+
 struct WriterOptions {
   std::chrono::microseconds max_delay{1000};        // wait this long after the first item for more
   std::size_t max_batch = 512;                      // items per transaction
@@ -364,10 +377,7 @@ struct WriterOptions {
   std::chrono::milliseconds anchor_interval{1000};  // 0: the anchor in every transaction
   std::chrono::milliseconds seal_after_idle{200};   // seal the anchor when idle this long
   std::string program = "gridseal";                 // log prefix
-  // Runs a transaction's `done` callbacks: `run` calls them all, in order. A daemon wraps it in
-  // a scope that hands their responses to its event loop together (server::CompletionBatch).
-  // Unset: run directly.
-  std::function<void(const std::function<void()>& run)> around_done;
+  AroundDone around_done;  // unset: the callbacks run directly
 };
 
 struct Item {
@@ -421,7 +431,6 @@ class Writer {
   Writer(db::Db db, HsmContext& hsm, const WriterOptions& opt, metrics::Registry* registry);
   void run();
   void apply(std::vector<Item>& batch);
-  void run_done(const std::function<void()>& run);
   void seal(bool checkpoint);
   bool checkpoint_due(std::int64_t now);
   // One stderr line per second at most (a tampered table fails every batch).
