@@ -215,9 +215,8 @@ Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, 
                     "worker), no good MAC since",
                     {}, [raw] { return static_cast<double>(raw->mac_failures_.flagged()); });
   if (cfg.audit.enabled) {
-    audit::WriterOptions wo = daemon::audit_writer_options(cfg.audit, "gridseal-dkusd");
-    wo.around_done = server::run_batched;
-    auto w = audit::Writer::open(cfg.base.store.path, hsm, wo, &registry);
+    auto w = audit::Writer::open(cfg.base.store.path, hsm,
+                                 daemon::audit_writer_options(cfg.audit, "gridseal-dkusd"), &registry);
     if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
     s->audit_ = std::move(w).value();
   }

@@ -106,9 +106,8 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
   GS_TRY(s->open_grants(hsm));
   GS_TRY(s->open_revocation_key(hsm));
   if (cfg.audit.enabled) {
-    audit::WriterOptions wo = daemon::audit_writer_options(cfg.audit, "gridseal-sesd");
-    wo.around_done = server::run_batched;  // a commit's responses reach the loop together
-    auto w = audit::Writer::open(cfg.base.store.path, hsm, wo, &registry);
+    auto w = audit::Writer::open(cfg.base.store.path, hsm,
+                                 daemon::audit_writer_options(cfg.audit, "gridseal-sesd"), &registry);
     if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
     s->audit_ = std::move(w).value();
   }

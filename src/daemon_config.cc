@@ -73,6 +73,7 @@ audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string prog
   wo.checkpoint_interval = std::chrono::seconds(c.checkpoint_interval_s);
   wo.anchor_interval = std::chrono::milliseconds(c.anchor_interval_ms);
   wo.program = std::move(program);
+  wo.around_done = server::run_batched;  // a commit's responses reach the event loop together
   return wo;
 }
 
