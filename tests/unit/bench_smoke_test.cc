@@ -63,6 +63,26 @@ TEST(BenchSmoke, SesAgainstTheRealDaemon) {
   EXPECT_EQ(d->stop(), 0) << d->err_log();
 }
 
+// Open loop: with the per-thread pace tick (the default) and with a timer per connection
+// (--pace-us 0), the measured part carries the offered rate, neither less (a pacer that stops)
+// nor more (ticks that send twice what fell due), and every command is answered.
+TEST(BenchSmoke, SesOpenLoopCarriesTheOfferedRate) {
+  auto d = started_sesd(50);
+  ASSERT_NE(d, nullptr);
+  for (const char* pace : {"", " --pace-us 2000", " --pace-us 0"}) {
+    const std::string json = ses_bench_json(
+        *d, std::string("--connections 4 --depth 16 --duration 2 --warmup 0.3 --meters 50 --rate 300") +
+                pace);
+    ASSERT_FALSE(json.empty()) << pace;
+    // 300/s over 2 s; a request due in the last milliseconds may still be on its way.
+    EXPECT_GE(json_number(json, "count"), 540) << pace << json;
+    EXPECT_LE(json_number(json, "count"), 603) << pace << json;
+    EXPECT_EQ(json_number(json, "errors_total"), 0) << pace << json;
+    EXPECT_EQ(json_number(json, "unanswered"), 0) << pace << json;
+  }
+  EXPECT_EQ(d->stop(), 0) << d->err_log();
+}
+
 // --sweep K: every meter exactly K times, then the run ends by itself. The SES's audit trail
 // (one "command" record per secured command, subject the meter id) is the independent count.
 TEST(BenchSmoke, SesSweepSendsEveryMeterExactlyKTimes) {

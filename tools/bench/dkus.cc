@@ -224,9 +224,9 @@ void usage_dkus() {
   std::fprintf(stderr,
       "usage: gridseal-bench dkus --host ADDR --port P (--plain | --ca F --cert F --key F)\n"
       "         --fleet FLEET.csv|FLEET.state [--meters N] [--connections C] [--depth D]\n"
-      "         [--duration S] [--warmup S] [--rate R/s] [--epsem-bytes 200] [--called .1.9]\n"
-      "         [--per-meter K] [--first-id ID] [--store gridseal.db] [--threads T] [--json]\n"
-      "         [--until-done] [--quiet] [--latency-log FILE]\n"
+      "         [--duration S] [--warmup S] [--rate R/s] [--pace-us 1000] [--epsem-bytes 200]\n"
+      "         [--called .1.9] [--per-meter K] [--first-id ID] [--store gridseal.db]\n"
+      "         [--threads T] [--json] [--until-done] [--quiet] [--latency-log FILE]\n"
       "         [--hsm-config dkus.toml [--hsm-processes N] [--hsm-threads T] [--hsm-seconds 3]\n"
       "          [--hsm-resident-keys K] [--hsm-only]]\n"
       "  Sends secured readings (mode 2 under each meter's key, EPSEM --epsem-bytes long, IV =\n"
@@ -238,7 +238,8 @@ void usage_dkus() {
       "  turn, keeping D in flight (closed loop), or the total is paced at R/s (open loop; the\n"
       "  warm-up then runs closed loop, filling the DKUS's key and meter caches, its last second\n"
       "  adding nothing so that its backlog is answered, and latency counts from each message's\n"
-      "  intended send time in the measured part).\n"
+      "  intended send time in the measured part; --pace-us: the open loop's tick, each generator\n"
+      "  thread waking that often to send what fell due, 0 a timer per connection).\n"
       "  All messages are sealed before the clock starts: K per meter (default: enough for R/s\n"
       "  over the duration and 100,000/s over the warm-up, or 100,000/s over both closed loop);\n"
       "  a connection that runs out stops.\n"
@@ -266,7 +267,7 @@ int run_dkus(int argc, char** argv) {
   for (const char* v : {"host", "port", "ca", "cert", "key", "connections", "depth", "duration",
                         "warmup", "rate", "fleet", "meters", "epsem-bytes", "called", "per-meter",
                         "first-id", "store", "threads", "latency-log", "hsm-config", "hsm-threads", "hsm-processes",
-                        "hsm-seconds", "hsm-resident-keys"}) {
+                        "hsm-seconds", "hsm-resident-keys", "pace-us"}) {
     a.value(v);
   }
   a.flag("plain").flag("json").flag("quiet").flag("hsm-only").flag("until-done");
@@ -289,13 +290,14 @@ int run_dkus(int argc, char** argv) {
   auto hsm_procs = a.u64("hsm-processes", 1, 1, 64);
   auto hsm_secs = a.num("hsm-seconds", 3, 0.1, 3600);
   auto hsm_resident = a.u64("hsm-resident-keys", 0, 0, 1'000'000);
+  auto pace = a.u64("pace-us", 1000, 0, 100'000);
   std::string bad;
   auto check = [&bad](const auto& r) {
     if (!r.ok() && bad.empty()) bad = r.error().message();
   };
   check(port), check(conns), check(depth), check(duration), check(rate), check(meters);
   check(epsem), check(per_meter), check(first_id), check(threads), check(hsm_threads);
-  check(hsm_procs), check(hsm_secs), check(hsm_resident);
+  check(hsm_procs), check(hsm_secs), check(hsm_resident), check(pace);
   if (!bad.empty()) return usage_error(bad, usage_dkus);
   auto warmup = a.num("warmup", std::min(1.0, *duration / 5), 0, 3600);
   if (!warmup.ok()) return usage_error(warmup.error().message(), usage_dkus);
@@ -354,6 +356,7 @@ int run_dkus(int argc, char** argv) {
   o.duration_s = *duration;
   o.warmup_s = *warmup;
   o.rate = *rate;
+  o.pace_tick = std::chrono::microseconds(*pace);
   o.io_threads = std::min<std::size_t>(*threads, o.connections);
   o.progress = !a.has("quiet");
   o.latency_log = a.str("latency-log");

@@ -123,7 +123,15 @@ class Conn : public std::enable_shared_from_this<Conn> {
     const double per_conn = sh_.opt->rate / static_cast<double>(sh_.opt->connections);
     interval_ = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(1.0 / per_conn));
     next_due_ = from + interval_ * static_cast<long>(index_) / static_cast<long>(sh_.opt->connections);
-    tick();
+    pacing_ = true;
+    if (sh_.opt->pace_tick.count() == 0) tick();  // else the thread's pacer calls pace()
+  }
+
+  // The thread's pacer (LoadOptions::pace_tick): queues what is due by `now` and writes it.
+  void pace(Clock::time_point now) {
+    if (!pacing_ || dead_ || exhausted_ || sh_.stop_sending.load(std::memory_order_relaxed)) return;
+    queue_due(now);
+    maybe_write();
   }
 
   // True while an open-loop run's warm-up runs closed loop.
@@ -137,12 +145,14 @@ class Conn : public std::enable_shared_from_this<Conn> {
 
   // Stops offering new requests (those in flight are still read).
   void stop_sending() {
+    pacing_ = false;
     pending_.clear();
     pace_.cancel();
   }
 
   void close() {
     dead_ = true;
+    pacing_ = false;
     error_code ignore;
     timer_.cancel();
     pace_.cancel();
@@ -169,17 +179,21 @@ class Conn : public std::enable_shared_from_this<Conn> {
 
   void tick() {
     if (dead_ || exhausted_ || sh_.stop_sending.load(std::memory_order_relaxed)) return;
-    const auto now = Clock::now();
-    while (next_due_ <= now) {
-      if (pending_.size() < kMaxPending) pending_.push_back(next_due_);
-      next_due_ += interval_;
-    }
+    queue_due(Clock::now());
     maybe_write();
     auto self = shared_from_this();
     pace_.expires_at(next_due_);
     pace_.async_wait([self](error_code ec) {
       if (!ec) self->tick();
     });
+  }
+
+  // Open loop: every request due by `now` joins the queue with its intended send time.
+  void queue_due(Clock::time_point now) {
+    while (next_due_ <= now) {
+      if (pending_.size() < kMaxPending) pending_.push_back(next_due_);
+      next_due_ += interval_;
+    }
   }
 
   void maybe_write() {
@@ -203,7 +217,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
       wbuf_.insert(wbuf_.end(), req.begin(), req.end());
       const auto intended = pending_.front();
       pending_.pop_front();
-      if (now - intended > std::chrono::milliseconds(1)) ++st_.late;
+      if (now - intended > late_after_) ++st_.late;
       in_flight_.push_back(Sent{intended, seq_++});
       ++n;
     }
@@ -315,6 +329,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
       }
     }
     exhausted_ = true;
+    pacing_ = false;
     pending_.clear();
     pace_.cancel();
   }
@@ -345,6 +360,10 @@ class Conn : public std::enable_shared_from_this<Conn> {
     std::uint64_t seq;           // request number on this connection
   };
   bool ready_ = false, dead_ = false, writing_ = false, exhausted_ = false;
+  bool pacing_ = false;  // open loop, measured part: requests fall due
+  // A request written later than this after its intended time counts as late (the generator
+  // or the connection's depth held it back), beyond the pace tick's own delay.
+  Clock::duration late_after_ = sh_.opt->pace_tick + std::chrono::milliseconds(1);
   std::uint64_t seq_ = 0;
   std::deque<Clock::time_point> pending_;  // intended send times not yet written
   std::deque<Sent> in_flight_;             // unanswered requests, in order
@@ -360,7 +379,24 @@ struct Worker {
   std::vector<std::shared_ptr<Conn>> conns;
   ThreadStats stats;
   std::thread thread;
+  asio::steady_timer pacer{io};  // LoadOptions::pace_tick
+  Clock::time_point next_tick{};
 };
+
+// Open loop with a pace tick: one timer per generator thread wakes every tick and lets each of
+// its connections send what fell due, instead of one timer expiry (and one thread wake-up) per
+// request. Ends with the sending (Shared::stop_sending) or when cancelled.
+void pace_worker(Worker& w, const Shared& sh) {
+  if (sh.stop_sending.load(std::memory_order_relaxed)) return;
+  const auto now = Clock::now();
+  for (auto& c : w.conns) c->pace(now);
+  w.next_tick += sh.opt->pace_tick;
+  if (w.next_tick < now) w.next_tick = now + sh.opt->pace_tick;  // fell behind: no burst of ticks
+  w.pacer.expires_at(w.next_tick);
+  w.pacer.async_wait([&w, &sh](error_code ec) {
+    if (!ec) pace_worker(w, sh);
+  });
+}
 
 void post_all(std::vector<std::unique_ptr<Worker>>& ws, void (Conn::*fn)()) {
   for (auto& w : ws) {
@@ -440,6 +476,7 @@ Result<LoadResult> run_load(const LoadOptions& o) {
   // Close every connection on its thread; each loop then runs out of work and returns.
   auto finish = [&] {
     post_all(ws, &Conn::close);
+    for (auto& w : ws) asio::post(w->io, [wp = w.get()] { wp->pacer.cancel(); });
     for (auto& w : ws) {
       w->guard.reset();
       w->thread.join();
@@ -472,6 +509,14 @@ Result<LoadResult> run_load(const LoadOptions& o) {
   sh.refill_until = sh.count_from - std::chrono::duration_cast<Clock::duration>(
                                         std::chrono::duration<double>(std::min(1.0, o.warmup_s / 2)));
   post_all(ws, &Conn::go);
+  if (o.rate > 0 && o.pace_tick.count() > 0) {
+    for (auto& w : ws) {
+      asio::post(w->io, [wp = w.get(), &sh] {
+        wp->next_tick = Clock::now();
+        pace_worker(*wp, sh);
+      });
+    }
+  }
 
   const bool tty = isatty(2) != 0;
   std::uint64_t last_ok = 0, last_err = 0;

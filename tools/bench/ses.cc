@@ -135,7 +135,9 @@ void usage_ses() {
       "  Each of C connections keeps D read commands in flight (closed loop), or the total offered\n"
       "  load is paced at R requests/s (open loop: the warm-up runs closed loop to fill the SES's\n"
       "  caches, its last second adding nothing so that its backlog is answered; latency counts\n"
-      "  from each command's intended send time in the measured part).\n"
+      "  from each command's intended send time in the measured part). --pace-us: the open\n"
+      "  loop's tick: each generator thread wakes that often and sends what fell due (0: a timer\n"
+      "  per connection, a wake-up per command); the tick's delay is in the latency figures.\n"
       "  --sweep K: instead, every meter exactly K times (1..C), each copy on another connection,\n"
       "  and the run ends when all are answered (or at --duration): warms the SES's key and\n"
       "  meter caches for a measured run; connections land on workers by the kernel's hash, so\n"
@@ -156,7 +158,7 @@ int run_ses(int argc, char** argv) {
   for (const char* v : {"host", "port", "ca", "cert", "key", "connections", "depth", "duration",
                         "warmup", "rate", "meters", "title-prefix", "epsem-bytes", "threads",
                         "hsm-config", "hsm-threads", "hsm-processes", "hsm-seconds", "hsm-resident-keys",
-                        "calling", "sweep", "latency-log"}) {
+                        "calling", "sweep", "latency-log", "pace-us"}) {
     a.value(v);
   }
   a.flag("plain").flag("json").flag("quiet").flag("hsm-only");
@@ -178,13 +180,14 @@ int run_ses(int argc, char** argv) {
   auto hsm_secs = a.num("hsm-seconds", 3, 0.1, 3600);
   auto hsm_resident = a.u64("hsm-resident-keys", 0, 0, 1'000'000);
   auto sweep = a.u64("sweep", 0, 1, 4096);
+  auto pace = a.u64("pace-us", 1000, 0, 100'000);
   std::string bad;
   auto check = [&bad](const auto& r) {
     if (!r.ok() && bad.empty()) bad = r.error().message();
   };
   check(port), check(conns), check(depth), check(duration), check(rate), check(meters);
   check(epsem), check(threads), check(hsm_threads), check(hsm_procs), check(hsm_secs);
-  check(hsm_resident), check(sweep);
+  check(hsm_resident), check(sweep), check(pace);
   if (!bad.empty()) return usage_error(bad, usage_ses);
   if (a.has("sweep") && (*sweep > *conns || a.has("rate"))) {
     return usage_error("--sweep K needs K <= --connections and no --rate", usage_ses);
@@ -203,6 +206,7 @@ int run_ses(int argc, char** argv) {
   o.duration_s = *duration;
   o.warmup_s = *warmup;
   o.rate = *rate;
+  o.pace_tick = std::chrono::microseconds(*pace);
   o.closed_warmup = true;  // open loop: fill the SES's caches first, as fast as it answers
   o.io_threads = std::min<std::size_t>(*threads, o.connections);
   o.progress = !a.has("quiet");
