@@ -216,7 +216,9 @@ Result<std::unique_ptr<DkusService>> DkusService::create(const DkusConfig& cfg, 
                     {}, [raw] { return static_cast<double>(raw->mac_failures_.flagged()); });
   if (cfg.audit.enabled) {
     auto w = audit::Writer::open(cfg.base.store.path, hsm,
-                                 daemon::audit_writer_options(cfg.audit, "gridseal-dkusd"), &registry);
+                                 daemon::audit_writer_options(cfg.audit, "gridseal-dkusd",
+                                                              cfg.server.sched_batch),
+                                 &registry);
     if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
     s->audit_ = std::move(w).value();
   }

@@ -107,7 +107,9 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
   GS_TRY(s->open_revocation_key(hsm));
   if (cfg.audit.enabled) {
     auto w = audit::Writer::open(cfg.base.store.path, hsm,
-                                 daemon::audit_writer_options(cfg.audit, "gridseal-sesd"), &registry);
+                                 daemon::audit_writer_options(cfg.audit, "gridseal-sesd",
+                                                              cfg.server.sched_batch),
+                                 &registry);
     if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
     s->audit_ = std::move(w).value();
   }

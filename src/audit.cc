@@ -13,6 +13,7 @@
 
 #include "gridseal/clock.h"
 #include "gridseal/thread_name.h"
+#include "gridseal/thread_sched.h"
 #include "hsm/data_object.h"
 #include "hsm/ops.h"
 #include "src/host_ecdsa.h"
@@ -924,6 +925,10 @@ Result<std::unique_ptr<Writer>> Writer::open(const std::string& db_path, HsmCont
   GS_ASSIGN(w->checkpointer_, db::Checkpointer::take_over(w->db_, db_path));
   w->thread_ = std::thread([raw = w.get()] {
     name_this_thread("gs-audit");
+    if (raw->opt_.sched_batch && !use_batch_scheduling()) {
+      std::fprintf(stderr, "%s: audit: SCHED_BATCH refused; default policy\n",
+                   raw->opt_.program.c_str());
+    }
     raw->run();
   });
   return w;

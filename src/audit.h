@@ -378,6 +378,7 @@ struct WriterOptions {
   std::chrono::milliseconds seal_after_idle{200};   // seal the anchor when idle this long
   std::string program = "gridseal";                 // log prefix
   AroundDone around_done;  // unset: the callbacks run directly
+  bool sched_batch = false;  // the writer thread under SCHED_BATCH (gs::use_batch_scheduling)
 };
 
 struct Item {

@@ -18,7 +18,7 @@ Status parse_server_table(const toml::table& root, const std::string& file,
                        "tls_key", "max_frame", "max_in_flight", "max_connections",
                        "handshake_timeout_ms", "idle_timeout_ms", "read_timeout_ms",
                        "write_timeout_ms", "request_timeout_ms", "io_threads", "worker_threads",
-                       "drain_ms", "processes"}));
+                       "drain_ms", "processes", "sched_batch"}));
     auto& s = out.server;
     GS_TRY(get_string(*srv, "address", file, p, s.address));
     GS_TRY(get_int(*srv, "port", file, p, 0, 65535, s.port));
@@ -39,6 +39,7 @@ Status parse_server_table(const toml::table& root, const std::string& file,
     GS_TRY(get_int(*srv, "worker_threads", file, p, min_worker_threads, 256, s.worker_threads));
     GS_TRY(get_ms(*srv, "drain_ms", file, p, 0, 600000, out.drain));
     GS_TRY(get_int(*srv, "processes", file, p, 0, 64, out.processes));
+    GS_TRY(get_bool(*srv, "sched_batch", file, p, s.sched_batch));
     s.tls.ca_file = resolve_path(dir, s.tls.ca_file);
     s.tls.cert_file = resolve_path(dir, s.tls.cert_file);
     s.tls.key_file = resolve_path(dir, s.tls.key_file);
@@ -65,7 +66,8 @@ Status parse_audit_table(const toml::table& root, const std::string& file, Audit
   return {};
 }
 
-audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string program) {
+audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string program,
+                                          bool sched_batch) {
   audit::WriterOptions wo;
   wo.max_batch = c.batch_max;
   wo.max_delay = std::chrono::microseconds(c.batch_delay_us);
@@ -74,6 +76,7 @@ audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string prog
   wo.anchor_interval = std::chrono::milliseconds(c.anchor_interval_ms);
   wo.program = std::move(program);
   wo.around_done = server::run_batched;  // a commit's responses reach the event loop together
+  wo.sched_batch = sched_batch;
   return wo;
 }
 

@@ -43,8 +43,10 @@ struct AuditConfig {
 
 // Parses [audit] of `root` (absent: the defaults already in `out`); errors name the key.
 Status parse_audit_table(const toml::table& root, const std::string& file, AuditConfig& out);
-// The audit::Writer options [audit] gives, for `program`'s records.
-audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string program);
+// The audit::Writer options [audit] gives, for `program`'s records; the writer thread follows
+// server.sched_batch (`sched_batch`) as the event loops do.
+audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string program,
+                                          bool sched_batch);
 
 // Parses a whole TOML file; syntax errors name the file, line and column.
 Result<toml::table> parse_toml_file(const std::string& path);

@@ -22,6 +22,7 @@
 
 #include "c1222/framer.h"
 #include "gridseal/thread_name.h"
+#include "gridseal/thread_sched.h"
 #include "src/metrics.h"
 
 namespace gs::server {
@@ -842,6 +843,9 @@ Status Server::start() {
   for (std::size_t i = 0; i < s.cfg.io_threads; ++i) {
     s.threads.emplace_back([&s] {
       name_this_thread("gs-io");
+      if (s.cfg.sched_batch && !use_batch_scheduling()) {
+        std::fprintf(stderr, "gridseal: server.sched_batch: SCHED_BATCH refused; default policy\n");
+      }
       s.io.run();
     });
   }

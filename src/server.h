@@ -53,6 +53,9 @@ struct ServerConfig {
 
   std::size_t io_threads = 1;      // event loop threads
   std::size_t worker_threads = 2;  // handler pool; 0 runs handlers inline on the event loop
+  // The event loop threads run under SCHED_BATCH (gs::use_batch_scheduling): their wake-ups
+  // wait for the running handler's time slice instead of preempting it.
+  bool sched_batch = false;
 };
 
 // Checks a configuration without opening anything (limits, TLS files named, plain TCP rules).

@@ -11,6 +11,7 @@
 #include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <array>
@@ -795,6 +796,24 @@ TEST_F(Audit, ActionAndRecordCommitTogether) {
   EXPECT_EQ(rep.records, 16);  // no record for a refused action
   for (std::int64_t s = 1; s <= 16; ++s) {
     EXPECT_EQ(stored(s).e.subject.find("M5"), std::string::npos);
+  }
+}
+
+// WriterOptions::sched_batch: the writer thread (where `done` runs) is under SCHED_BATCH, and
+// under the default policy without it.
+TEST_F(Audit, WriterThreadFollowsSchedBatch) {
+  for (const bool batch : {true, false}) {
+    audit::WriterOptions o;
+    o.sched_batch = batch;
+    auto w = audit::Writer::open(db_path_, *hsm_, o, nullptr);
+    ASSERT_TRUE(w.ok()) << w.error().message();
+    std::atomic<int> policy{-1};
+    audit::Item it;
+    it.event = event(batch ? 1 : 2);
+    it.done = [&policy](const Status&) { policy = sched_getscheduler(0); };
+    ASSERT_TRUE((*w)->submit(std::move(it)).ok());
+    (*w)->stop();
+    EXPECT_EQ(policy.load(), batch ? SCHED_BATCH : SCHED_OTHER) << "sched_batch " << batch;
   }
 }
 

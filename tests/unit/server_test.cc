@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -145,6 +146,29 @@ TEST(Server, EchoAndPipelinedResponsesInRequestOrder) {
   // The counter moves when the write completes, which may be just after the client read it.
   for (int i = 0; i < 100 && server->stats().responses < 8; ++i) std::this_thread::sleep_for(5ms);
   EXPECT_EQ(server->stats().responses, 8u);
+}
+
+// server.sched_batch: the event loop threads run under SCHED_BATCH (seen by a handler running
+// inline on one), and under the default policy without it.
+TEST(Server, SchedBatchPutsTheEventLoopsUnderSchedBatch) {
+  for (const bool batch : {true, false}) {
+    ServerConfig cfg = plain_config();
+    cfg.worker_threads = 0;  // the handler runs on the event loop
+    cfg.io_threads = 2;
+    cfg.sched_batch = batch;
+    std::atomic<int> policy{-1};
+    auto server = start(cfg, [&policy](const RequestContext&, Bytes req, Done done) {
+      policy = sched_getscheduler(0);
+      done(std::move(req));
+    });
+    ASSERT_TRUE(server);
+    auto client = Client::connect(client_for(*server));
+    ASSERT_TRUE(client.ok()) << client.error().message();
+    ASSERT_TRUE((*client)->send(frame(1)).ok());
+    auto r = (*client)->receive();
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    EXPECT_EQ(policy.load(), batch ? SCHED_BATCH : SCHED_OTHER) << "sched_batch " << batch;
+  }
 }
 
 // Responses completed inside a CompletionBatch (as the SES's audit writer completes a committed

@@ -4,6 +4,7 @@
 // workers, a worker that cannot start fails the start-up.
 #include <gtest/gtest.h>
 
+#include <sched.h>
 #include <sys/un.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <set>
 #include <sstream>
@@ -56,6 +58,20 @@ std::multiset<std::string> thread_names(pid_t pid) {
     std::ifstream f(t.path() / "comm");
     std::string name;
     if (std::getline(f, name)) out.insert(name);
+  }
+  return out;
+}
+
+// Each thread of process `pid` by name, with its scheduling policy (sched_getscheduler).
+std::multimap<std::string, int> thread_policies(pid_t pid) {
+  std::multimap<std::string, int> out;
+  std::error_code ec;
+  const std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  for (const auto& t : std::filesystem::directory_iterator(dir, ec)) {
+    std::ifstream f(t.path() / "comm");
+    std::string name;
+    if (!std::getline(f, name)) continue;
+    out.emplace(name, sched_getscheduler(static_cast<pid_t>(std::stol(t.path().filename()))));
   }
   return out;
 }
@@ -124,6 +140,15 @@ TEST(SesdSupervisor, WorkersShareThePortAndMetricsAreMerged) {
       EXPECT_GE(names.count(want_name), 1u) << "worker pid " << c << ": " << all;
     }
     EXPECT_EQ(names.count("exe"), 0u) << "worker pid " << c << ": " << all;
+    // server.sched_batch (the SES default): the event loop and the audit writer under
+    // SCHED_BATCH, the handler under the default policy.
+    for (const auto& [name, policy] : thread_policies(c)) {
+      if (name == "gs-io" || name == "gs-audit") {
+        EXPECT_EQ(policy, SCHED_BATCH) << name << " of worker pid " << c;
+      } else if (name == "gs-handler") {
+        EXPECT_EQ(policy, SCHED_OTHER) << name << " of worker pid " << c;
+      }
+    }
   }
   const std::string m = d.http_get("/metrics");
   EXPECT_NE(m.find("gridseal_workers_ready 2"), std::string::npos) << m.substr(0, 2000);
