@@ -49,20 +49,8 @@ std::vector<std::string> environment_of(pid_t pid) {
   return out;
 }
 
-// The names of the threads of process `pid` (/proc/PID/task/TID/comm).
-std::multiset<std::string> thread_names(pid_t pid) {
-  std::multiset<std::string> out;
-  std::error_code ec;
-  const std::string dir = "/proc/" + std::to_string(pid) + "/task";
-  for (const auto& t : std::filesystem::directory_iterator(dir, ec)) {
-    std::ifstream f(t.path() / "comm");
-    std::string name;
-    if (std::getline(f, name)) out.insert(name);
-  }
-  return out;
-}
-
-// Each thread of process `pid` by name, with its scheduling policy (sched_getscheduler).
+// Each thread of process `pid` by name (/proc/PID/task/TID/comm), with its scheduling policy
+// (sched_getscheduler).
 std::multimap<std::string, int> thread_policies(pid_t pid) {
   std::multimap<std::string, int> out;
   std::error_code ec;
@@ -73,6 +61,13 @@ std::multimap<std::string, int> thread_policies(pid_t pid) {
     if (!std::getline(f, name)) continue;
     out.emplace(name, sched_getscheduler(static_cast<pid_t>(std::stol(t.path().filename()))));
   }
+  return out;
+}
+
+// The names of the threads of process `pid`.
+std::multiset<std::string> thread_names(pid_t pid) {
+  std::multiset<std::string> out;
+  for (const auto& [name, policy] : thread_policies(pid)) out.insert(name);
   return out;
 }
 

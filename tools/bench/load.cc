@@ -127,11 +127,15 @@ class Conn : public std::enable_shared_from_this<Conn> {
     if (sh_.opt->pace_tick.count() == 0) tick();  // else the thread's pacer calls pace()
   }
 
-  // The thread's pacer (LoadOptions::pace_tick): queues what is due by `now` and writes it.
-  void pace(Clock::time_point now) {
-    if (!pacing_ || dead_ || exhausted_ || sh_.stop_sending.load(std::memory_order_relaxed)) return;
+  // Queues what is due by `now` and writes it (called by the thread's pacer, or by this
+  // connection's own timer with no pace tick); false once the connection no longer paces.
+  bool pace(Clock::time_point now) {
+    if (!pacing_ || dead_ || exhausted_ || sh_.stop_sending.load(std::memory_order_relaxed)) {
+      return false;
+    }
     queue_due(now);
     maybe_write();
+    return true;
   }
 
   // True while an open-loop run's warm-up runs closed loop.
@@ -178,9 +182,7 @@ class Conn : public std::enable_shared_from_this<Conn> {
   }
 
   void tick() {
-    if (dead_ || exhausted_ || sh_.stop_sending.load(std::memory_order_relaxed)) return;
-    queue_due(Clock::now());
-    maybe_write();
+    if (!pace(Clock::now())) return;
     auto self = shared_from_this();
     pace_.expires_at(next_due_);
     pace_.async_wait([self](error_code ec) {
