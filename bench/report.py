@@ -21,7 +21,7 @@ import sys
 # The README table's rows, in its order. Other ids (warm passes) are set-up, reported apart.
 ORDER = [
     "ses-raw", "ses-closed", "ses-cached", "ses-open-2000", "ses-open-1500", "ses-tuned-closed",
-    "ses-tuned-open-80", "ses-audit-on",
+    "ses-tuned-open-80", "ses-tuned-open-80-wide", "ses-audit-on",
     "ses-audit-off", "read", "rollover",
     "codec", "dkus-raw", "dkus-raw-init", "dkus-16x16", "dkus-16x64", "dkus-tls", "dkus-open-2000",
     "dkus-defaults",
