@@ -206,7 +206,8 @@ int supervise(const SupervisorSpec& spec) {
                    std::to_string(port)};
   o.worker_args.insert(o.worker_args.end(), spec.extra_args.begin(), spec.extra_args.end());
   o.inherit_fds = spec.inherit_fds;
-  o.worker_env_defaults = {{"GLIBC_TUNABLES", kWorkerGlibcTunables}};
+  o.worker_env_defaults = {{"GLIBC_TUNABLES", kWorkerGlibcTunables},
+                           {"MALLOC_CONF", kWorkerMallocConf}};
   o.drain = spec.drain;
   o.metrics_enabled = spec.metrics_enabled;
   o.metrics = spec.metrics;

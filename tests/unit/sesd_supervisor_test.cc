@@ -49,6 +49,27 @@ std::vector<std::string> environment_of(pid_t pid) {
   return out;
 }
 
+// Anonymous memory of process `pid` backed by transparent huge pages, in kB (-1: unreadable).
+long anon_huge_kb(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/smaps_rollup");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("AnonHugePages:", 0) == 0) return std::stol(line.substr(14));
+  }
+  return -1;
+}
+
+// The kernel's transparent-huge-page mode ("always", "madvise" or "never"; "" when unknown).
+std::string thp_mode() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string all;
+  std::getline(f, all);
+  const auto open = all.find('['), close = all.find(']');
+  return open == std::string::npos || close == std::string::npos
+             ? std::string()
+             : all.substr(open + 1, close - open - 1);
+}
+
 // Each thread of process `pid` by name (/proc/PID/task/TID/comm), with its scheduling policy
 // (sched_getscheduler).
 std::multimap<std::string, int> thread_policies(pid_t pid) {
@@ -105,10 +126,26 @@ TEST(SesdSupervisor, WorkersShareThePortAndMetricsAreMerged) {
   const char* inherited = std::getenv("GLIBC_TUNABLES");
   const std::string want = std::string("GLIBC_TUNABLES=") +
                            (inherited != nullptr ? inherited : gs::daemon::kWorkerGlibcTunables);
+  // ... and jemalloc's huge-page settings (or the value this test process was given).
+  const char* inherited_conf = std::getenv("MALLOC_CONF");
+  const std::string want_conf =
+      std::string("MALLOC_CONF=") +
+      (inherited_conf != nullptr ? inherited_conf : gs::daemon::kWorkerMallocConf);
   for (pid_t c : children(d.pid())) {
     const std::vector<std::string> env = environment_of(c);
     EXPECT_EQ(std::count(env.begin(), env.end(), want), 1) << "worker pid " << c;
+    EXPECT_EQ(std::count(env.begin(), env.end(), want_conf), 1) << "worker pid " << c;
   }
+#ifdef GS_DAEMONS_USE_JEMALLOC
+  // With the default and a kernel that grants huge pages on madvise, jemalloc's heap is on them
+  // from the start (the arenas it maps at start-up).
+  const std::string mode = thp_mode();
+  if (inherited_conf == nullptr && (mode == "always" || mode == "madvise")) {
+    for (pid_t c : children(d.pid())) {
+      EXPECT_GT(anon_huge_kb(c), 0) << "worker pid " << c << ", THP mode " << mode;
+    }
+  }
+#endif
   // Enough connections that both workers get some (the kernel spreads them by hash).
   for (int i = 0; i < 16; ++i) {
     auto c = d.connect();
