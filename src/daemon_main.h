@@ -93,10 +93,9 @@ inline constexpr char kWorkerGlibcTunables[] = "glibc.malloc.tcache_count=1000";
 // Measured at 100,000 meters, TLS 1.3 (README "Performance", session 16), alternating runs: the
 // tuned SES at 32 x 16 spent 83-118 µs of CPU per command with it (8 runs) against 120-144
 // without (4 runs); the DKUS at 16 x 16 15.8-17.6 against 16.7-21.5 µs per message (4 and 4).
-// The cost: memory in 2 MiB steps (a worker's 16 MB start-up RSS becomes
-// 34 MB) and, with the kernel's THP defrag "madvise", compaction on a page fault when memory is
-// fragmented, which a warmed-up worker rarely takes (jemalloc keeps its pages). Glibc's malloc
-// ignores the variable.
+// The cost: memory in 2 MiB steps (a worker's 16 MB start-up RSS becomes 34 MB) and, with the
+// kernel's THP defrag "madvise", compaction on a page fault when memory is fragmented, which a
+// warmed-up worker rarely takes (jemalloc keeps its pages). Glibc's malloc ignores the variable.
 inline constexpr char kWorkerMallocConf[] = "thp:always,metadata_thp:always";
 
 // The allocator of this process, for the start-up line: "jemalloc 5.3.0" when the daemon was
