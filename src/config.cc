@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "src/toml_fields.h"
+#include "src/toml_text.h"
 
 namespace gs::config {
 
@@ -12,15 +13,7 @@ namespace fs = std::filesystem;
 using namespace toml_fields;
 
 Result<Config> load(const std::string& path) {
-  toml::table root;
-  try {
-    root = toml::parse_file(path);
-  } catch (const toml::parse_error& e) {
-    const auto& where = e.source().begin;
-    return Error(Errc::invalid_argument, path + ":" + std::to_string(where.line) + ":" +
-                                             std::to_string(where.column) + ": " +
-                                             std::string(e.description()));
-  }
+  GS_ASSIGN(toml::table root, toml_text::parse_file(path));
   Config c;
   c.source = path;
   const fs::path dir = fs::absolute(path).parent_path();

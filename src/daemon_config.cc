@@ -2,6 +2,7 @@
 #include "src/daemon_config.h"
 
 #include "src/toml_fields.h"
+#include "src/toml_text.h"
 
 namespace gs::daemon {
 
@@ -81,14 +82,7 @@ audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string prog
 }
 
 Result<toml::table> parse_toml_file(const std::string& path) {
-  try {
-    return toml::parse_file(path);
-  } catch (const toml::parse_error& e) {
-    const auto& at = e.source().begin;
-    return Error(Errc::invalid_argument, path + ":" + std::to_string(at.line) + ":" +
-                                             std::to_string(at.column) + ": " +
-                                             std::string(e.description()));
-  }
+  return toml_text::parse_file(path);
 }
 
 Result<CommonConfig> load_common(const std::string& path, const std::string& program,

@@ -17,6 +17,7 @@
 #include <toml++/toml.h>
 
 #include "src/invocation_ids.h"
+#include "src/toml_text.h"
 
 namespace gs::policy {
 
@@ -413,15 +414,7 @@ Validity Policy::broadcast_validity(const GroupRules& g, std::uint32_t now) cons
 
 Result<Policy> parse_policy(std::string_view toml_text, const std::string& source,
                             ByteView base_oid) {
-  toml::table root;
-  try {
-    root = toml::parse(toml_text, source);
-  } catch (const toml::parse_error& e) {
-    const auto& where = e.source().begin;
-    return Error(Errc::invalid_argument, source + ":" + std::to_string(where.line) + ":" +
-                                             std::to_string(where.column) + ": " +
-                                             std::string(e.description()));
-  }
+  GS_ASSIGN(toml::table root, gs::toml_text::parse(toml_text, source));
   return parse_root(Ctx{source}, root, base_oid);
 }
 

@@ -16,6 +16,7 @@
 #include "src/hsm_context.h"
 #include "src/key_store.h"
 #include "src/policy.h"
+#include "src/toml_text.h"
 #include "tools/gridseal/commands.h"
 #include "tools/gridseal/json.h"
 #include "tools/gridseal/operator_gate.h"
@@ -31,14 +32,12 @@ std::string policy_path(const std::string& config_path, const config::Config& cf
   if (!given.empty()) return given;
   if (!cfg.policy.empty()) return cfg.policy;
   const std::filesystem::path dir = std::filesystem::absolute(config_path).parent_path();
-  try {
-    const toml::table root = toml::parse_file(config_path);
-    if (auto p = root["ses"]["policy"].value<std::string>()) {
+  // config::load read it already; an error here falls through to the default.
+  if (auto root = toml_text::parse_file(config_path); root.ok()) {
+    if (auto p = (*root)["ses"]["policy"].value<std::string>()) {
       const std::filesystem::path f(*p);
       return f.is_absolute() ? f.string() : (dir / f).string();
     }
-  } catch (const toml::parse_error&) {
-    // config::load read it already; fall through to the default.
   }
   return (dir / "policy.toml").string();
 }
