@@ -170,22 +170,18 @@ Status check(std::string_view t, const std::string& source) {
           i = j + 1;
           continue;
         }
-        if (starts(t, i, "\"\"\"")) {
+        [[fallthrough]];
+      case In::multi_literal: {
+        const char q = in == In::multi_basic ? '"' : '\'';
+        if (starts(t, i, q == '"' ? "\"\"\"" : "'''")) {
           // The closing delimiter, with up to two quotes of content before it.
-          while (i < t.size() && t[i] == '"') ++i;
+          while (i < t.size() && t[i] == q) ++i;
           in = In::text;
           continue;
         }
         ++i;
         break;
-      case In::multi_literal:
-        if (starts(t, i, "'''")) {
-          while (i < t.size() && t[i] == '\'') ++i;
-          in = In::text;
-          continue;
-        }
-        ++i;
-        break;
+      }
     }
   }
   return {};
