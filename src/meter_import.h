@@ -1,5 +1,6 @@
-// Manufacturer fleet files (meter_id,ap_title,ecc_public_key,key_slot,key): parsing, key
-// preparation in the HSM (nothing leaves it in clear) and batched, idempotent storage.
+// Manufacturer fleet files (meter_id,ap_title,ecc_public_key,key_slot,key): parsing (in
+// src/fleet_csv.cc), key preparation in the HSM (nothing leaves it in clear) and batched,
+// idempotent storage.
 #pragma once
 
 #include <functional>
@@ -32,6 +33,8 @@ struct FleetRow {
 Result<FleetRow> parse_fleet_row(std::string_view line, std::size_t line_no, ByteView base_oid);
 // Checks the header line.
 Status check_fleet_header(std::string_view line);
+// A line the importer skips: blank (spaces, tabs, a trailing CR) or a comment (# first).
+bool skipped_fleet_line(std::string_view line) noexcept;
 
 struct ImportProgress {
   std::size_t rows = 0;       // data rows read so far
