@@ -73,36 +73,6 @@ Digest to_digest(ByteView v) {
   return d;
 }
 
-// Length of the UTF-8 sequence at s[i], or 0 when it is not a valid one (overlong forms,
-// surrogates and values above U+10FFFF are invalid).
-std::size_t utf8_len(std::string_view s, std::size_t i) {
-  const auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
-  const unsigned char c = b(i);
-  if (c < 0x80) return 1;
-  std::size_t n = 0;
-  std::uint32_t cp = 0;
-  if ((c & 0xE0) == 0xC0) {
-    n = 2;
-    cp = c & 0x1F;
-  } else if ((c & 0xF0) == 0xE0) {
-    n = 3;
-    cp = c & 0x0F;
-  } else if ((c & 0xF8) == 0xF0) {
-    n = 4;
-    cp = c & 0x07;
-  } else {
-    return 0;
-  }
-  if (i + n > s.size()) return 0;
-  for (std::size_t k = 1; k < n; ++k) {
-    if ((b(i + k) & 0xC0) != 0x80) return 0;
-    cp = (cp << 6) | (b(i + k) & 0x3F);
-  }
-  static constexpr std::uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
-  if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
-  return n;
-}
-
 // True when every byte is printable ASCII (0x20..0x7E): the usual text, which clip() keeps as
 // it is, json_string() escapes only at quotes and backslashes, and which is valid UTF-8.
 bool printable_ascii(std::string_view s) {
@@ -117,7 +87,7 @@ bool printable_ascii(std::string_view s) {
 bool valid_utf8(std::string_view s) {
   if (printable_ascii(s)) return true;
   for (std::size_t i = 0; i < s.size();) {
-    const std::size_t n = utf8_len(s, i);
+    const std::size_t n = utf8_sequence_length(s, i);
     if (n == 0) return false;
     i += n;
   }
@@ -264,7 +234,7 @@ std::string clip(std::string_view text, std::size_t max) {
   out.reserve(std::min(text.size(), max));
   const std::size_t room = max >= 3 ? max - 3 : 0;
   for (std::size_t i = 0; i < text.size();) {
-    std::size_t n = utf8_len(text, i);
+    std::size_t n = utf8_sequence_length(text, i);
     std::string_view piece;
     char replacement = 0;
     if (n == 0) {

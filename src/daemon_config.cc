@@ -81,10 +81,6 @@ audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string prog
   return wo;
 }
 
-Result<toml::table> parse_toml_file(const std::string& path) {
-  return toml_text::parse_file(path);
-}
-
 Result<CommonConfig> load_common(const std::string& path, const std::string& program,
                                  const char* own_table,
                                  std::initializer_list<const char*> also_own) {
@@ -93,7 +89,7 @@ Result<CommonConfig> load_common(const std::string& path, const std::string& pro
   auto base = c1222::oid_from_dotted(c.base.base_oid);
   if (!base.ok()) return key_error(path, "base_oid", base.error().message());
   c.base_oid = std::move(base).value();
-  GS_ASSIGN(c.root, parse_toml_file(path));
+  GS_ASSIGN(c.root, toml_text::parse_file(path));
   c.dir = std::filesystem::absolute(path).parent_path();
   for (const char* foreign : {"ses", "dkus", "policy", "metrics", "tls", "relay", "rollover", "log"}) {
     bool own = std::string(foreign) == own_table;

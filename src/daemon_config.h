@@ -48,9 +48,6 @@ Status parse_audit_table(const toml::table& root, const std::string& file, Audit
 audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string program,
                                           bool sched_batch);
 
-// Parses a whole TOML file; syntax errors name the file, line and column.
-Result<toml::table> parse_toml_file(const std::string& path);
-
 // The part of a daemon's file every program shares: base_oid, [hsm], [store] (config::load),
 // the parsed TOML and the file's directory (relative paths resolve against it). Top-level
 // tables of other programs are refused, naming the program and its own table; `also_own` names

@@ -10,10 +10,8 @@
 #include <cstring>
 
 #include <cmath>
-#include <fstream>
 #include <new>
 #include <set>
-#include <sstream>
 #include <toml++/toml.h>
 
 #include "src/invocation_ids.h"
@@ -419,12 +417,8 @@ Result<Policy> parse_policy(std::string_view toml_text, const std::string& sourc
 }
 
 Result<Policy> load_policy(const std::string& path, ByteView base_oid) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return {Errc::not_found, path + ": cannot be read"};
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (ss.str().size() > (1U << 24)) return {Errc::too_large, path + ": larger than 16 MiB"};
-  return parse_policy(ss.str(), path, base_oid);
+  GS_ASSIGN(std::string text, gs::toml_text::read_file(path));
+  return parse_policy(text, path, base_oid);
 }
 
 // ---- classification ---------------------------------------------------------------------------

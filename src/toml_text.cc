@@ -4,38 +4,11 @@
 #include <fstream>
 #include <vector>
 
+#include "gridseal/bytes.h"
+
 namespace gs::toml_text {
 
 namespace {
-
-// Length of the well-formed UTF-8 sequence at t[i] (RFC 3629: no overlong forms, no
-// surrogates, nothing above U+10FFFF), 0 when there is none.
-std::size_t utf8_length(std::string_view t, std::size_t i) {
-  const auto b = [&](std::size_t k) { return static_cast<unsigned char>(t[k]); };
-  const unsigned char c = b(i);
-  if (c < 0x80) return 1;
-  std::size_t n = 0;
-  unsigned char lo = 0x80, hi = 0xBF;  // range of the second byte
-  if (c >= 0xC2 && c <= 0xDF) {
-    n = 2;
-  } else if (c >= 0xE0 && c <= 0xEF) {
-    n = 3;
-    if (c == 0xE0) lo = 0xA0;
-    if (c == 0xED) hi = 0x9F;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    n = 4;
-    if (c == 0xF0) lo = 0x90;
-    if (c == 0xF4) hi = 0x8F;
-  } else {
-    return 0;
-  }
-  if (t.size() - i < n) return 0;
-  if (b(i + 1) < lo || b(i + 1) > hi) return 0;
-  for (std::size_t k = 2; k < n; ++k) {
-    if (b(i + k) < 0x80 || b(i + k) > 0xBF) return 0;
-  }
-  return n;
-}
 
 bool starts(std::string_view t, std::size_t i, std::string_view what) {
   return t.substr(i, what.size()) == what;
@@ -52,7 +25,7 @@ Status check(std::string_view t, const std::string& source) {
                                              std::to_string(at - line_start + 1) + ": " + what);
   };
   for (std::size_t i = 0; i < t.size();) {
-    const std::size_t n = utf8_length(t, i);
+    const std::size_t n = utf8_sequence_length(t, i);
     if (n == 0) return fail(i, "not UTF-8");
     if (t[i] == '\n') {
       ++line;
@@ -199,7 +172,7 @@ Result<toml::table> parse(std::string_view text, const std::string& source) {
   }
 }
 
-Result<toml::table> parse_file(const std::string& path) {
+Result<std::string> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return Error(Errc::not_found, path + ": cannot be read");
   std::string text;
@@ -212,6 +185,11 @@ Result<toml::table> parse_file(const std::string& path) {
     }
   }
   if (in.bad()) return Error(Errc::not_found, path + ": cannot be read");
+  return text;
+}
+
+Result<toml::table> parse_file(const std::string& path) {
+  GS_ASSIGN(std::string text, read_file(path));
   return parse(text, path);
 }
 

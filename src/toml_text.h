@@ -30,7 +30,11 @@ Status check(std::string_view text, const std::string& source);
 // check(), then toml::parse; syntax errors name source:line:column.
 Result<toml::table> parse(std::string_view text, const std::string& source);
 
-// The file (at most kMaxFileBytes; Errc::not_found when it cannot be read), then parse().
+// The file's text: Errc::not_found when it cannot be read, Errc::too_large beyond
+// kMaxFileBytes.
+Result<std::string> read_file(const std::string& path);
+
+// read_file(), then parse().
 Result<toml::table> parse_file(const std::string& path);
 
 }  // namespace gs::toml_text

@@ -28,6 +28,10 @@ std::string to_hex(ByteView data);
 // number of digits or a non-hex character.
 std::optional<Bytes> from_hex(std::string_view text);
 
+// Length of the well-formed UTF-8 sequence at s[i] (1 for ASCII), 0 when there is none
+// (RFC 3629: overlong forms, surrogates and values above U+10FFFF are not). i < s.size().
+std::size_t utf8_sequence_length(std::string_view s, std::size_t i) noexcept;
+
 // Overwrites memory in a way the optimiser does not remove.
 void secure_zero(void* p, std::size_t n) noexcept;
 

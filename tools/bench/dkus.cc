@@ -22,6 +22,7 @@
 #include "c1222/services.h"
 #include "gridseal/clock.h"
 #include "src/daemon_config.h"
+#include "src/toml_text.h"
 #include "src/host_aes.h"
 #include "src/invocation_ids.h"
 #include "src/sqlite.h"
@@ -207,7 +208,7 @@ Status seal_connection(const FleetKeys& fleet, const DkusPlan& p, ConnMessages& 
 // Reads the DKUS's process model from its configuration: worker processes (0 = cores) and
 // handler threads per process, the defaults of the raw measurement.
 Result<std::pair<std::size_t, std::size_t>> dkus_process_model(const std::string& path) {
-  GS_ASSIGN(toml::table root, daemon::parse_toml_file(path));
+  GS_ASSIGN(toml::table root, toml_text::parse_file(path));
   daemon::ProcessModel pm;
   pm.server.io_threads = 2;  // the DKUS's defaults (dkus/dkus_config.h)
   pm.server.worker_threads = 0;
