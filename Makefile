@@ -4,7 +4,7 @@ ASAN_BUILD ?= build-asan
 FUZZ_BUILD ?= build-fuzz
 JOBS       ?= $(shell nproc)
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS := framer_fuzz acse_decode_fuzz epsem_decode_fuzz open_fuzz profile_fuzz policy_fuzz fleet_csv_fuzz metersim_fuzz
+FUZZ_TARGETS := framer_fuzz acse_decode_fuzz epsem_decode_fuzz open_fuzz profile_fuzz policy_fuzz fleet_csv_fuzz operator_request_fuzz metersim_fuzz
 CMAKE_GEN  := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 
 .PHONY: all deps build test test-asan fuzz fuzz-build bench clean
