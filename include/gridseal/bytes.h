@@ -24,6 +24,8 @@ inline ByteView as_bytes(std::string_view s) {
 // Lower-case hex without separators.
 std::string to_hex(ByteView data);
 
+// The value of one hex digit (either case), -1 for any other character.
+int hex_value(char c) noexcept;
 // Parses hex; spaces, tabs, ':' and '-' between digit pairs are ignored. nullopt on an odd
 // number of digits or a non-hex character.
 std::optional<Bytes> from_hex(std::string_view text);

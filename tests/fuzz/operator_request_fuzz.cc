@@ -3,6 +3,8 @@
 //     signed operator request, written by whoever carries it from the signing workstation.
 //   * approvals::decode_argv (src/approvals.cc): the command line of an M-of-N approval request
 //     as the table holds it, replayed through the command tree once approved.
+//   * parse_token_uri (src/operator_token_uri.cc): the pkcs11: URI naming an operator's own
+//     signing key on a token.
 // Properties:
 //   * an accepted request is canonical (the rules authorize() relies on: operator name, command
 //     and argument bounds, arguments sorted by name, 16-byte nonce, time in range), and
@@ -10,7 +12,9 @@
 //   * written back with request_file_text it parses to the same request and signature;
 //   * the bytes the operator signs (request_encoding) decode, by the independent reader below,
 //     to exactly that request with nothing left over: no two requests share signed bytes;
-//   * an accepted argv is within kMaxArgv and encode_argv gives back exactly the input.
+//   * an accepted argv is within kMaxArgv and encode_argv gives back exactly the input;
+//   * an accepted URI names a token, a key, a module and exactly one PIN source, and its values,
+//     percent-encoded byte by byte into a URI of their own, parse back to the same values.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -22,6 +26,7 @@
 
 #include "gridseal/bytes.h"
 #include "src/approvals.h"
+#include "src/operator_token.h"
 #include "src/operators.h"
 
 namespace {
@@ -132,10 +137,42 @@ void check_argv(const std::uint8_t* data, std::size_t size) {
   must(again.size() == size && std::equal(again.begin(), again.end(), data));
 }
 
+std::string percent_all(std::string_view v) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  for (char c : v) {
+    const auto b = static_cast<unsigned char>(c);
+    out += '%';
+    out += kHex[b >> 4];
+    out += kHex[b & 15];
+  }
+  return out;
+}
+
+void check_token_uri(std::string_view text) {
+  auto uri = op::parse_token_uri(text);
+  if (!uri.ok()) return;
+  must(op::is_token_uri(text) && text.size() <= op::kMaxTokenUri);
+  must(!uri->token.empty() && !uri->object.empty() && !uri->module_path.empty());
+  must(uri->pin_file.empty() != uri->pin_env.empty());
+  const std::string pin = uri->pin_file.empty() ? "env:" + percent_all(uri->pin_env)
+                                                : "file:" + percent_all(uri->pin_file);
+  const std::string again = std::string(op::kPkcs11Scheme) + "token=" + percent_all(uri->token) +
+                            ";object=" + percent_all(uri->object) +
+                            "?module-path=" + percent_all(uri->module_path) + "&pin-source=" + pin;
+  if (again.size() > op::kMaxTokenUri) return;  // three bytes per byte: may exceed the bound
+  auto back = op::parse_token_uri(again);
+  must(back.ok());
+  must(back->token == uri->token && back->object == uri->object &&
+       back->module_path == uri->module_path && back->pin_file == uri->pin_file &&
+       back->pin_env == uri->pin_env);
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   check_request_file(std::string_view(reinterpret_cast<const char*>(data), size));
   check_argv(data, size);
+  check_token_uri(std::string_view(reinterpret_cast<const char*>(data), size));
   return 0;
 }
