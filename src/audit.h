@@ -466,6 +466,8 @@ class Writer {
   metrics::Counter* m_checkpoints_ = nullptr;
   metrics::Histogram* m_commit_seconds_ = nullptr;
   metrics::Histogram* m_batch_ = nullptr;
+  metrics::Histogram* m_lock_wait_seconds_ = nullptr;
+  metrics::Histogram* m_sql_commit_seconds_ = nullptr;
 };
 
 // A daemon worker's `start` record (worker, pid, the anchor state the writer found at open),

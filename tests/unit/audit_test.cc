@@ -26,6 +26,7 @@
 #include "src/config.h"
 #include "src/hsm_context.h"
 #include "src/key_store.h"
+#include "src/metrics.h"
 #include "tests/unit/run_command.h"
 
 namespace {
@@ -890,6 +891,41 @@ TEST_F(Audit, TwoWritersOnOneFileKeepOneChain) {
   ASSERT_TRUE(rep.ok) << rep.failure->message;
   EXPECT_EQ(rep.records, 600);
   EXPECT_EQ(rep.anchor->state, audit::AnchorState::sealed);
+}
+
+// The two parts of a batch's time that make the SES's tail: the wait for another connection's
+// write lock and the COMMIT. Another connection holds the lock for 300 ms while a record waits.
+TEST_F(Audit, WriterReportsItsWriteLockWaitAndCommitTimes) {
+  metrics::Registry reg;
+  auto w = audit::Writer::open(db_path_, *hsm_, audit::WriterOptions{}, &reg);
+  ASSERT_TRUE(w.ok()) << w.error().message();
+  auto lock_wait = [&]() -> metrics::Histogram& {
+    return reg.histogram("gridseal_audit_write_lock_wait_seconds", "", metrics::latency_buckets());
+  };
+  auto commit = [&]() -> metrics::Histogram& {
+    return reg.histogram("gridseal_audit_sql_commit_seconds", "", metrics::latency_buckets());
+  };
+  ASSERT_TRUE((*w)->append(event(1)).ok());
+  EXPECT_EQ(lock_wait().count(), 1U);
+  EXPECT_EQ(commit().count(), 1U);
+
+  auto other = db::Db::open(db_path_);
+  ASSERT_TRUE(other.ok());
+  ASSERT_TRUE(other->exec("BEGIN IMMEDIATE").ok());
+  std::thread release([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    EXPECT_TRUE(other->exec("COMMIT").ok());
+  });
+  Status st = (*w)->append(event(2));
+  release.join();
+  ASSERT_TRUE(st.ok()) << st.error().message();
+  EXPECT_EQ(lock_wait().count(), 2U);
+  EXPECT_EQ(commit().count(), 2U);
+  EXPECT_GE(lock_wait().sum(), 0.1);
+  EXPECT_GT(commit().sum(), 0.0);
+  const std::string text = reg.expose();
+  EXPECT_NE(text.find("gridseal_audit_write_lock_wait_seconds_count 2"), std::string::npos);
+  EXPECT_NE(text.find("gridseal_audit_sql_commit_seconds_count 2"), std::string::npos);
 }
 
 TEST_F(Audit, ExportIsJsonLinesWithCheckpointsAfterTheirRecords) {
