@@ -39,10 +39,6 @@ Result<Request> read_request(const db::Stmt& st) {
   return r;
 }
 
-void put_u32(Bytes& b, std::uint32_t v) {
-  for (int i = 3; i >= 0; --i) b.push_back(static_cast<std::uint8_t>(v >> (8 * i)));
-}
-
 Status insert_signature(db::Db& db, std::int64_t id, const Signature& s) {
   GS_ASSIGN(auto st, db.prepare("INSERT INTO approval_signatures (request, operator, role, "
                                 "signed_at, nonce, time, signature) VALUES (?1, ?2, ?3, ?4, "
@@ -97,10 +93,7 @@ Result<Bytes> command_digest(std::string_view path,
 
 Bytes encode_argv(const std::vector<std::string>& argv) {
   Bytes b;
-  for (const auto& a : argv) {
-    put_u32(b, static_cast<std::uint32_t>(a.size()));
-    b.insert(b.end(), a.begin(), a.end());
-  }
+  for (const auto& a : argv) append_length_prefixed(b, as_bytes(a));
   return b;
 }
 

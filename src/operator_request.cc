@@ -1,30 +1,15 @@
 // The signed operator request: canonical form, the bytes an operator signs, and the request file
 // (src/operators.h). No store, HSM or audit code here, so that a fuzz target builds with it
 // alone (tests/fuzz/operator_request_fuzz.cc).
+#include "src/operators.h"
+
 #include <algorithm>
 #include <sstream>
-
-#include "src/operators.h"
 
 namespace gs::operators {
 
 namespace {
 
-void put_u32(Bytes& b, std::uint32_t v) {
-  for (int i = 3; i >= 0; --i) b.push_back(static_cast<std::uint8_t>(v >> (8 * i)));
-}
-void put_lp(Bytes& b, std::string_view s) {
-  put_u32(b, static_cast<std::uint32_t>(s.size()));
-  b.insert(b.end(), s.begin(), s.end());
-}
-void put_lp(Bytes& b, ByteView s) {
-  put_u32(b, static_cast<std::uint32_t>(s.size()));
-  b.insert(b.end(), s.begin(), s.end());
-}
-
-std::string hex_of(std::string_view s) {
-  return to_hex(ByteView(reinterpret_cast<const std::uint8_t*>(s.data()), s.size()));
-}
 std::optional<std::string> text_of_hex(std::string_view h) {
   auto b = from_hex(h);
   if (!b) return std::nullopt;
@@ -53,14 +38,14 @@ Status canonicalize(Request& r) {
 
 Bytes request_encoding(const Request& r) {
   Bytes b(kRequestDomain, kRequestDomain + sizeof kRequestDomain - 1);
-  put_lp(b, r.operator_name);
-  put_lp(b, r.command);
-  put_u32(b, static_cast<std::uint32_t>(r.args.size()));
+  append_length_prefixed(b, as_bytes(r.operator_name));
+  append_length_prefixed(b, as_bytes(r.command));
+  append_u32be(b, static_cast<std::uint32_t>(r.args.size()));
   for (const auto& [n, v] : r.args) {
-    put_lp(b, n);
-    put_lp(b, v);
+    append_length_prefixed(b, as_bytes(n));
+    append_length_prefixed(b, as_bytes(v));
   }
-  put_lp(b, ByteView(r.nonce));
+  append_length_prefixed(b, r.nonce);
   auto t = static_cast<std::uint64_t>(r.time);
   for (int i = 7; i >= 0; --i) b.push_back(static_cast<std::uint8_t>(t >> (8 * i)));
   return b;
@@ -70,8 +55,8 @@ Result<Sha256Digest> request_digest(const Request& r) { return sha256(request_en
 
 std::string request_file_text(const Request& r, const EcSignature& sig) {
   std::string t = "gridseal-operator-request 1\noperator " + r.operator_name + "\ncommand " +
-                  hex_of(r.command) + "\n";
-  for (const auto& [n, v] : r.args) t += "arg " + hex_of(n) + " " + hex_of(v) + "\n";
+                  to_hex(as_bytes(r.command)) + "\n";
+  for (const auto& [n, v] : r.args) t += "arg " + to_hex(as_bytes(n)) + " " + to_hex(as_bytes(v)) + "\n";
   t += "nonce " + to_hex(r.nonce) + "\ntime " + std::to_string(r.time) + "\nsignature " +
        to_hex(sig) + "\n";
   return t;

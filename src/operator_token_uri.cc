@@ -1,8 +1,8 @@
 // PKCS#11 URIs of operator keys (src/operator_token.h). No HSM code here, so that a fuzz target
 // builds with it alone (tests/fuzz/operator_request_fuzz.cc).
-#include <algorithm>
-
 #include "src/operator_token.h"
+
+#include <algorithm>
 
 namespace gs::operators {
 

@@ -21,6 +21,11 @@ inline ByteView as_bytes(std::string_view s) {
   return {reinterpret_cast<const std::uint8_t*>(s.data()), s.size()};
 }
 
+// Appends v as 4 bytes, big-endian.
+void append_u32be(Bytes& out, std::uint32_t v);
+// Appends u32be(data.size()) || data: the length-prefixed field of gridseal's signed encodings.
+void append_length_prefixed(Bytes& out, ByteView data);
+
 // Lower-case hex without separators.
 std::string to_hex(ByteView data);
 
