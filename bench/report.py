@@ -23,7 +23,7 @@ ORDER = [
     "ses-raw", "ses-closed", "ses-cached", "ses-open-2000", "ses-open-1500", "ses-tuned-closed",
     "ses-tuned-open-80", "ses-tuned-open-80-wide", "ses-audit-on",
     "ses-audit-off", "read", "rollover",
-    "codec", "dkus-raw", "dkus-raw-init", "dkus-16x16", "dkus-16x64", "dkus-tls", "dkus-open-2000",
+    "codec", "dkus-raw", "dkus-raw-init", "dkus-echo", "dkus-16x16", "dkus-16x64", "dkus-tls", "dkus-open-2000",
     "dkus-defaults",
 ]
 # Where a row's raw limit comes from when the row does not measure it itself.
@@ -89,6 +89,9 @@ def figure(kind, d):
                                                        rate(d["secured_per_s"]), errs(d))
     if kind in ("dkus", "warm"):
         return "%s opened/s, %s%s" % (rate(d["opened_per_s"]), lat(d), errs(d))
+    if kind == "dkus-echo":
+        return "%s echoed/s (generator %.0f %% of a core), %s%s" % (
+            rate(d["opened_per_s"]), d.get("generator_cpu_percent", 0), lat(d), errs(d))
     if kind == "dkus-open":
         return "%s (offered %s /s, opened %s /s)%s" % (lat(d), rate(d["rate_offered"]),
                                                       rate(d["opened_per_s"]), errs(d))
@@ -111,7 +114,7 @@ def figure(kind, d):
 
 def raw_of(kind, d):
     """The raw limit a row measured itself, if any."""
-    if kind == "dkus" and "raw_hsm" in d:
+    if kind in ("dkus", "dkus-echo") and "raw_hsm" in d:
         return d["raw_hsm"]["per_s"]
     return None
 
@@ -210,6 +213,10 @@ def table(a):
             r["raw_limit"] = "%s /s (ses-raw)" % rate(raw)
             if raw > 0:
                 r["ratio"] = "%.0f %% of raw" % (100.0 * d["secured_per_s"] / raw)
+        elif kind == "dkus-echo" and raw_of(kind, d):
+            r["raw_limit"] = "%s /s (same run, %dx%d)" % (
+                rate(d["raw_hsm"]["per_s"]), d["raw_hsm"]["processes"], d["raw_hsm"]["threads"])
+            r["ratio"] = "%.0f %% of raw" % (100.0 * d.get("opened_over_raw", 0))
         elif kind == "dkus" and raw_of(kind, d):
             r["raw_limit"] = "%s /s (same run, %dx%d)" % (
                 rate(d["raw_hsm"]["per_s"]), d["raw_hsm"]["processes"], d["raw_hsm"]["threads"])
@@ -221,6 +228,10 @@ def table(a):
                 if init > 0:
                     r["ratio"] += "; %.0f %% of dkus-raw-init (%s /s)" % (
                         100.0 * d["opened_per_s"] / init, rate(init))
+            if ok("dkus-echo"):
+                echo = rows["dkus-echo"]["result"]["opened_per_s"]
+                if echo > 0:
+                    r["ratio"] += "; %.0f %% of dkus-echo" % (100.0 * d["opened_per_s"] / echo)
         elif kind in PEAK_FROM and ok(PEAK_FROM[kind]):
             p = rows[PEAK_FROM[kind]]["result"]
             peak = p.get("secured_per_s", p.get("opened_per_s", 0))

@@ -66,6 +66,8 @@ WARM_PASSES="${BENCH_WARM_PASSES:-$(q 3 1)}"
 DKUS_BIND_PASSES=$(q 8 3)        # at most, after the warm passes (see dkus_phase)
 DKUS_WARMUP=$(q 10 1)
 DKUS_DUR=$(q 20 2)
+ECHO_DUR=$(q 2 1)                 # the echo ceiling row: 1.1-1.5 M/s on 2 cores, so 6 M
+ECHO_PER_METER=$(q 60 1200)       # messages (4,800,000 quick) cover 1 s warm-up + ECHO_DUR
 DKUS_PER_METER=$(q 60 200)       # enough pre-sealed messages for the closed-loop rows (123,940 /s seen at 16 x 64)
 DKUS_OL_WARMUP=$(q 5 2)          # closed loop (the caches are warm from the rows above), last second drains
 DKUS_OL_DUR=$(q 30 3)
@@ -394,7 +396,10 @@ dkus_phase() {
   step "start gridseal-dkusd ($name)" "$desc" start_daemon gridseal-dkusd \
     "$DIR/dkusd-$name.out" "$BIN/gridseal-dkusd" --config "$DIR/dkus.toml" || return 1
   DKUS_PID=$STARTED_PID
-  DKUS_BASE=(dkus --host 127.0.0.1 --port "$STARTED_PORT" "$@" --fleet fleet.csv)
+  # --store: each meter's ids start above the replay mark the DKUS stored for it. The ids
+  # otherwise come from the clock (10 a second), and a fast row of a small fleet (BENCH_QUICK)
+  # runs them ahead of it, so that the next phase's first pass was refused as replays.
+  DKUS_BASE=(dkus --host 127.0.0.1 --port "$STARTED_PORT" "$@" --fleet fleet.csv --store gridseal.db)
   local i
   for i in $(seq 1 "$WARM"); do
     row "warm-$name-$i" warm "warm pass $i/$WARM ($name): one reading of each of $DKUS_METERS meters" \
@@ -469,11 +474,22 @@ if dkus_phase tuned "processes 2 x io_threads 1, key_cache 100000, plain TCP" --
     "raw HSM EAX' open, one C_EncryptInit per step (hsm.bound_aes = false), 2 x 1" \
     gridseal-bench dkus --hsm-config dkus-init.toml --hsm-only --hsm-processes 2 --hsm-threads 1 \
     --hsm-seconds "$HSM_S"
+  # The ceiling of these rows on this machine: the 16 x 16 load against `gridseal-bench echo`,
+  # a loopback server that only writes back what it reads (no framing, crypto or state), the
+  # raw open measured after it. No server doing the DKUS's work can pass what the load
+  # generator and loopback TCP leave here (README, "Against the goals").
+  step "start gridseal-bench echo" "loopback echo server, 2 threads" \
+    start_daemon gridseal-bench-echo "$DIR/echo.out" "$BIN/gridseal-bench" echo --threads 2 &&
+    row dkus-echo dkus-echo "ceiling: the 16 x 16 load against gridseal-bench echo (no server work)" \
+      gridseal-bench dkus --host 127.0.0.1 --port "$STARTED_PORT" --plain --fleet fleet.csv --echo \
+      --connections 16 --depth 16 --warmup 1 --duration "$ECHO_DUR" --per-meter "$ECHO_PER_METER" \
+      --hsm-config dkus.toml --hsm-seconds "$HSM_S" &&
+    stop_one "$STARTED_PID" && say "echo server: $(tail -n 1 "$DIR/echo.out")"
   dkus_load 64
   row dkus-16x64 dkus "DKUS, same, 16 x 64" gridseal-bench "${DKUS[@]}"
   row dkus-open-2000 dkus-open "DKUS open loop, same set-up, 2,000 /s" gridseal-bench \
     "${DKUS_BASE[@]}" --connections 16 --depth 32 --rate 2000 --warmup "$DKUS_OL_WARMUP" \
-    --duration "$DKUS_OL_DUR" --store gridseal.db --hsm-config dkus.toml --hsm-seconds "$HSM_S"
+    --duration "$DKUS_OL_DUR" --hsm-config dkus.toml --hsm-seconds "$HSM_S"
 fi
 stop_all
 

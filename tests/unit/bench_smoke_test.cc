@@ -4,11 +4,14 @@
 // with no read refused. No performance assertion.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
 
 #include "src/sqlite.h"
+#include "tests/unit/daemon_process.h"
 #include "tests/unit/dkusd_fixture.h"
 #include "tests/unit/sesd_fixture.h"
 
@@ -152,6 +155,62 @@ TEST(BenchSmoke, DkusAgainstTheRealDaemon) {
       " --quiet");
   EXPECT_EQ(again.code, 0) << again.out << d.err_log();
   EXPECT_EQ(d.stop(), 0) << d.err_log();
+}
+
+// `gridseal-bench echo` writes back exactly what it reads. `dkus --echo` against it counts every
+// message echoed and sees no error; the ordinary judge (an answer must be the message opened,
+// from the meter's title) refuses every echo, so an echo server can never pass for a DKUS. At
+// SIGTERM it reports the bytes it echoed; it refuses a non-loopback address.
+TEST(BenchSmoke, EchoServerIsTheCeilingAndNeverPassesForADkus) {
+  char tmpl[] = "/tmp/gs-bench-echo-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  struct Cleanup {
+    std::string path;
+    ~Cleanup() { std::filesystem::remove_all(path); }
+  } cleanup{dir};
+  const std::string bin = std::string(GS_BIN_DIR) + "/gridseal-bench";
+  ASSERT_EQ(gs::test::run_command(bin + " make-fleet --meters 40 --title-prefix .8 --out " + dir +
+                                  "/fleet.csv")
+                .code,
+            0);
+  gs::test::DaemonProcess echo;
+  auto st = echo.start({bin, "echo", "--threads", "2"}, dir + "/echo.out", dir + "/echo.err",
+                       std::chrono::seconds(10));
+  ASSERT_TRUE(st.ok()) << st.error().message();
+  const std::string load = bin + " dkus --host 127.0.0.1 --port " + std::to_string(echo.port()) +
+                           " --plain --fleet " + dir + "/fleet.csv --connections 4 --depth 8"
+                           " --per-meter 1000 --json --quiet";
+
+  // Open loop with no (closed-loop) warm-up: a closed loop would send the 40,000 messages in a
+  // fraction of a second and run out.
+  const auto r = gs::test::run_command(load + " --echo --rate 10000 --duration 1 --warmup 0");
+  EXPECT_EQ(r.code, 0) << r.out;
+  const auto open = r.out.find('{');
+  ASSERT_NE(open, std::string::npos) << r.out;
+  const std::string json = r.out.substr(open);
+  EXPECT_NE(json.find("\"echo\":true"), std::string::npos) << json;
+  EXPECT_GT(json_number(json, "count"), 1000) << json;
+  EXPECT_EQ(json_number(json, "errors_total"), 0) << json;
+  EXPECT_EQ(json_number(json, "unanswered"), 0) << json;
+
+  const auto judged = gs::test::run_command(load + " --rate 2000 --duration 0.3 --warmup 0");
+  EXPECT_EQ(judged.code, 1) << judged.out;
+  const auto jopen = judged.out.find('{');
+  ASSERT_NE(jopen, std::string::npos) << judged.out;
+  const std::string jjson = judged.out.substr(jopen);
+  EXPECT_EQ(json_number(jjson, "count"), 0) << jjson;
+  EXPECT_GT(json_number(jjson, "errors_total"), 0) << jjson;
+  EXPECT_EQ(json_number(jjson, "errors_total"), json_number(jjson, "answered")) << jjson;
+
+  EXPECT_EQ(echo.stop(), 0) << echo.err_log();
+  const std::string summary = echo.out_log();
+  const auto at = summary.find("echoed ");
+  ASSERT_NE(at, std::string::npos) << summary;
+  EXPECT_GT(std::stod(summary.substr(at + 7)), 1000.0 * 200) << summary;  // bytes
+
+  EXPECT_EQ(gs::test::run_command(bin + " echo --address 10.1.2.3").code, 2);
+  EXPECT_EQ(gs::test::run_command(bin + " echo --threads 0").code, 2);
 }
 
 // The text of the JSON object that follows "\"key\":{" (up to the matching brace), "" if absent.

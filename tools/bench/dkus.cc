@@ -229,7 +229,7 @@ void usage_dkus() {
       "         --fleet FLEET.csv|FLEET.state [--meters N] [--connections C] [--depth D]\n"
       "         [--duration S] [--warmup S] [--rate R/s] [--pace-us 1000] [--epsem-bytes 200]\n"
       "         [--called .1.9] [--per-meter K] [--first-id ID] [--store gridseal.db]\n"
-      "         [--threads T] [--json] [--until-done] [--quiet] [--latency-log FILE]\n"
+      "         [--threads T] [--json] [--until-done] [--quiet] [--latency-log FILE] [--echo]\n"
       "         [--hsm-config dkus.toml [--hsm-processes N] [--hsm-threads T] [--hsm-seconds 3]\n"
       "          [--hsm-resident-keys K] [--hsm-only]]\n"
       "  Sends secured readings (mode 2 under each meter's key, EPSEM --epsem-bytes long, IV =\n"
@@ -261,7 +261,10 @@ void usage_dkus() {
       "  server.processes x handler threads (or --hsm-processes/--hsm-threads) and opened/raw is\n"
       "  printed; --hsm-only: that measurement alone. --latency-log FILE: one line per counted\n"
       "  message, its intended send time (s from the start of the measured part) and its\n"
-      "  latency (ms), in send order. Exit 1 when nothing was opened or any\n"
+      "  latency (ms), in send order. --echo: the target is `gridseal-bench echo`, and an\n"
+      "  answer counts (as \"echoed\", \"opened\" in --json) when it is the message itself\n"
+      "  byte for byte: the same load's ceiling on this machine, before any server work.\n"
+      "  Exit 1 when nothing was opened or any\n"
       "  error, unanswered message, lost connection or exhausted connection was seen.\n");
 }
 
@@ -273,7 +276,7 @@ int run_dkus(int argc, char** argv) {
                         "hsm-seconds", "hsm-resident-keys", "pace-us"}) {
     a.value(v);
   }
-  a.flag("plain").flag("json").flag("quiet").flag("hsm-only").flag("until-done");
+  a.flag("plain").flag("json").flag("quiet").flag("hsm-only").flag("until-done").flag("echo");
   if (auto st = a.parse(argc, argv); !st.ok()) return usage_error(st.error().message(), usage_dkus);
   if (!a.positional().empty()) return usage_error("unexpected " + a.positional()[0], usage_dkus);
 
@@ -510,7 +513,17 @@ int run_dkus(int argc, char** argv) {
   };
   // Opened = the meter's message in mode 0 from the meter's title with exactly the EPSEM it
   // sealed; a mode-0 single-byte service from another title = that error; else unexpected.
-  o.judge_request = [&cms, &fleet](std::size_t c, std::uint64_t seq, ByteView wire) -> Verdict {
+  const bool echo = a.has("echo");
+  o.judge_request = [&cms, &fleet, echo](std::size_t c, std::uint64_t seq,
+                                         ByteView wire) -> Verdict {
+    if (echo) {  // `gridseal-bench echo`: the message itself, byte for byte
+      const ConnMessages& cm = cms[c];
+      if (seq + 1 >= cm.offset.size()) return kVerdictUnexpected;
+      const ByteView sent(cm.arena.data() + cm.offset[seq],
+                          static_cast<std::size_t>(cm.offset[seq + 1] - cm.offset[seq]));
+      return std::equal(wire.begin(), wire.end(), sent.begin(), sent.end()) ? kVerdictOk
+                                                                            : kVerdictUnexpected;
+    }
     auto m = c1222::decode(wire);
     if (!m.ok()) return kVerdictMalformed;
     auto e = c1222::split_epsem(m->epsem);
@@ -574,7 +587,7 @@ int run_dkus(int argc, char** argv) {
         "{\"scenario\":\"dkus\",\"target\":\"%s:%u\",\"tls\":%s,\"connections\":%zu,\"depth\":%zu,"
         "\"mode\":\"%s\",\"until_done\":%s,\"rate_offered\":%.1f,\"duration_s\":%.3f,\"warmup_s\":%.3f,"
         "\"meters\":%zu,\"epsem_bytes\":%llu,\"presealed\":%llu,\"per_meter\":%llu,"
-        "\"preseal_s\":%.2f,\"count\":%llu,\"opened_per_s\":%.1f,"
+        "\"preseal_s\":%.2f,\"echo\":%s,\"count\":%llu,\"opened_per_s\":%.1f,"
         "\"answered\":%llu,\"errors_total\":%llu,\"errors\":{%s},\"sent\":%llu,"
         "\"unanswered\":%llu,\"late\":%llu,\"exhausted\":%llu,\"connect_failures\":%llu,"
         "\"connection_errors\":%llu,\"connect_s\":%.3f,\"latency_ms\":{\"p50\":%.3f,\"p90\":%.3f,"
@@ -584,7 +597,7 @@ int run_dkus(int argc, char** argv) {
         o.target.plain ? "false" : "true", o.connections, o.depth, mode.c_str(),
         o.until_done ? "true" : "false", o.rate, r.measured_s, o.warmup_s, n_meters, static_cast<unsigned long long>(*epsem),
         static_cast<unsigned long long>(total_msgs),
-        static_cast<unsigned long long>(plan.per_meter), seal_s,
+        static_cast<unsigned long long>(plan.per_meter), seal_s, echo ? "true" : "false",
         static_cast<unsigned long long>(r.ok), r.ok_per_s(),
         static_cast<unsigned long long>(r.answered),
         static_cast<unsigned long long>(r.error_count()), errs.c_str(),
@@ -612,11 +625,12 @@ int run_dkus(int argc, char** argv) {
                 n_meters, a.str("fleet").c_str(), static_cast<unsigned long long>(*epsem),
                 static_cast<unsigned long long>(total_msgs), seal_s);
     std::printf("  %.1f s measured after %.1f s warm-up\n", r.measured_s, o.warmup_s);
-    print_load_rows(r, "opened messages/s", "opened (counted)", o.rate > 0, true, gen_cpu / wall);
+    print_load_rows(r, echo ? "echoed messages/s" : "opened messages/s",
+                    echo ? "echoed (counted)" : "opened (counted)", o.rate > 0, true, gen_cpu / wall);
     if (raw) {
       std::printf("  %-26s %12.1f /s  (%zu process(es) x %zu thread(s))\n", "raw HSM EAX' open",
                   raw->per_s, ro->processes, ro->threads);
-      std::printf("  %-26s %12.2f\n", "opened / raw", ratio);
+      std::printf("  %-26s %12.2f\n", echo ? "echoed / raw" : "opened / raw", ratio);
     }
   }
   std::fflush(stdout);

@@ -35,6 +35,8 @@ const Subcommand kCommands[] = {
      gs::bench::run_chain_mixed, gs::bench::usage_chain},
     {"rollover", "chain: reads while gridseal-dkusd rekeys meters (gridseal rollover start)",
      gs::bench::run_chain_rollover, gs::bench::usage_rollover},
+    {"echo", "a loopback server that writes back what it reads: the ceiling of a measurement",
+     gs::bench::run_echo, gs::bench::usage_echo},
 };
 
 void usage() {

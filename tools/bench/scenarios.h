@@ -29,4 +29,9 @@ void usage_make_pki();
 int run_make_fleet(int argc, char** argv);
 void usage_make_fleet();
 
+// The ceiling of a measurement: a loopback TCP server that writes back every byte it reads
+// (run `dkus --echo` against it).
+int run_echo(int argc, char** argv);
+void usage_echo();
+
 }  // namespace gs::bench
