@@ -213,22 +213,18 @@ def table(a):
             r["raw_limit"] = "%s /s (ses-raw)" % rate(raw)
             if raw > 0:
                 r["ratio"] = "%.0f %% of raw" % (100.0 * d["secured_per_s"] / raw)
-        elif kind == "dkus-echo" and raw_of(kind, d):
+        elif kind in ("dkus", "dkus-echo") and raw_of(kind, d):
             r["raw_limit"] = "%s /s (same run, %dx%d)" % (
                 rate(d["raw_hsm"]["per_s"]), d["raw_hsm"]["processes"], d["raw_hsm"]["threads"])
             r["ratio"] = "%.0f %% of raw" % (100.0 * d.get("opened_over_raw", 0))
-        elif kind == "dkus" and raw_of(kind, d):
-            r["raw_limit"] = "%s /s (same run, %dx%d)" % (
-                rate(d["raw_hsm"]["per_s"]), d["raw_hsm"]["processes"], d["raw_hsm"]["threads"])
-            r["ratio"] = "%.0f %% of raw" % (100.0 * d.get("opened_over_raw", 0))
-            # The raw open as a plain PKCS#11 client makes it (one C_EncryptInit per step), next to
-            # the bound-operation ceiling the row measured itself.
-            if ok("dkus-raw-init"):
+            # A DKUS row also against the raw open as a plain PKCS#11 client makes it (one
+            # C_EncryptInit per step), and against the echo ceiling of the same load.
+            if kind == "dkus" and ok("dkus-raw-init"):
                 init = rows["dkus-raw-init"]["result"]["raw_hsm"]["per_s"]
                 if init > 0:
                     r["ratio"] += "; %.0f %% of dkus-raw-init (%s /s)" % (
                         100.0 * d["opened_per_s"] / init, rate(init))
-            if ok("dkus-echo"):
+            if kind == "dkus" and ok("dkus-echo"):
                 echo = rows["dkus-echo"]["result"]["opened_per_s"]
                 if echo > 0:
                     r["ratio"] += "; %.0f %% of dkus-echo" % (100.0 * d["opened_per_s"] / echo)

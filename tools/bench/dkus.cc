@@ -505,24 +505,24 @@ int run_dkus(int argc, char** argv) {
                  static_cast<double>(arena_bytes) / (1 << 20), seal_s);
   }
 
-  o.request_view = [&cms](std::size_t c, std::uint64_t seq) -> ByteView {
+  // Message seq of connection c as sealed (empty past the last one).
+  auto message = [&cms](std::size_t c, std::uint64_t seq) -> ByteView {
     const ConnMessages& cm = cms[c];
     if (seq + 1 >= cm.offset.size()) return {};
     return ByteView(cm.arena.data() + cm.offset[seq],
                     static_cast<std::size_t>(cm.offset[seq + 1] - cm.offset[seq]));
   };
+  o.request_view = message;
   // Opened = the meter's message in mode 0 from the meter's title with exactly the EPSEM it
   // sealed; a mode-0 single-byte service from another title = that error; else unexpected.
   const bool echo = a.has("echo");
-  o.judge_request = [&cms, &fleet, echo](std::size_t c, std::uint64_t seq,
-                                         ByteView wire) -> Verdict {
+  o.judge_request = [&cms, &fleet, echo, message](std::size_t c, std::uint64_t seq,
+                                                  ByteView wire) -> Verdict {
     if (echo) {  // `gridseal-bench echo`: the message itself, byte for byte
-      const ConnMessages& cm = cms[c];
-      if (seq + 1 >= cm.offset.size()) return kVerdictUnexpected;
-      const ByteView sent(cm.arena.data() + cm.offset[seq],
-                          static_cast<std::size_t>(cm.offset[seq + 1] - cm.offset[seq]));
-      return std::equal(wire.begin(), wire.end(), sent.begin(), sent.end()) ? kVerdictOk
-                                                                            : kVerdictUnexpected;
+      const ByteView sent = message(c, seq);
+      return !sent.empty() && std::equal(wire.begin(), wire.end(), sent.begin(), sent.end())
+                 ? kVerdictOk
+                 : kVerdictUnexpected;
     }
     auto m = c1222::decode(wire);
     if (!m.ok()) return kVerdictMalformed;
