@@ -107,6 +107,7 @@ int run_worker(gs::ses::SesConfig cfg, gs::policy::Policy pol, const gs::daemon:
   spec.name = kName;
   spec.worker = a.worker;
   spec.control_fd = a.control_fd;
+  spec.balance_fd = a.balance_fd;
   spec.server = cfg.server;
   spec.server.port = static_cast<std::uint16_t>(a.port);
   spec.drain = cfg.drain;

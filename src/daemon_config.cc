@@ -19,7 +19,7 @@ Status parse_server_table(const toml::table& root, const std::string& file,
                        "tls_key", "max_frame", "max_in_flight", "max_connections",
                        "handshake_timeout_ms", "idle_timeout_ms", "read_timeout_ms",
                        "write_timeout_ms", "request_timeout_ms", "io_threads", "worker_threads",
-                       "drain_ms", "processes", "sched_batch"}));
+                       "drain_ms", "processes", "sched_batch", "balance_connections"}));
     auto& s = out.server;
     GS_TRY(get_string(*srv, "address", file, p, s.address));
     GS_TRY(get_int(*srv, "port", file, p, 0, 65535, s.port));
@@ -41,6 +41,7 @@ Status parse_server_table(const toml::table& root, const std::string& file,
     GS_TRY(get_ms(*srv, "drain_ms", file, p, 0, 600000, out.drain));
     GS_TRY(get_int(*srv, "processes", file, p, 0, 64, out.processes));
     GS_TRY(get_bool(*srv, "sched_batch", file, p, s.sched_batch));
+    GS_TRY(get_bool(*srv, "balance_connections", file, p, s.balance_connections));
     s.tls.ca_file = resolve_path(dir, s.tls.ca_file);
     s.tls.cert_file = resolve_path(dir, s.tls.cert_file);
     s.tls.key_file = resolve_path(dir, s.tls.key_file);

@@ -85,6 +85,7 @@ int parse_args(int argc, char** argv, const std::string& name, const char* usage
       if (s == "--worker") taken = parse_int(argv[i + 1], 0, 1023, a.worker);
       if (s == "--control-fd") taken = parse_int(argv[i + 1], 3, 1 << 20, a.control_fd);
       if (s == "--port") taken = parse_int(argv[i + 1], 1, 65535, a.port);
+      if (s == "--balance-fd") taken = parse_int(argv[i + 1], 3, 1 << 20, a.balance_fd);
       for (std::size_t k = 0; k < extra.size() && !taken; ++k) {
         if (s == extra[k].name) taken = parse_ll(argv[i + 1], extra[k].lo, extra[k].hi, a.extra[k]);
       }
@@ -157,6 +158,11 @@ int serve_worker(WorkerSpec spec) {
   }
   supervisor::WorkerLink link(spec.control_fd);
   spec.server.reuse_port = true;
+  if (spec.balance_fd >= 0) {
+    auto b = server::Balancer::attach(spec.balance_fd, static_cast<std::size_t>(spec.worker));
+    if (!b.ok()) return fail(me, b.error().message());
+    spec.server.balancer = *b;
+  }
   auto server = server::Server::create(spec.server, std::move(spec.handler), {}, spec.registry);
   if (!server.ok()) return fail(me, server.error().message());
   if (auto st = (*server)->start(); !st.ok()) return fail(me, st.error().message());
@@ -206,6 +212,16 @@ int supervise(const SupervisorSpec& spec) {
                    std::to_string(port)};
   o.worker_args.insert(o.worker_args.end(), spec.extra_args.begin(), spec.extra_args.end());
   o.inherit_fds = spec.inherit_fds;
+  std::shared_ptr<server::Balancer> balancer;
+  if (processes > 1 && srv.balance_connections) {
+    auto b = server::Balancer::create(processes);
+    if (!b.ok()) return fail(spec.name, b.error().message());
+    balancer = *b;
+    o.worker_args.push_back("--balance-fd");
+    o.worker_args.push_back(std::to_string(balancer->fd()));
+    for (int fd : balancer->inherit_fds()) o.inherit_fds.push_back(fd);
+    o.on_worker_exit = [balancer](std::size_t index) { balancer->worker_gone(index); };
+  }
   o.worker_env_defaults = {{"GLIBC_TUNABLES", kWorkerGlibcTunables},
                            {"MALLOC_CONF", kWorkerMallocConf}};
   o.drain = spec.drain;

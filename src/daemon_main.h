@@ -34,6 +34,7 @@ struct Args {
   int worker = -1;
   int control_fd = -1;
   int port = -1;
+  int balance_fd = -1;  // the supervisor's connection table (conn_balance.h); -1: none
   std::vector<long long> extra;
 };
 
@@ -59,6 +60,7 @@ struct WorkerSpec {
   std::string name;  // "gridseal-sesd"
   int worker = 0;
   int control_fd = -1;
+  int balance_fd = -1;          // Args::balance_fd
   server::ServerConfig server;  // port set to the supervisor's
   std::chrono::milliseconds drain{10000};
   server::Handler handler;

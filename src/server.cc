@@ -10,9 +10,15 @@
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <boost/asio.hpp>
 #include <boost/asio/ssl.hpp>
+#include <cerrno>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <optional>
@@ -172,7 +178,7 @@ struct ServerImpl {
 
   // Own counters, or the registry's when one is given.
   metrics::Counter own_accepted, own_refused, own_hs_failed, own_frames, own_timeouts,
-      own_requests, own_responses;
+      own_requests, own_responses, own_passed_out, own_passed_in;
   metrics::Counter* accepted = &own_accepted;
   metrics::Counter* refused = &own_refused;
   metrics::Counter* hs_failed = &own_hs_failed;
@@ -180,6 +186,8 @@ struct ServerImpl {
   metrics::Counter* timeouts = &own_timeouts;
   metrics::Counter* requests = &own_requests;
   metrics::Counter* responses = &own_responses;
+  metrics::Counter* passed_out = &own_passed_out;  // handed to another worker (cfg.balancer)
+  metrics::Counter* passed_in = &own_passed_in;    // taken from another worker
   metrics::Histogram* latency = nullptr;
 
   std::atomic<std::uint64_t> open_conns{0};
@@ -210,6 +218,7 @@ struct ServerImpl {
 
   Strand accept_strand{asio::make_strand(io)};
   tcp::acceptor acceptor{accept_strand};
+  std::optional<asio::posix::stream_descriptor> inbox;  // cfg.balancer's, on accept_strand
   asio::steady_timer drain_timer{io};
   std::optional<asio::thread_pool> pool;
   std::vector<std::thread> threads;
@@ -219,6 +228,9 @@ struct ServerImpl {
   explicit ServerImpl(int hint) : io(hint) {}
 
   asio::awaitable<void> accept_loop();
+  // Connections other workers passed to this one (cfg.balancer).
+  asio::awaitable<void> inbox_loop();
+  void adopt(int fd);
   void start_connection(tcp::socket sock);
   void connection_closed(std::uint64_t id);
   void check_drained();
@@ -639,6 +651,15 @@ asio::awaitable<void> detail::ServerImpl::accept_loop() {
       co_await t.async_wait(asio::redirect_error(asio::use_awaitable, ec));
       continue;
     }
+    // A worker with more connections than another passes the socket on before the handshake.
+    if (cfg.balancer) {
+      const int to = cfg.balancer->choose();
+      if (to >= 0 && cfg.balancer->pass(to, sock.native_handle())) {
+        passed_out->inc();
+        sock.close(ec);
+        continue;
+      }
+    }
     if (open_conns.load() >= cfg.max_connections) {
       refused->inc();
       sock.close(ec);
@@ -648,11 +669,58 @@ asio::awaitable<void> detail::ServerImpl::accept_loop() {
   }
 }
 
+asio::awaitable<void> detail::ServerImpl::inbox_loop() {
+  for (;;) {
+    error_code ec;
+    co_await inbox->async_wait(asio::posix::descriptor_base::wait_read,
+                               asio::redirect_error(asio::use_awaitable, ec));
+    if (stopping.load() || !inbox->is_open()) co_return;
+    if (ec) {
+      asio::steady_timer t(accept_strand, std::chrono::milliseconds(20));
+      co_await t.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      continue;
+    }
+    for (int n = 0; n < 64; ++n) {
+      const int fd = cfg.balancer->take();
+      if (fd < 0) break;
+      adopt(fd);
+    }
+  }
+}
+
+void detail::ServerImpl::adopt(int fd) {
+  // Only a connected TCP socket of the listener's address family is served.
+  const bool v6 = acceptor.local_endpoint().protocol() == tcp::v6();
+  int type = 0, domain = 0, listening = 1;
+  socklen_t len = sizeof(int);
+  bool ok = ::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_STREAM;
+  len = sizeof(int);
+  ok = ok && ::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 &&
+       domain == (v6 ? AF_INET6 : AF_INET);
+  len = sizeof(int);
+  ok = ok && ::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0 && listening == 0;
+  tcp::socket sock(asio::make_strand(io));
+  error_code ec;
+  if (ok) sock.assign(v6 ? tcp::v6() : tcp::v4(), fd, ec);
+  if (!ok || ec) {
+    ::close(fd);
+    return;
+  }
+  passed_in->inc();
+  if (open_conns.load() >= cfg.max_connections) {
+    refused->inc();
+    sock.close(ec);
+    return;
+  }
+  start_connection(std::move(sock));
+}
+
 void detail::ServerImpl::start_connection(tcp::socket sock) {
   error_code ec;
   sock.set_option(tcp::no_delay(true), ec);
   accepted->inc();
   open_conns.fetch_add(1);
+  if (cfg.balancer) cfg.balancer->opened();
   std::uint64_t id = next_conn_id.fetch_add(1);
   Strand strand = *sock.get_executor().target<Strand>();
   std::shared_ptr<ConnectionBase> conn;
@@ -676,6 +744,7 @@ void detail::ServerImpl::connection_closed(std::uint64_t id) {
     conns.erase(id);
   }
   open_conns.fetch_sub(1);
+  if (cfg.balancer) cfg.balancer->closed();
   if (stopping.load()) check_drained();
 }
 
@@ -742,9 +811,11 @@ void detail::ServerImpl::check_drained() {
 void detail::ServerImpl::shutdown(std::chrono::milliseconds drain) {
   if (stopping.exchange(true)) return;
   if (!started) return;
+  if (cfg.balancer) cfg.balancer->set_serving(false);
   asio::post(accept_strand, [this] {
     error_code ec;
     acceptor.close(ec);
+    if (inbox) inbox->close(ec);
   });
   asio::post(io, [this, drain] {
     std::vector<std::shared_ptr<ConnectionBase>> live;
@@ -808,6 +879,12 @@ Result<std::unique_ptr<Server>> Server::create(ServerConfig config, Handler hand
                                        "Connections closed by a handshake/idle/read/write/request timeout");
     impl->requests = &metrics->counter("gridseal_server_requests_total", "Framed requests received");
     impl->responses = &metrics->counter("gridseal_server_responses_total", "Responses written");
+    const std::string passed = "gridseal_server_connections_passed_total";
+    const std::string passed_help =
+        "Connections passed to another worker process (out) or taken from one (in) to even out "
+        "the workers' connection counts";
+    impl->passed_out = &metrics->counter(passed, passed_help, {{"direction", "out"}});
+    impl->passed_in = &metrics->counter(passed, passed_help, {{"direction", "in"}});
     impl->latency = &metrics->histogram("gridseal_server_request_seconds",
                                         "From a whole request read to its response written",
                                         metrics::latency_buckets());
@@ -838,6 +915,17 @@ Status Server::start() {
   }
   s.port = s.acceptor.local_endpoint(ec).port();
   if (s.cfg.worker_threads > 0) s.pool.emplace(s.cfg.worker_threads);
+  if (s.cfg.balancer) {
+    const int fd = ::dup(s.cfg.balancer->inbox_fd());  // the inherited one stays open
+    if (fd < 0) {
+      error_code ignored;
+      s.acceptor.close(ignored);
+      return {Errc::os_failure, "connection inbox: " + std::string(std::strerror(errno))};
+    }
+    ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    s.inbox.emplace(s.accept_strand, fd);
+    asio::co_spawn(s.accept_strand, s.inbox_loop(), asio::detached);
+  }
   asio::co_spawn(s.accept_strand, s.accept_loop(), asio::detached);
   s.started = true;
   for (std::size_t i = 0; i < s.cfg.io_threads; ++i) {
@@ -849,6 +937,7 @@ Status Server::start() {
       s.io.run();
     });
   }
+  if (s.cfg.balancer) s.cfg.balancer->set_serving(true);
   return {};
 }
 

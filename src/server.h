@@ -12,6 +12,7 @@
 #include <string>
 
 #include "gridseal/bytes.h"
+#include "src/conn_balance.h"
 #include "gridseal/result.h"
 
 namespace gs::metrics {
@@ -56,6 +57,11 @@ struct ServerConfig {
   // The event loop threads run under SCHED_BATCH (gs::use_batch_scheduling): their wake-ups
   // wait for the running handler's time slice instead of preempting it.
   bool sched_batch = false;
+
+  // Several worker processes: spread connections evenly over them (conn_balance.h). The
+  // supervisor creates the balancer when this is set; a worker sets `balancer` to its slot.
+  bool balance_connections = true;
+  std::shared_ptr<Balancer> balancer;
 };
 
 // Checks a configuration without opening anything (limits, TLS files named, plain TCP rules).

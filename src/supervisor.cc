@@ -322,6 +322,7 @@ void Supervisor::reap() {
       w.health_ok = false;
       w.health_detail = "not running";
       lock.unlock();
+      if (opt_.on_worker_exit) opt_.on_worker_exit(w.index);
       char how[64];
       if (WIFSIGNALED(status)) {
         std::snprintf(how, sizeof how, "killed by signal %d", WTERMSIG(status));

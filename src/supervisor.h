@@ -43,6 +43,8 @@ struct Options {
   // SIGHUP: runs in the supervisor first (e.g. parses the new policy file); the workers get
   // SIGHUP only when it returns ok. Empty: always forwarded.
   std::function<Status()> check_reload;
+  // After a worker process is reaped (its index), before its replacement starts.
+  std::function<void(std::size_t index)> on_worker_exit;
   // Once, when every worker has reported ready for the first time (metrics port or 0).
   std::function<void(std::uint16_t metrics_port)> on_ready;
 };
