@@ -219,6 +219,7 @@ struct ServerImpl {
   Strand accept_strand{asio::make_strand(io)};
   tcp::acceptor acceptor{accept_strand};
   std::optional<asio::posix::stream_descriptor> inbox;  // cfg.balancer's, on accept_strand
+  bool v6 = false;  // the listener's address family (set by start)
   asio::steady_timer drain_timer{io};
   std::optional<asio::thread_pool> pool;
   std::vector<std::thread> threads;
@@ -231,6 +232,9 @@ struct ServerImpl {
   // Connections other workers passed to this one (cfg.balancer).
   asio::awaitable<void> inbox_loop();
   void adopt(int fd);
+  // Passes an accepted socket to worker `to` (cfg.balancer); false when it left this worker
+  // (passed, or lost to an error), true when this worker serves it after all.
+  bool pass_on(int to, tcp::socket& sock);
   void start_connection(tcp::socket sock);
   void connection_closed(std::uint64_t id);
   void check_drained();
@@ -654,11 +658,7 @@ asio::awaitable<void> detail::ServerImpl::accept_loop() {
     // A worker with more connections than another passes the socket on before the handshake.
     if (cfg.balancer) {
       const int to = cfg.balancer->choose();
-      if (to >= 0 && cfg.balancer->pass(to, sock.native_handle())) {
-        passed_out->inc();
-        sock.close(ec);
-        continue;
-      }
+      if (to >= 0 && !pass_on(to, sock)) continue;
     }
     if (open_conns.load() >= cfg.max_connections) {
       refused->inc();
@@ -667,6 +667,27 @@ asio::awaitable<void> detail::ServerImpl::accept_loop() {
     }
     start_connection(std::move(sock));
   }
+}
+
+bool detail::ServerImpl::pass_on(int to, tcp::socket& sock) {
+  // Out of this loop's epoll, explicitly (release): the receiver's copy shares the open file,
+  // and the kernel drops an epoll registration by itself only when the open file goes, so a
+  // registration left here would wake this loop for every byte the receiver gets (test
+  // SesdSupervisor.ConnectionsAreSpreadEvenlyOverTheWorkers looks for one).
+  error_code ec;
+  const int fd = sock.release(ec);
+  if (ec || fd < 0) return true;  // still registered here: serve it
+  if (cfg.balancer->pass(to, fd)) {
+    passed_out->inc();
+    ::close(fd);
+    return false;
+  }
+  sock.assign(v6 ? tcp::v6() : tcp::v4(), fd, ec);
+  if (ec) {
+    ::close(fd);
+    return false;
+  }
+  return true;
 }
 
 asio::awaitable<void> detail::ServerImpl::inbox_loop() {
@@ -690,7 +711,6 @@ asio::awaitable<void> detail::ServerImpl::inbox_loop() {
 
 void detail::ServerImpl::adopt(int fd) {
   // Only a connected TCP socket of the listener's address family is served.
-  const bool v6 = acceptor.local_endpoint().protocol() == tcp::v6();
   int type = 0, domain = 0, listening = 1;
   socklen_t len = sizeof(int);
   bool ok = ::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_STREAM;
@@ -914,6 +934,7 @@ Status Server::start() {
                                         std::to_string(s.cfg.port) + ": " + ec.message()};
   }
   s.port = s.acceptor.local_endpoint(ec).port();
+  s.v6 = ep.protocol() == tcp::v6();
   if (s.cfg.worker_threads > 0) s.pool.emplace(s.cfg.worker_threads);
   if (s.cfg.balancer) {
     const int fd = ::dup(s.cfg.balancer->inbox_fd());  // the inherited one stays open

@@ -5,6 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <sched.h>
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 
 #include <algorithm>
@@ -217,6 +220,56 @@ std::map<std::string, int> active_connections(const std::string& metrics) {
   return out;
 }
 
+// Registrations in the epoll instances of process `pid` whose target is not the open file now
+// at that fd number ("fd N: ..."): an fd closed (or reused) while still registered, because
+// another process holds the same open file. Empty when every registration is live.
+std::vector<std::string> stale_epoll_registrations(pid_t pid) {
+  std::vector<std::string> out;
+  const std::string base = "/proc/" + std::to_string(pid);
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(base + "/fd", ec)) {
+    if (std::filesystem::read_symlink(e.path(), ec).string() != "anon_inode:[eventpoll]") continue;
+    std::ifstream info(base + "/fdinfo/" + e.path().filename().string());
+    for (std::string line; std::getline(info, line);) {
+      if (line.rfind("tfd:", 0) != 0) continue;
+      std::istringstream in(line);
+      std::string word, tfd, ino;
+      while (in >> word) {
+        if (word == "tfd:") in >> tfd;
+        if (word.rfind("ino:", 0) == 0) ino = word.substr(4);
+      }
+      struct stat st {};
+      const std::string target = base + "/fd/" + tfd;
+      if (::stat(target.c_str(), &st) != 0 || ino.empty() ||
+          st.st_ino != std::stoull(ino, nullptr, 16)) {
+        out.push_back("fd " + tfd + ": " + line);
+      }
+    }
+  }
+  return out;
+}
+
+// The detector above finds a registration left behind: a socket registered in an epoll and
+// closed while a duplicate keeps its open file alive.
+TEST(SesdSupervisor, StaleEpollRegistrationsAreFound) {
+  const int ep = ::epoll_create1(EPOLL_CLOEXEC);
+  ASSERT_GE(ep, 0);
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ASSERT_EQ(::epoll_ctl(ep, EPOLL_CTL_ADD, sv[0], &ev), 0);
+  EXPECT_TRUE(stale_epoll_registrations(::getpid()).empty());
+  const int dup = ::fcntl(sv[0], F_DUPFD_CLOEXEC, 0);
+  ASSERT_GE(dup, 0);
+  ::close(sv[0]);
+  EXPECT_EQ(stale_epoll_registrations(::getpid()).size(), 1U);
+  ::close(dup);
+  EXPECT_TRUE(stale_epoll_registrations(::getpid()).empty());
+  ::close(sv[1]);
+  ::close(ep);
+}
+
 // server.balance_connections (the default): 40 connections over two workers end up 20 and 20,
 // whatever the kernel's SO_REUSEPORT hash chose (an even split by chance: about one time in
 // eight). When a worker is killed, its replacement starts from zero: the next 20 connections all
@@ -241,6 +294,13 @@ TEST(SesdSupervisor, ConnectionsAreSpreadEvenlyOverTheWorkers) {
   std::map<std::string, int> want{{"0", 20}, {"1", 20}};
   EXPECT_TRUE(wait_for([&] { return active_connections(d.http_get("/metrics")) == want; }))
       << d.http_get("/metrics");
+  // A passed socket left the sender's event loop: each worker's epoll holds only sockets it
+  // has open. A registration left behind would wake the sender for every byte the receiver gets.
+  for (pid_t c : children(d.pid())) {
+    const auto stale = stale_epoll_registrations(c);
+    EXPECT_TRUE(stale.empty()) << "worker pid " << c << ": " << stale.size() << ", first "
+                               << stale.front();
+  }
 
   const pid_t victim = worker_pid(d.pid(), 1);
   ASSERT_GT(victim, 0);
