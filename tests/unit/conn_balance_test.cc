@@ -125,7 +125,9 @@ TEST(ConnBalance, AFullInboxKeepsTheConnectionAndAGoneWorkerIsCleared) {
   for (; sent < 100000; ++sent) {
     if (!f.w0->pass(1, tcp.fd[1])) break;
   }
-  EXPECT_GT(sent, 0);
+  // It holds a burst of connections: a socket pair's datagrams are bounded by its buffer, not
+  // by net.unix.max_dgram_qlen (10), which applies to datagrams from unconnected senders.
+  EXPECT_GE(sent, 100);
   EXPECT_LT(sent, 100000) << "the inbox never filled";
   f.w0->opened();
   f.w0->opened();
