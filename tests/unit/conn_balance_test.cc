@@ -51,6 +51,13 @@ struct Fleet {
     if (a.ok()) w0 = *a;
     if (b.ok()) w1 = *b;
   }
+  // Both workers attached and serving.
+  bool serving() const {
+    if (!w0 || !w1) return false;
+    w0->set_serving(true);
+    w1->set_serving(true);
+    return true;
+  }
 };
 
 TEST(ConnBalance, KeepsWhileEvenAndPassesToTheWorkerWithFewer) {
@@ -86,12 +93,10 @@ TEST(ConnBalance, KeepsWhileEvenAndPassesToTheWorkerWithFewer) {
 
 TEST(ConnBalance, APassedSocketIsTheSameConnection) {
   Fleet f;
-  ASSERT_TRUE(f.w0 && f.w1);
-  f.w0->set_serving(true);
-  f.w1->set_serving(true);
-  f.w0->opened();
+  ASSERT_TRUE(f.serving());
   TcpPair tcp;
   ASSERT_GE(tcp.fd[1], 0);
+  f.w0->opened();
   EXPECT_EQ(f.w1->take(), -1) << "empty inbox";
   const int to = f.w0->choose();
   ASSERT_EQ(to, 1);
@@ -113,9 +118,7 @@ TEST(ConnBalance, APassedSocketIsTheSameConnection) {
 
 TEST(ConnBalance, AFullInboxKeepsTheConnectionAndAGoneWorkerIsCleared) {
   Fleet f;
-  ASSERT_TRUE(f.w0 && f.w1);
-  f.w0->set_serving(true);
-  f.w1->set_serving(true);
+  ASSERT_TRUE(f.serving());
   f.w1->opened();
   TcpPair tcp;
   ASSERT_GE(tcp.fd[1], 0);
