@@ -231,6 +231,11 @@ struct ServerImpl {
   asio::awaitable<void> accept_loop();
   // Connections other workers passed to this one (cfg.balancer).
   asio::awaitable<void> inbox_loop();
+  // A safety net under inbox_loop: takes what waits every 100 ms. Asio's reactor registers the
+  // inbox edge-triggered and a readiness wait is never tried speculatively, so an edge that came
+  // while no wait was queued would leave a passed connection unserved until the next pass.
+  asio::awaitable<void> inbox_sweep();
+  void drain_inbox();  // up to 64 passed connections
   void adopt(int fd);
   // Passes an accepted socket to worker `to` (cfg.balancer); false when it left this worker
   // (passed, or lost to an error), true when this worker serves it after all.
@@ -701,11 +706,26 @@ asio::awaitable<void> detail::ServerImpl::inbox_loop() {
       co_await t.async_wait(asio::redirect_error(asio::use_awaitable, ec));
       continue;
     }
-    for (int n = 0; n < 64; ++n) {
-      const int fd = cfg.balancer->take();
-      if (fd < 0) break;
-      adopt(fd);
-    }
+    drain_inbox();
+  }
+}
+
+asio::awaitable<void> detail::ServerImpl::inbox_sweep() {
+  asio::steady_timer t(accept_strand);
+  while (!stopping.load()) {
+    t.expires_after(std::chrono::milliseconds(100));
+    error_code ec;
+    co_await t.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    if (stopping.load() || !inbox || !inbox->is_open()) co_return;
+    drain_inbox();
+  }
+}
+
+void detail::ServerImpl::drain_inbox() {
+  for (int n = 0; n < 64; ++n) {
+    const int fd = cfg.balancer->take();
+    if (fd < 0) break;
+    adopt(fd);
   }
 }
 
@@ -946,6 +966,7 @@ Status Server::start() {
     ::fcntl(fd, F_SETFD, FD_CLOEXEC);
     s.inbox.emplace(s.accept_strand, fd);
     asio::co_spawn(s.accept_strand, s.inbox_loop(), asio::detached);
+    asio::co_spawn(s.accept_strand, s.inbox_sweep(), asio::detached);
   }
   asio::co_spawn(s.accept_strand, s.accept_loop(), asio::detached);
   s.started = true;
