@@ -1,7 +1,6 @@
 // Connection balancing between worker processes: see conn_balance.h.
 #include "src/conn_balance.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -238,13 +237,19 @@ int Balancer::choose() {
   return best;
 }
 
+void Balancer::withdraw(int slot) {
+  if (slot >= 0 && static_cast<std::size_t>(slot) < table_->workers) {
+    decrement(table_->slot[slot].pending);
+  }
+}
+
 bool Balancer::pass(int slot, int fd) {
   if (slot < 0 || static_cast<std::size_t>(slot) >= table_->workers) return false;
   FdMessage m;
   m.set_fd(fd);
   const ssize_t n = ::sendmsg(table_->inbox_tx[slot], &m.msg, MSG_DONTWAIT | MSG_NOSIGNAL);
   if (n == 1) return true;
-  decrement(table_->slot[slot].pending);
+  withdraw(slot);
   return false;
 }
 

@@ -61,6 +61,8 @@ class Balancer {
   // Worker, for a connection just accepted: the slot to pass it to (the serving slot with the
   // fewest connections, when this one has more), counted there as pending; -1: keep it.
   int choose();
+  // Takes back a choose() whose connection is not passed after all.
+  void withdraw(int slot);
   // Passes socket `fd` to `slot`'s inbox (a duplicate travels; the caller closes its own on
   // true). false: not sent (inbox full, slot gone); the pending count is taken back.
   bool pass(int slot, int fd);

@@ -681,7 +681,10 @@ bool detail::ServerImpl::pass_on(int to, tcp::socket& sock) {
   // SesdSupervisor.ConnectionsAreSpreadEvenlyOverTheWorkers looks for one).
   error_code ec;
   const int fd = sock.release(ec);
-  if (ec || fd < 0) return true;  // still registered here: serve it
+  if (ec || fd < 0) {  // still registered here: serve it
+    cfg.balancer->withdraw(to);
+    return true;
+  }
   if (cfg.balancer->pass(to, fd)) {
     passed_out->inc();
     ::close(fd);

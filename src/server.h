@@ -12,8 +12,8 @@
 #include <string>
 
 #include "gridseal/bytes.h"
-#include "src/conn_balance.h"
 #include "gridseal/result.h"
+#include "src/conn_balance.h"
 
 namespace gs::metrics {
 class Registry;
