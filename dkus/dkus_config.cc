@@ -170,6 +170,11 @@ Result<DkusConfig> load_dkus_config(const std::string& path) {
   GS_TRY(get_int(*dk, "max_pending", path, p, 1, 10000000, c.max_pending));
   GS_TRY(get_int(*dk, "mac_failure_threshold", path, p, 1, 1000000, c.mac_failure_threshold));
   GS_TRY(daemon::parse_audit_table(root, path, c.audit));
+  if (c.audit.commit_on_handler) {
+    // The DKUS's records are few (refusals, operator events); its opens commit with the
+    // replay state on their own committer, which this key does not govern.
+    return key_error(path, "audit.commit_on_handler", "is a gridseal-sesd setting");
+  }
   GS_TRY(parse_rollover(root, path, dir, c.rollover));
   c.rollover.relay.max_frame = c.server.max_frame;
   c.rollover.command_key_session_copy = c.base.hsm.command_key_session_copy;

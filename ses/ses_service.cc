@@ -112,6 +112,15 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
                                  &registry);
     if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
     s->audit_ = std::move(w).value();
+    s->commit_on_handler_ = cfg.audit.commit_on_handler;
+    s->commit_queued_ = [raw = s.get()] {
+      raw->commit_posted_.store(false);
+      try {
+        raw->audit_->commit_queued();
+      } catch (...) {
+        // A throwing completion: what is left stays queued for the audit thread to commit.
+      }
+    };
   }
   return s;
 }
@@ -537,7 +546,17 @@ void SesService::handle(const server::RequestContext& ctx, Bytes request, server
   auto pending = std::make_shared<Pending>(
       Pending{ctx, o.secured ? std::move(request) : Bytes{}, std::move(o), t0, std::move(done)});
   item.done = [this, pending](const Status& st) { recorded(*pending, st); };
-  if (Status st = audit_->submit(std::move(item)); !st.ok()) recorded(*pending, st);
+  if (Status st = audit_->submit(std::move(item)); !st.ok()) {
+    recorded(*pending, st);
+    return;
+  }
+  if (commit_on_handler_ && !commit_posted_.exchange(true)) {
+    if (ctx.defer != nullptr) {
+      (*ctx.defer)(commit_queued_);
+    } else {
+      commit_queued_();
+    }
+  }
 }
 
 Status SesService::record_start(int worker) {

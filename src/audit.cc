@@ -924,6 +924,11 @@ Status Writer::submit(Item item) {
                    "audit writer has " + std::to_string(queue_.size()) + " records waiting");
     }
     queue_.push_back(std::move(item));
+    if (opt_.caller_commits) {
+      // The submitter commits; the writer thread looks on its own schedule (run_caller_commits).
+      if (queue_.size() == 1) oldest_ = std::chrono::steady_clock::now();
+      return {};
+    }
     // The writer waits for the first record of a batch, then (batch_delay_us) for a full batch
     // or stop: only those two events can end its wait. Waking it for every record cost a futex
     // wake and a context switch per record for a predicate that is still false.
@@ -940,6 +945,7 @@ Status Writer::append(Event e, std::chrono::milliseconds timeout) {
   it.event = std::move(e);
   it.done = [promise](const Status& st) { promise->set_value(st); };
   GS_TRY(submit(std::move(it)));
+  if (opt_.caller_commits) commit_queued();
   if (future.wait_for(timeout) != std::future_status::ready) {
     return Error(Errc::busy, "the audit writer did not commit within " +
                                  std::to_string(timeout.count()) + " ms");
@@ -969,9 +975,74 @@ bool Writer::checkpoint_due(std::int64_t now) {
   return opt_.checkpoint_interval.count() == 0 || now >= next_checkpoint_check_;
 }
 
-void Writer::run() {
+void Writer::commit_queued() {
+  std::lock_guard<std::mutex> a(apply_mu_);
+  std::size_t n;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    n = queue_.size();
+  }
+  if (n > 0) take_and_apply(n);
+}
+
+void Writer::take_and_apply(std::size_t limit) {
+  const bool all = limit == 0;
   std::vector<Item> batch;
-  batch.reserve(opt_.max_batch);
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      std::size_t n = std::min(queue_.size(), opt_.max_batch);
+      if (!all) n = std::min(n, limit);
+      batch.reserve(n);
+      for (std::size_t i = 0; i < n; ++i) {
+        batch.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+    }
+    if (batch.empty()) return;
+    if (!all) limit -= batch.size();
+    apply(batch);
+    batch.clear();
+    if (!all && limit == 0) return;
+  }
+}
+
+void Writer::run_caller_commits() {
+  // A submitter that does not commit is covered here: what has waited a whole poll period is
+  // committed on this thread. Looking every 5 ms (or max_delay, when longer) costs 200
+  // wake-ups a second instead of one per batch; a submitter's commit queued behind a few ms of
+  // requests is not taken from it.
+  const auto poll = std::max<std::chrono::steady_clock::duration>(opt_.max_delay,
+                                                                  std::chrono::milliseconds(5));
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    cv_.wait_for(lock, poll, [this] { return stopping_; });
+    if (stopping_) break;
+    const auto now = std::chrono::steady_clock::now();
+    const bool stale = !queue_.empty() && now - oldest_ >= poll;
+    const bool idle = queue_.empty();
+    lock.unlock();
+    {
+      std::lock_guard<std::mutex> a(apply_mu_);
+      if (stale) {
+        take_and_apply(0);
+      } else if (idle && dirty_ && now - last_commit_ >= opt_.seal_after_idle) {
+        seal(checkpoint_due(now_s()));
+      }
+    }
+    lock.lock();
+  }
+  lock.unlock();
+  std::lock_guard<std::mutex> a(apply_mu_);
+  take_and_apply(0);
+  seal(true);  // clean stop: final checkpoint, both anchors at the head
+}
+
+void Writer::run() {
+  if (opt_.caller_commits) {
+    run_caller_commits();
+    return;
+  }
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     if (queue_.empty() && !stopping_) {
@@ -980,7 +1051,10 @@ void Writer::run() {
         if (!cv_.wait_for(lock, opt_.seal_after_idle,
                           [this] { return stopping_ || !queue_.empty(); })) {
           lock.unlock();
-          seal(checkpoint_due(now_s()));
+          {
+            std::lock_guard<std::mutex> a(apply_mu_);
+            seal(checkpoint_due(now_s()));
+          }
           lock.lock();
           continue;
         }
@@ -997,17 +1071,16 @@ void Writer::run() {
       cv_.wait_for(lock, opt_.max_delay,
                    [this] { return stopping_ || queue_.size() >= opt_.max_batch; });
     }
-    const std::size_t n = std::min(queue_.size(), opt_.max_batch);
-    for (std::size_t i = 0; i < n; ++i) {
-      batch.push_back(std::move(queue_.front()));
-      queue_.pop_front();
-    }
+    // apply_mu_ comes before mu_: a commit_queued() in progress finishes first.
     lock.unlock();
-    apply(batch);
-    batch.clear();
+    {
+      std::lock_guard<std::mutex> a(apply_mu_);
+      take_and_apply(opt_.max_batch);
+    }
     lock.lock();
   }
   lock.unlock();
+  std::lock_guard<std::mutex> a(apply_mu_);
   seal(true);  // clean stop: final checkpoint, both anchors at the head
 }
 
@@ -1124,6 +1197,7 @@ void Writer::apply(std::vector<Item>& batch) {
   }
   healthy_ = true;
   dirty_ = true;
+  last_commit_ = std::chrono::steady_clock::now();
   if (anchored) last_anchor_ = std::chrono::steady_clock::now();
   commits_.fetch_add(1);
   records_.fetch_add(kept);

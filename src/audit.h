@@ -60,6 +60,9 @@
 // connection that takes every queued item and appends them in one transaction per batch, running
 // each item's own database action in the same transaction, and reports each outcome only after
 // COMMIT returned. The SES releases a secured command only from that callback (ses_service.cc).
+// With WriterOptions::caller_commits the submitters commit on their own threads instead
+// (commit_queued(); the SES's handler does once its queue of requests has run empty), and the
+// writer thread only commits what was left waiting, seals and stops.
 #pragma once
 
 #include <array>
@@ -379,6 +382,12 @@ struct WriterOptions {
   std::string program = "gridseal";                 // log prefix
   AroundDone around_done;  // unset: the callbacks run directly
   bool sched_batch = false;  // the writer thread under SCHED_BATCH (gs::use_batch_scheduling)
+  // The submitters commit: each calls commit_queued() on its own thread once it has submitted
+  // what it has at hand (the SES's handler, when its queue of requests runs empty), so a record
+  // is durable without a hand-over to the writer thread and without max_delay. The writer
+  // thread then only commits what has waited longer than max_delay (a submitter that did not
+  // commit), seals when idle, and stops.
+  bool caller_commits = false;
 };
 
 struct Item {
@@ -416,6 +425,10 @@ class Writer {
   // Queues an item. Errc::busy when max_pending items wait or the writer stopped; `done` is
   // then not called. Invalid events are refused here (validate()).
   Status submit(Item item);
+  // Commits everything queued so far on the calling thread, max_batch records per transaction,
+  // in submission order; the items' `done` callbacks run on this thread before it returns.
+  // Serialized with the writer thread. A `done` callback must not call it.
+  void commit_queued();
   // Appends and waits (at most `timeout`: Errc::busy after it) until it is durable (start/stop
   // records, rare operator events).
   Status append(Event e, std::chrono::milliseconds timeout = std::chrono::seconds(30));
@@ -431,6 +444,10 @@ class Writer {
  private:
   Writer(db::Db db, HsmContext& hsm, const WriterOptions& opt, metrics::Registry* registry);
   void run();
+  void run_caller_commits();
+  // Under apply_mu_: takes up to `limit` queued items in order (all when limit is 0) and applies
+  // them, max_batch per transaction.
+  void take_and_apply(std::size_t limit);
   void apply(std::vector<Item>& batch);
   void seal(bool checkpoint);
   bool checkpoint_due(std::int64_t now);
@@ -445,6 +462,12 @@ class Writer {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Item> queue_;
+  // Held while a batch is taken from queue_ and applied, and while sealing: the database
+  // connection, trail_ and the fields below belong to its holder (the writer thread, or a
+  // submitter in commit_queued()). Taken before mu_, never while mu_ is held.
+  std::mutex apply_mu_;
+  std::chrono::steady_clock::time_point oldest_{};      // when the queue last became non-empty
+  std::chrono::steady_clock::time_point last_commit_{};
   bool stopping_ = false;
   bool stopped_ = false;
   std::thread thread_;
@@ -456,7 +479,7 @@ class Writer {
   std::atomic<std::uint64_t> token_searches_{0};  // trail_->token_searches(), for stats()
   std::int64_t next_checkpoint_check_ = 0;
   std::chrono::steady_clock::time_point last_anchor_{};
-  bool dirty_ = false;  // records committed since the last seal
+  std::atomic<bool> dirty_{false};  // records committed since the last seal
   std::chrono::steady_clock::time_point last_log_{};
   std::uint64_t suppressed_ = 0;
   std::unique_ptr<metrics::Registry> own_registry_;

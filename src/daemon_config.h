@@ -39,6 +39,9 @@ struct AuditConfig {
   std::uint32_t batch_max = 512;             // audit.batch_max: records per transaction
   std::uint32_t batch_delay_us = 1000;       // audit.batch_delay_us: wait for more records
   std::uint32_t max_pending = 65536;         // audit.max_pending: queued records (then bsy)
+  // audit.commit_on_handler (gridseal-sesd only): the handler thread commits the records of
+  // the requests it served once its queue runs empty (audit::WriterOptions::caller_commits).
+  bool commit_on_handler = false;
 };
 
 // Parses [audit] of `root` (absent: the defaults already in `out`); errors name the key.

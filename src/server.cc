@@ -222,6 +222,7 @@ struct ServerImpl {
   bool v6 = false;  // the listener's address family (set by start)
   asio::steady_timer drain_timer{io};
   std::optional<asio::thread_pool> pool;
+  std::function<void(std::function<void()>)> defer;  // RequestContext::defer
   std::vector<std::thread> threads;
   std::atomic<std::uint16_t> port{0};
   bool started = false;
@@ -304,6 +305,7 @@ class Connection final : public ConnectionBase {
         writer_wake_(strand_),
         framer_(srv->cfg.max_frame) {
     base_.connection_id = id;
+    base_.defer = &srv_->defer;
   }
 
   Strand strand() const override { return strand_; }
@@ -959,6 +961,13 @@ Status Server::start() {
   s.port = s.acceptor.local_endpoint(ec).port();
   s.v6 = ep.protocol() == tcp::v6();
   if (s.cfg.worker_threads > 0) s.pool.emplace(s.cfg.worker_threads);
+  s.defer = [impl = &s](std::function<void()> fn) {
+    if (impl->pool) {
+      asio::post(*impl->pool, std::move(fn));
+    } else {
+      asio::post(impl->io, std::move(fn));
+    }
+  };
   if (s.cfg.balancer) {
     const int fd = ::dup(s.cfg.balancer->inbox_fd());  // the inherited one stays open
     if (fd < 0) {

@@ -77,6 +77,11 @@ struct RequestContext {
   std::uint64_t connection_id = 0;
   std::uint64_t sequence = 0;  // 0, 1, 2 … per connection
   std::chrono::steady_clock::time_point received;
+  // Runs a function on a handler thread after the requests already queued for the handlers
+  // (on the event loop when the server has no handler pool): a handler that gathers work over
+  // requests (the SES's audit records) finishes it once the queue has run empty. Set by the
+  // server for as long as it runs; null in a context made elsewhere.
+  const std::function<void(std::function<void()>)>* defer = nullptr;
 };
 
 // One stderr line for a refused request: program, client identity, peer, meter, response

@@ -19,6 +19,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <thread>
 
 #include "hsm/data_object.h"
@@ -761,6 +762,96 @@ TEST_F(Audit, WriterBatchesConcurrentRecordsAndSealsAtStop) {
   invalid.event = event(1);
   invalid.event.event = "Bad Name";
   EXPECT_EQ((*w)->submit(std::move(invalid)).error().code, Errc::invalid_argument);
+}
+
+TEST_F(Audit, CallerCommitsOnItsOwnThreadInOrder) {
+  audit::WriterOptions o;
+  o.caller_commits = true;
+  o.checkpoint_interval = std::chrono::seconds(3600);
+  // The writer thread looks every max_delay and takes what waited that long: 2 s keeps it out
+  // of the first part however slowly this test runs.
+  o.max_delay = std::chrono::seconds(2);
+  o.max_batch = 7;  // 20 queued records: three transactions
+  auto w = audit::Writer::open(db_path_, *hsm_, o, nullptr);
+  ASSERT_TRUE(w.ok()) << w.error().message();
+  const auto me = std::this_thread::get_id();
+  std::vector<int> order;
+  std::vector<std::thread::id> threads;
+  std::mutex mu;
+  auto submit = [&](int n) {
+    audit::Item it;
+    it.event = event(n);
+    it.done = [&, n](const Status& st) {
+      EXPECT_TRUE(st.ok()) << st.error().message();
+      std::lock_guard lock(mu);
+      order.push_back(n);
+      threads.push_back(std::this_thread::get_id());
+    };
+    ASSERT_TRUE((*w)->submit(std::move(it)).ok());
+  };
+  for (int i = 1; i <= 20; ++i) submit(i);
+  (*w)->commit_queued();
+  {
+    std::lock_guard lock(mu);
+    ASSERT_EQ(order.size(), 20U) << "commit_queued() returned before every record was durable";
+    for (int i = 0; i < 20; ++i) EXPECT_EQ(order[i], i + 1);
+    for (auto id : threads) EXPECT_EQ(id, me) << "a record was committed by the writer thread";
+  }
+  EXPECT_EQ((*w)->stats().records, 20U);
+  EXPECT_EQ((*w)->stats().commits, 3U);
+  // A record nobody commits is committed by the writer thread once it waited a poll period.
+  submit(21);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  for (;;) {
+    {
+      std::lock_guard lock(mu);
+      if (order.size() == 21U) break;
+    }
+    ASSERT_LT(std::chrono::steady_clock::now(), until) << "an uncommitted record was never taken";
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_NE(threads.back(), me);
+  // append() commits on its caller's thread too; stop() commits what is left and seals.
+  ASSERT_TRUE((*w)->append(event(22)).ok());
+  submit(23);
+  (*w)->stop();
+  ASSERT_EQ(order.size(), 22U);
+  EXPECT_EQ(order.back(), 23);
+  auto rep = verify();
+  ASSERT_TRUE(rep.ok) << rep.failure->message;
+  EXPECT_EQ(rep.records, 23);
+  EXPECT_EQ(rep.anchor->state, audit::AnchorState::sealed);
+}
+
+TEST_F(Audit, CallerCommitsFromManyThreadsKeepOneChain) {
+  audit::WriterOptions o;
+  o.caller_commits = true;
+  o.checkpoint_interval = std::chrono::seconds(3600);
+  auto w = audit::Writer::open(db_path_, *hsm_, o, nullptr);
+  ASSERT_TRUE(w.ok()) << w.error().message();
+  constexpr int kThreads = 4, kPer = 200;
+  std::atomic<int> ok{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < kThreads; ++t) {
+    ts.emplace_back([&, t] {
+      for (int i = 0; i < kPer; ++i) {
+        audit::Item it;
+        it.event = event(t * 10000 + i);
+        it.done = [&](const Status& st) {
+          if (st.ok()) ++ok;
+        };
+        ASSERT_TRUE((*w)->submit(std::move(it)).ok());
+        if (i % 10 == 9) (*w)->commit_queued();
+      }
+      (*w)->commit_queued();
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(ok.load(), kThreads * kPer) << "commit_queued() left a record of its thread behind";
+  (*w)->stop();
+  auto rep = verify();
+  ASSERT_TRUE(rep.ok) << rep.failure->message;
+  EXPECT_EQ(rep.records, kThreads * kPer);
 }
 
 TEST_F(Audit, ActionAndRecordCommitTogether) {

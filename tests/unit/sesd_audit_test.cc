@@ -69,9 +69,12 @@ std::vector<pid_t> children(pid_t pid) {
   return out;
 }
 
-TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeave) {
+// audit.commit_on_handler: true (the default) commits on the handler thread, false on the
+// audit thread; either way a response leaves only after its record committed.
+void recorded_before_they_leave(bool commit_on_handler) {
   SesdOptions o;
   o.meters = 3;
+  if (!commit_on_handler) o.ses_lines = {"[audit]", "commit_on_handler = false"};
   SesdDaemon d(o);
   ASSERT_TRUE(d.setup().ok());
   ASSERT_TRUE(d.start().ok()) << d.err_log();
@@ -132,6 +135,12 @@ TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeave) {
     EXPECT_EQ(row.detail.find(pin), std::string::npos);
     EXPECT_EQ(row.detail.find(d.meter_key(2)), std::string::npos);
   }
+}
+
+TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeave) { recorded_before_they_leave(true); }
+
+TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeaveWithTheAuditThreadCommitting) {
+  recorded_before_they_leave(false);
 }
 
 TEST(SesdAudit, DisabledWritesNothing) {
