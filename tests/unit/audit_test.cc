@@ -305,6 +305,15 @@ class Audit : public ::testing::Test {
     return r.ok() ? *r : audit::VerifyReport{};
   }
 
+  // After a clean stop: the chain verifies, holds `records` records and the anchor is sealed.
+  void expect_sealed(std::int64_t records) {
+    auto rep = verify();
+    ASSERT_TRUE(rep.ok) << rep.failure->message;
+    EXPECT_EQ(rep.records, records);
+    ASSERT_TRUE(rep.anchor.has_value());
+    EXPECT_EQ(rep.anchor->state, audit::AnchorState::sealed);
+  }
+
   // What an attacker with write access to the file does: drop the triggers, run SQL.
   void tamper(const std::string& sql) {
     auto raw = db::Db::open(db_path_);
@@ -817,10 +826,7 @@ TEST_F(Audit, CallerCommitsOnItsOwnThreadInOrder) {
   (*w)->stop();
   ASSERT_EQ(order.size(), 22U);
   EXPECT_EQ(order.back(), 23);
-  auto rep = verify();
-  ASSERT_TRUE(rep.ok) << rep.failure->message;
-  EXPECT_EQ(rep.records, 23);
-  EXPECT_EQ(rep.anchor->state, audit::AnchorState::sealed);
+  expect_sealed(23);
 }
 
 TEST_F(Audit, CallerCommitsFromManyThreadsKeepOneChain) {
@@ -849,9 +855,7 @@ TEST_F(Audit, CallerCommitsFromManyThreadsKeepOneChain) {
   for (auto& t : ts) t.join();
   EXPECT_EQ(ok.load(), kThreads * kPer) << "commit_queued() left a record of its thread behind";
   (*w)->stop();
-  auto rep = verify();
-  ASSERT_TRUE(rep.ok) << rep.failure->message;
-  EXPECT_EQ(rep.records, kThreads * kPer);
+  expect_sealed(kThreads * kPer);
 }
 
 TEST_F(Audit, ActionAndRecordCommitTogether) {
@@ -950,10 +954,7 @@ TEST_F(Audit, WriterSearchesTheTokenAtOpenNotAfterIdleSeals) {
   EXPECT_GE((*w2)->stats().checkpoints, 1U);
   EXPECT_EQ((*w2)->stats().token_searches, at_open)
       << "a batch searched the token for gs-audit or the anchor objects";
-  auto rep = verify();
-  ASSERT_TRUE(rep.ok) << rep.failure->message;
-  EXPECT_EQ(rep.records, 10);
-  EXPECT_EQ(rep.anchor->state, audit::AnchorState::sealed);
+  expect_sealed(10);
 }
 
 TEST_F(Audit, TwoWritersOnOneFileKeepOneChain) {
@@ -978,10 +979,7 @@ TEST_F(Audit, TwoWritersOnOneFileKeepOneChain) {
   (*a)->stop();
   (*b)->stop();
   EXPECT_EQ(failed.load(), 0);
-  auto rep = verify();
-  ASSERT_TRUE(rep.ok) << rep.failure->message;
-  EXPECT_EQ(rep.records, 600);
-  EXPECT_EQ(rep.anchor->state, audit::AnchorState::sealed);
+  expect_sealed(600);
 }
 
 // The two parts of a batch's time that make the SES's tail: the wait for another connection's
