@@ -112,15 +112,16 @@ Result<std::unique_ptr<SesService>> SesService::create(const SesConfig& cfg, Hsm
                                  &registry);
     if (!w.ok()) return Error(w.error().code, cfg.base.store.path + ": " + w.error().message());
     s->audit_ = std::move(w).value();
-    s->commit_on_handler_ = cfg.audit.commit_on_handler;
-    s->commit_queued_ = [raw = s.get()] {
-      raw->commit_posted_.store(false);
-      try {
-        raw->audit_->commit_queued();
-      } catch (...) {
-        // A throwing completion: what is left stays queued for the audit thread to commit.
-      }
-    };
+    if (cfg.audit.commit_on_handler) {
+      s->commit_queued_ = [raw = s.get()] {
+        raw->commit_posted_.store(false);
+        try {
+          raw->audit_->commit_queued();
+        } catch (...) {
+          // A throwing completion: what is left stays queued for the audit thread to commit.
+        }
+      };
+    }
   }
   return s;
 }
@@ -550,7 +551,7 @@ void SesService::handle(const server::RequestContext& ctx, Bytes request, server
     recorded(*pending, st);
     return;
   }
-  if (commit_on_handler_ && !commit_posted_.exchange(true)) {
+  if (commit_queued_ && !commit_posted_.exchange(true)) {
     if (ctx.defer != nullptr) {
       (*ctx.defer)(commit_queued_);
     } else {

@@ -4,9 +4,9 @@
 #pragma once
 
 #include <atomic>
-#include <functional>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -159,11 +159,11 @@ class SesService {
   std::atomic<bool> store_ok_{true};
   // Last member: stopped (its callbacks use the members above) before anything else goes.
   std::unique_ptr<audit::Writer> audit_;
-  // audit.commit_on_handler: a commit of the queued records is posted behind the requests
-  // queued for the handler (RequestContext::defer) unless one is already waiting.
-  bool commit_on_handler_ = false;
+  // audit.commit_on_handler (else empty): the commit of the queued records that is posted
+  // behind the requests queued for the handler (RequestContext::defer), unless one is already
+  // waiting (commit_posted_).
+  std::function<void()> commit_queued_;
   std::atomic<bool> commit_posted_{false};
-  std::function<void()> commit_queued_;  // the posted commit
 };
 
 // The error PDU: from `ses_title` to the request's calling title (or `head_end`), A4 = the

@@ -385,8 +385,8 @@ struct WriterOptions {
   // The submitters commit: each calls commit_queued() on its own thread once it has submitted
   // what it has at hand (the SES's handler, when its queue of requests runs empty), so a record
   // is durable without a hand-over to the writer thread and without max_delay. The writer
-  // thread then only commits what has waited longer than max_delay (a submitter that did not
-  // commit), seals when idle, and stops.
+  // thread then looks every 5 ms (or max_delay, when longer) and only commits what has waited
+  // that long (a submitter that did not commit), seals when idle, and stops.
   bool caller_commits = false;
 };
 
