@@ -438,6 +438,92 @@ Result<std::optional<std::int64_t>> Chain::first_seq_since(std::int64_t t) {
   return out;
 }
 
+Result<std::vector<Record>> Chain::records(std::int64_t first, std::int64_t last) {
+  GS_ASSIGN(auto st, db_->prepare(std::string(kRecordColumns) + "WHERE seq BETWEEN ?1 AND ?2 "
+                                                               "ORDER BY seq"));
+  st.bind(1, first).bind(2, last);
+  std::vector<Record> out;
+  for (;;) {
+    GS_ASSIGN(db::Step step, st.step());
+    if (step != db::Step::row) break;
+    GS_ASSIGN(Record r, read_record(st));
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+Result<std::vector<Checkpoint>> Chain::checkpoints(std::int64_t first, std::int64_t last) {
+  GS_ASSIGN(auto st, db_->prepare(std::string(kCheckpointColumns) +
+                                  "WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq"));
+  st.bind(1, first).bind(2, last);
+  std::vector<Checkpoint> out;
+  for (;;) {
+    GS_ASSIGN(db::Step step, st.step());
+    if (step != db::Step::row) break;
+    out.push_back(read_checkpoint(st));
+  }
+  return out;
+}
+
+Result<std::optional<Checkpoint>> Chain::checkpoint_at(std::int64_t seq) {
+  GS_ASSIGN(auto cps, checkpoints(seq, seq));
+  if (cps.empty()) return std::optional<Checkpoint>{};
+  return std::optional<Checkpoint>{cps.front()};
+}
+
+// ---- archives ---------------------------------------------------------------------------------
+
+Result<std::optional<Archive>> newest_archive(db::Db& db) {
+  auto st = db.prepare(
+      "SELECT through, first_seq, records, checkpoints, file, sha256, time, record_seq "
+      "FROM audit_archives ORDER BY through DESC LIMIT 1");
+  if (!st.ok()) {
+    // A store older than schema v14 has no archives.
+    if (st.error().message().find("no such table") != std::string::npos) {
+      return std::optional<Archive>{};
+    }
+    return st.error();
+  }
+  GS_ASSIGN(db::Step step, st->step());
+  std::optional<Archive> out;
+  if (step == db::Step::row) {
+    Archive a;
+    a.through = st->int64(0);
+    a.first_seq = st->int64(1);
+    a.records = st->int64(2);
+    a.checkpoints = st->int64(3);
+    a.file = st->text(4);
+    a.sha256 = to_digest(st->blob_view(5));
+    a.time = st->int64(6);
+    a.record_seq = st->int64(7);
+    out = std::move(a);
+  }
+  return out;
+}
+
+std::string archive_detail(const Archive& a) {
+  Detail d;
+  d.add("first_seq", a.first_seq).add("through", a.through);
+  d.add("records", a.records).add("checkpoints", a.checkpoints);
+  d.add("file", a.file).add("sha256", to_hex(a.sha256));
+  return d.str();
+}
+
+Status check_registration(Chain& chain, const Archive& a) {
+  GS_ASSIGN(auto r, chain.record(a.record_seq));
+  const std::string what = "the archive of records " + std::to_string(a.first_seq) + ".." +
+                           std::to_string(a.through) + " (" + a.file + ")";
+  if (!r) {
+    return Error(Errc::conflict, what + " names record " + std::to_string(a.record_seq) +
+                                     " as its registration, which is not in the table");
+  }
+  if (r->e.event != kArchiveEvent || r->e.detail != archive_detail(a)) {
+    return Error(Errc::conflict, what + " is not what record " + std::to_string(a.record_seq) +
+                                     " registers: the archive row was forged or changed");
+  }
+  return {};
+}
+
 // ---- anchors ----------------------------------------------------------------------------------
 
 const char* anchor_state_name(AnchorState s) noexcept {
@@ -530,6 +616,20 @@ Result<AnchorCheck> check_anchor(Chain& chain, const Head& table_head, const Anc
       GS_ASSIGN(auto r, chain.record(v.head.seq));
       present = r.has_value();
       if (present) have = r->hash;
+      if (!present) {
+        // Archived: the checkpoint at the archive's end holds that record's hash; records
+        // before it are in the archive file (verify() checks the registration too).
+        GS_ASSIGN(auto arch, newest_archive(chain.db()));
+        if (arch && v.head.seq < arch->through && check_registration(chain, *arch).ok()) {
+          present = true;
+          have = v.head.hash;
+        } else if (arch && v.head.seq == arch->through &&
+                   check_registration(chain, *arch).ok()) {
+          GS_ASSIGN(auto cp, chain.checkpoint_at(arch->through));
+          present = cp.has_value();
+          if (present) have = cp->head;
+        }
+      }
     }
     if (present && have != v.head.hash && v.mark == AnchorMark::pending) {
       // A transaction wrote this value and died before COMMIT; other writers went past it.
@@ -1311,7 +1411,7 @@ Result<Finding> classify_changed(Chain& chain, const Record& r) {
 
 Result<VerifyReport> verify(db::Db& db, const VerifyOptions& opt) {
   VerifyReport rep;
-  const std::int64_t from = std::max<std::int64_t>(1, opt.from);
+  std::int64_t from = std::max<std::int64_t>(1, opt.from);
   std::optional<HostEcKey> key;
   if (!opt.public_key.empty()) {
     auto k = HostEcKey::from_public(opt.public_key);
@@ -1340,10 +1440,55 @@ Result<VerifyReport> verify(db::Db& db, const VerifyOptions& opt) {
     }
   }
   GS_ASSIGN(const Head table_head, chain.head());
+  auto fail = [&](Finding f) { rep.failure = std::move(f); };
+
+  // Records 1..base are in archive files; the table is checked from base + 1 on.
+  GS_ASSIGN(const std::optional<Archive> arch, newest_archive(db));
+  const std::int64_t base = arch ? arch->through : 0;
+  if (arch) {
+    rep.archived_through = base;
+    rep.notes.push_back({base, "archived",
+                         "records 1.." + std::to_string(base) +
+                             " are archived (the newest archive: records " +
+                             std::to_string(arch->first_seq) + ".." + std::to_string(base) +
+                             " in " + arch->file + ", SHA-256 " + to_hex(arch->sha256) +
+                             ", registered by record " + std::to_string(arch->record_seq) + ")"});
+    from = std::max(from, base + 1);
+  }
 
   Digest expected_prev{};
   bool have_prev = true;
-  if (from > 1) {
+  if (arch && from == base + 1) {
+    // The signed checkpoint at the archive's end is the base the table links to.
+    GS_ASSIGN(auto bcp, chain.checkpoint_at(base));
+    if (!bcp) {
+      fail({base + 1, "archive_base",
+            "the signed checkpoint at record " + std::to_string(base) + ", where the archive " +
+                arch->file + " ends, is gone: the start of the table cannot be checked"});
+    } else if (key && !key->verify(checkpoint_digest(bcp->seq, bcp->head, bcp->time),
+                                   bcp->signature)
+                           .ok()) {
+      fail({base, "bad_checkpoint",
+            "the checkpoint at record " + std::to_string(base) +
+                " (the end of the newest archive) does not verify with gs-audit's public key"});
+    } else {
+      expected_prev = bcp->head;
+      rep.last_checkpoint_seq = base;
+      ++rep.checkpoints;
+    }
+    if (Status st = check_registration(chain, *arch); !st.ok() && !rep.failure) {
+      fail({arch->record_seq, "unregistered_archive", st.error().message()});
+    }
+    GS_ASSIGN(auto left, db.prepare("SELECT count(*) FROM audit WHERE seq <= ?1"));
+    left.bind(1, base);
+    GS_ASSIGN(db::Step ls, left.step());
+    if (ls == db::Step::row && left.int64(0) > 0) {
+      rep.notes.push_back({base, "archived_not_deleted",
+                           std::to_string(left.int64(0)) +
+                               " archived records are still in the table (an archive run "
+                               "stopped before it deleted them all; the next run does)"});
+    }
+  } else if (from > 1) {
     GS_ASSIGN(auto before, chain.record(from - 1));
     if (before) {
       expected_prev = before->hash;
@@ -1355,7 +1500,6 @@ Result<VerifyReport> verify(db::Db& db, const VerifyOptions& opt) {
                                " is not checked"});
     }
   }
-  auto fail = [&](Finding f) { rep.failure = std::move(f); };
 
   recs.bind(1, from);
   cps.bind(1, from);
@@ -1503,6 +1647,21 @@ Bytes der_signature(const Signature& sig) {
 
 }  // namespace
 
+std::string record_json(const Record& r) {
+  return "{\"type\":\"record\",\"seq\":" + std::to_string(r.seq) +
+         ",\"time\":" + std::to_string(r.e.time) + ",\"actor\":" + json_string(r.e.actor) +
+         ",\"event\":" + json_string(r.e.event) + ",\"subject\":" + json_string(r.e.subject) +
+         ",\"detail\":" + json_string(r.e.detail) + ",\"prev_hash\":\"" + to_hex(r.prev_hash) +
+         "\",\"hash\":\"" + to_hex(r.hash) + "\"}\n";
+}
+
+std::string checkpoint_json(const Checkpoint& c) {
+  return "{\"type\":\"checkpoint\",\"seq\":" + std::to_string(c.seq) + ",\"head\":\"" +
+         to_hex(c.head) + "\",\"time\":" + std::to_string(c.time) + ",\"signature\":\"" +
+         to_hex(c.signature) + "\",\"signature_der\":\"" + to_hex(der_signature(c.signature)) +
+         "\",\"signed\":\"" + to_hex(checkpoint_encoding(c.seq, c.head, c.time)) + "\"}\n";
+}
+
 Result<ExportSummary> export_jsonl(db::Db& db, const ExportOptions& opt, std::FILE* out) {
   ExportSummary sum;
   GS_ASSIGN(Chain chain, Chain::over(db));
@@ -1541,21 +1700,11 @@ Result<ExportSummary> export_jsonl(db::Db& db, const ExportOptions& opt, std::FI
     GS_ASSIGN(db::Step step, recs.step());
     if (step != db::Step::row) break;
     GS_ASSIGN(Record r, read_record(recs));
-    line = "{\"type\":\"record\",\"seq\":" + std::to_string(r.seq) +
-           ",\"time\":" + std::to_string(r.e.time) + ",\"actor\":" + json_string(r.e.actor) +
-           ",\"event\":" + json_string(r.e.event) + ",\"subject\":" + json_string(r.e.subject) +
-           ",\"detail\":" + json_string(r.e.detail) + ",\"prev_hash\":\"" + to_hex(r.prev_hash) +
-           "\",\"hash\":\"" + to_hex(r.hash) + "\"}\n";
-    GS_TRY(emit(line));
+    GS_TRY(emit(record_json(r)));
     ++sum.records;
     while (cp && cp->seq <= r.seq) {
       if (cp->seq == r.seq) {
-        line = "{\"type\":\"checkpoint\",\"seq\":" + std::to_string(cp->seq) + ",\"head\":\"" +
-               to_hex(cp->head) + "\",\"time\":" + std::to_string(cp->time) + ",\"signature\":\"" +
-               to_hex(cp->signature) + "\",\"signature_der\":\"" +
-               to_hex(der_signature(cp->signature)) + "\",\"signed\":\"" +
-               to_hex(checkpoint_encoding(cp->seq, cp->head, cp->time)) + "\"}\n";
-        GS_TRY(emit(line));
+        GS_TRY(emit(checkpoint_json(*cp)));
         ++sum.checkpoints;
       }
       GS_ASSIGN(db::Step n, cps.step());

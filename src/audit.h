@@ -2,10 +2,11 @@
 // transaction as the action they record, checkpoints signed by gs-audit in the HSM, an anchor of
 // the chain head kept in the HSM, verification that names the first bad record, JSONL export.
 //
-// Record (table `audit`): seq (1, 2, 3 … without gaps), time (UTC seconds), actor (who: a TLS
-// client subject, "operator:<name>", "system"), event (what: [a-z0-9_.-]{1,48}), subject (on
-// what: meter id, key label, campaign…), detail (compact JSON object, at most kMaxDetail bytes),
-// prev_hash, hash. Text fields are valid UTF-8 and bounded (validate(), clip()).
+// Record (table `audit`): seq (1, 2, 3 … without gaps; archived records leave from the front, see
+// "archives" below), time (UTC seconds), actor (who: a TLS client subject, "operator:<name>",
+// "system"), event (what: [a-z0-9_.-]{1,48}), subject (on what: meter id, key label,
+// campaign…), detail (compact JSON object, at most kMaxDetail bytes), prev_hash, hash. Text
+// fields are valid UTF-8 and bounded (validate(), clip()).
 //   hash = SHA-256( "GSAR1" || u64(seq) || i64(time) || lp(actor) || lp(event) || lp(subject)
 //                   || lp(detail) || prev_hash )
 //   u64/i64: 8 bytes big-endian (two's complement); lp(x) = u32 big-endian byte length || bytes;
@@ -205,6 +206,11 @@ class Chain {
   // must write the anchor), and setting it (inside the sealing transaction).
   Result<std::optional<std::int64_t>> sealed_seq();
   Status set_sealed_seq(std::int64_t seq);
+  // Records first..last and the checkpoints at seqs in that range, in order (call inside a read
+  // transaction when they must belong to one snapshot; the caller bounds the range).
+  Result<std::vector<Record>> records(std::int64_t first, std::int64_t last);
+  Result<std::vector<Checkpoint>> checkpoints(std::int64_t first, std::int64_t last);
+  Result<std::optional<Checkpoint>> checkpoint_at(std::int64_t seq);
 
   db::Db& db() noexcept { return *db_; }
 
@@ -527,6 +533,7 @@ struct VerifyReport {
   std::int64_t first_seq = 0, last_seq = 0, records = 0;
   std::int64_t checkpoints = 0;          // checked (signature and head)
   std::int64_t last_checkpoint_seq = 0;  // newest good checkpoint
+  std::int64_t archived_through = 0;     // records up to here are in archive files
   std::optional<Finding> failure;        // the first bad thing; names the record
   std::vector<Finding> notes;            // not failures: lost batch, unchecked parts
   std::optional<AnchorCheck> anchor;
@@ -548,5 +555,78 @@ struct ExportSummary {
 // JSON Lines: a header object, then each record, each checkpoint right after the record it
 // covers ("type": "header" | "record" | "checkpoint"); one read transaction.
 Result<ExportSummary> export_jsonl(db::Db& db, const ExportOptions& opt, std::FILE* out);
+// One line of that format (with its newline).
+std::string record_json(const Record& r);
+std::string checkpoint_json(const Checkpoint& c);
+
+// ---- archives (`gridseal audit archive`) -------------------------------------------------------
+//
+// The table only grows (about 400 bytes a record with its index: 20,000 secured commands/s is
+// some 700 GB a day), so old records move out to archive files. An archive holds records
+// first_seq..through, where `through` is a checkpoint's seq (the whole file is signed), in the
+// export's JSON Lines format (header "archive": true). Once the file is on disk (written under a
+// temporary name, fsync, renamed, directory fsync, read back and hashed), one transaction appends
+// an `audit_archive` record naming it (archive_detail: range, counts, file name, SHA-256), a
+// signed checkpoint and the anchor, and the `audit_archives` row (schema v14); then the records up
+// to `through` and the checkpoints before it are deleted, one chunk per transaction (the triggers
+// refuse any other DELETE). The checkpoint at `through` stays as the signed base the table links
+// to: verify() checks the table from through + 1 against that checkpoint's head and signature, and
+// requires the newest archive's registration record in the chain with exactly its detail; so
+// deleting old records without an archive, or with a forged row, is `deleted` or
+// `unregistered_archive`. A run that dies leaves a file without a row (the next run writes it
+// again) or archived records not yet deleted (verify notes them; the next run deletes them first).
+// The file is the evidence from then on: copy it to write-once storage; its SHA-256 stays in the
+// chain, and README's Python verifier checks it alone.
+struct Archive {
+  std::int64_t first_seq = 0, through = 0;
+  std::int64_t records = 0, checkpoints = 0;
+  std::string file;  // name inside the archive directory
+  Digest sha256{};   // of the file's bytes
+  std::int64_t time = 0;
+  std::int64_t record_seq = 0;  // the audit_archive record that registered it
+};
+inline constexpr const char* kArchiveEvent = "audit_archive";
+
+// The newest registered archive (nullopt: none; also on a store older than schema v14).
+Result<std::optional<Archive>> newest_archive(db::Db& db);
+// The detail of the record that registers `a`.
+std::string archive_detail(const Archive& a);
+// Errc::conflict, naming what is wrong, unless the record at a.record_seq registers `a`.
+Status check_registration(Chain& chain, const Archive& a);
+
+struct ArchiveOptions {
+  std::int64_t before = 0;  // archive up to the newest checkpoint signed before this UTC time
+  std::string dir;          // the archive file goes here
+  std::string actor;        // who archives (the registration record's actor)
+  Bytes public_key;         // gs-audit's: its fingerprint goes in the file's header
+  // Pruning next to running daemons: each delete transaction holds the write lock their audit
+  // commits need, so it is kept short, and the next one waits at least `pause` and at least
+  // four times as long as this one took (the lock is held at most a fifth of the time).
+  std::int64_t delete_chunk = 1000;      // records deleted per transaction
+  std::chrono::milliseconds pause{10};
+  std::int64_t read_chunk = 20000;       // records read per read transaction for the file
+};
+struct ArchiveResult {
+  std::optional<Archive> archive;  // written and registered by this run (nullopt: nothing due)
+  std::string path;
+  std::int64_t deleted = 0;        // records deleted (with those a died run left)
+  std::int64_t deleted_checkpoints = 0;
+  std::int64_t left_by_earlier_run = 0;  // of `deleted`: records a died run had archived
+  std::int64_t delete_transactions = 0;
+  std::chrono::microseconds longest_delete{0};  // the longest of them, COMMIT included
+};
+// All of it: prune_archived, write_archive, register_archive (which prunes).
+Result<ArchiveResult> archive(db::Db& db, hsm::Session& s, const ArchiveOptions& opt);
+// Read-only (no lock held; any thread, its own connection): picks the range after the newest
+// archive up to the newest checkpoint signed before opt.before and writes the file, checking
+// each record's hash and link and each checkpoint's head as it goes. Nullopt: nothing is due.
+Result<std::optional<Archive>> write_archive(db::Db& db, const ArchiveOptions& opt,
+                                             std::string& path);
+// Registers a written archive (its record, a signed checkpoint, the anchor, the row: one
+// transaction), then prunes. Errc::conflict when another run registered an archive since.
+Status register_archive(db::Db& db, hsm::Session& s, Archive a, const ArchiveOptions& opt,
+                        ArchiveResult& out);
+// Deletes the records (and checkpoints) the newest archive covers that are still in the table.
+Status prune_archived(db::Db& db, const ArchiveOptions& opt, ArchiveResult& out);
 
 }  // namespace gs::audit

@@ -381,6 +381,34 @@ CREATE TRIGGER key_slots_feed_update AFTER UPDATE OF meter, slot, wrapped, key_v
       WHERE row = OLD.meter AND OLD.meter IS NOT NEW.meter;
   END;
 )sql",
+    // v14: audit archives (src/audit.h, `gridseal audit archive`). Records 1..through were written
+    // to an archive file whose SHA-256 an `audit_archive` record in the chain registers; they, and
+    // the checkpoints before `through`, may then be deleted. The checkpoint at `through` stays: it
+    // is the signed base the rest of the table links to. Nothing else may be deleted.
+    R"sql(
+CREATE TABLE audit_archives (
+  through     INTEGER PRIMARY KEY CHECK (through >= 1),
+  first_seq   INTEGER NOT NULL CHECK (first_seq >= 1 AND first_seq <= through),
+  records     INTEGER NOT NULL,
+  checkpoints INTEGER NOT NULL,
+  file        TEXT NOT NULL,
+  sha256      BLOB NOT NULL,
+  time        INTEGER NOT NULL,
+  record_seq  INTEGER NOT NULL CHECK (record_seq > through)
+);
+CREATE TRIGGER audit_archives_no_update BEFORE UPDATE ON audit_archives
+  BEGIN SELECT RAISE(ABORT, 'audit archives are append-only'); END;
+CREATE TRIGGER audit_archives_no_delete BEFORE DELETE ON audit_archives
+  BEGIN SELECT RAISE(ABORT, 'audit archives are append-only'); END;
+DROP TRIGGER audit_no_delete;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+  WHEN OLD.seq > (SELECT coalesce(max(through), 0) FROM audit_archives)
+  BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+DROP TRIGGER audit_checkpoints_no_delete;
+CREATE TRIGGER audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+  WHEN OLD.seq >= (SELECT coalesce(max(through), 0) FROM audit_archives)
+  BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+)sql",
 };
 
 constexpr int kMigrationCount = static_cast<int>(sizeof kMigrations / sizeof kMigrations[0]);

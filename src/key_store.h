@@ -13,7 +13,7 @@
 namespace gs::store {
 
 inline constexpr int kSlotsPerMeter = 4;
-inline constexpr int kSchemaVersion = 13;
+inline constexpr int kSchemaVersion = 14;
 inline constexpr std::size_t kMaxMeterIdLength = 64;
 inline constexpr std::size_t kPublicKeySize = 65;  // uncompressed P-256 point
 

@@ -21,6 +21,7 @@ constexpr CommandRule kRules[] = {
     {"operators enroll", kSO, "--pubkey"},
     {"operators remove", kSO, ""},
     {"audit reset-anchor", kSO, ""},
+    {"audit archive", kSO, ""},
     {"hsm init", kSO | kKC, "--officer-pubkey"},
     {"hsm import-transport-key", kKC, ""},
     {"hsm rotate-kek", kKC, ""},

@@ -17,4 +17,13 @@ inline bool use_batch_scheduling() noexcept {
   return sched_setscheduler(0, SCHED_BATCH, &p) == 0;
 }
 
+// Puts the calling thread under SCHED_IDLE: it runs only when a CPU has nothing else to run. For
+// long read-only work next to serving daemons (`gridseal audit archive` verifying the trail and
+// writing its file); never for a thread that holds a lock the daemons wait for.
+inline bool use_idle_scheduling() noexcept {
+  sched_param p{};
+  p.sched_priority = 0;
+  return sched_setscheduler(0, SCHED_IDLE, &p) == 0;
+}
+
 }  // namespace gs

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <thread>
 
+#include "gridseal/clock.h"
 #include "hsm/data_object.h"
 #include "hsm/ops.h"
 #include "src/config.h"
@@ -1043,6 +1044,147 @@ TEST_F(Audit, ExportIsJsonLinesWithCheckpointsAfterTheirRecords) {
   EXPECT_EQ(lines[5].rfind("{\"type\":\"checkpoint\",\"seq\":8,", 0), 0U);
   EXPECT_NE(lines[5].find("\"signature_der\":\"30"), std::string::npos);
   EXPECT_EQ(lines.back().rfind("{\"type\":\"checkpoint\",\"seq\":12,", 0), 0U);
+}
+
+// ---- archives ----------------------------------------------------------------------------------
+
+// Waits (at most 2 s) until the UTC second has moved past every checkpoint signed so far, and
+// returns the new second: a cut between what was signed before and what comes after.
+std::int64_t next_second() {
+  const std::int64_t t = static_cast<std::int64_t>(utc_now());
+  for (int i = 0; i < 100 && static_cast<std::int64_t>(utc_now()) <= t; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return static_cast<std::int64_t>(utc_now());
+}
+
+std::int64_t scalar(db::Db& db, const std::string& sql) {
+  auto st = db.prepare(sql);
+  EXPECT_TRUE(st.ok()) << sql;
+  if (!st.ok()) return -1;
+  auto step = st->step();
+  const std::int64_t v = step.ok() && *step == db::Step::row ? st->int64(0) : -1;
+  st->reset();
+  return v;
+}
+
+TEST_F(Audit, ArchiveMovesSignedRecordsToAFileAndTheRestStillVerifies) {
+  append_records(20);  // checkpoints at 10 and 20
+  const std::int64_t cut = next_second();
+  std::vector<std::string> hashes;
+  for (int seq = 1; seq <= 20; ++seq) hashes.push_back(to_hex(stored(seq).hash));
+  append_records(20);  // checkpoints at 30 and 40, signed at or after the cut
+
+  const std::string adir = dir_ + "/archive";
+  fs::create_directory(adir);
+  audit::ArchiveOptions o;
+  o.before = cut;
+  o.dir = adir;
+  o.actor = "operator:test";
+  o.public_key = pub_;
+  o.delete_chunk = 7;
+  o.read_chunk = 6;
+  o.pause = std::chrono::milliseconds(0);
+  auto lease = hsm_->pool->acquire();
+  ASSERT_TRUE(lease.ok());
+  auto res = audit::archive(db(), lease->session(), o);
+  ASSERT_TRUE(res.ok()) << res.error().message();
+  ASSERT_TRUE(res->archive.has_value());
+  const audit::Archive a = *res->archive;
+  EXPECT_EQ(a.first_seq, 1);
+  EXPECT_EQ(a.through, 20);
+  EXPECT_EQ(a.records, 20);
+  EXPECT_EQ(a.checkpoints, 2);
+  EXPECT_EQ(a.file, "audit-1-20.jsonl");
+  EXPECT_EQ(a.record_seq, 41);
+  EXPECT_EQ(res->path, adir + "/audit-1-20.jsonl");
+  EXPECT_EQ(res->deleted, 20);
+  EXPECT_EQ(res->deleted_checkpoints, 1);  // at 10; the one at 20 is the base
+
+  // The file: complete, hashed as registered, every record with the hash it had in the table.
+  std::ifstream in(res->path, std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(to_hex(evp_sha256(Bytes(text.begin(), text.end()))), to_hex(a.sha256));
+  std::vector<std::string> lines;
+  for (std::size_t at = 0; at < text.size();) {
+    const auto nl = text.find('\n', at);
+    ASSERT_NE(nl, std::string::npos);
+    lines.push_back(text.substr(at, nl - at));
+    at = nl + 1;
+  }
+  ASSERT_EQ(lines.size(), 1U + 20U + 2U);
+  const std::string head = R"({"type":"header","format":"gridseal-audit-1","archive":true)";
+  EXPECT_EQ(lines[0].rfind(head, 0), 0U);
+  EXPECT_NE(lines[0].find("\"first_seq\":1,\"last_seq\":20"), std::string::npos);
+  EXPECT_NE(lines[0].find("\"public_key_sha256\":\"" + to_hex(evp_sha256(pub_)) + "\""),
+            std::string::npos);
+  for (const auto& h : hashes) EXPECT_NE(text.find("\"hash\":\"" + h + "\"}"), std::string::npos);
+  EXPECT_EQ(lines.back().rfind("{\"type\":\"checkpoint\",\"seq\":20,", 0), 0U);
+  EXPECT_EQ(std::distance(fs::directory_iterator(adir), fs::directory_iterator{}), 1);  // no .tmp
+
+  // The table: the records from 21 on, the checkpoint at 20 as the base; the registration.
+  EXPECT_EQ(scalar(db(), "SELECT min(seq) FROM audit"), 21);
+  EXPECT_EQ(scalar(db(), "SELECT min(seq) FROM audit_checkpoints"), 20);
+  const audit::Record reg = stored(41);
+  EXPECT_EQ(reg.e.event, "audit_archive");
+  EXPECT_EQ(reg.e.actor, "operator:test");
+  EXPECT_EQ(reg.e.subject, "audit-1-20.jsonl");
+  EXPECT_EQ(reg.e.detail, audit::archive_detail(a));
+  EXPECT_NE(reg.e.detail.find("\"sha256\":\"" + to_hex(a.sha256) + "\""), std::string::npos);
+  auto rep = verify();
+  ASSERT_TRUE(rep.ok) << rep.failure->message;
+  EXPECT_EQ(rep.archived_through, 20);
+  EXPECT_EQ(rep.first_seq, 21);
+  EXPECT_EQ(rep.records, 21);  // 21..41
+  EXPECT_EQ(rep.last_checkpoint_seq, 41);  // the registration's own checkpoint
+  ASSERT_FALSE(rep.notes.empty());
+  EXPECT_EQ(rep.notes.front().kind, "archived");
+
+  // Still append-only above the archive; the archive rows too.
+  EXPECT_FALSE(db().exec("DELETE FROM audit WHERE seq = 21").ok());
+  EXPECT_FALSE(db().exec("DELETE FROM audit_checkpoints WHERE seq = 20").ok());
+  EXPECT_FALSE(db().exec("DELETE FROM audit_archives").ok());
+  EXPECT_FALSE(db().exec("UPDATE audit_archives SET file = 'x'").ok());
+
+  // Nothing more was signed before the cut.
+  auto again = audit::archive(db(), lease->session(), o);
+  ASSERT_TRUE(again.ok()) << again.error().message();
+  EXPECT_FALSE(again->archive.has_value());
+  EXPECT_EQ(again->deleted, 0);
+
+  // A clean stop seals at the head; the next archive takes everything signed and links to the
+  // first one's end (the file writer checks record 21 against the checkpoint at 20).
+  seal();
+  expect_sealed(21);
+  o.before = next_second() + 1;
+  auto second = audit::archive(db(), lease->session(), o);
+  ASSERT_TRUE(second.ok()) << second.error().message();
+  ASSERT_TRUE(second->archive.has_value());
+  EXPECT_EQ(second->archive->first_seq, 21);
+  EXPECT_EQ(second->archive->through, 41);
+  EXPECT_EQ(second->archive->record_seq, 42);
+  EXPECT_EQ(second->deleted, 21);
+  // One anchor object still holds record 41, now archived: the checkpoint at 41 vouches for it.
+  auto after = verify();
+  ASSERT_TRUE(after.ok) << after.failure->message;
+  EXPECT_EQ(after.archived_through, 41);
+  EXPECT_EQ(after.records, 1);
+  seal();
+  expect_sealed(1);
+}
+
+TEST_F(Audit, RecordsDeletedWithoutTheirArchiveAreNamed) {
+  append_records(20);
+  seal();
+  tamper("DELETE FROM audit WHERE seq <= 10; DELETE FROM audit_checkpoints WHERE seq < 10;");
+  expect_failure(verify(), "deleted", 1);
+  // A forged archive row that names an ordinary record as its registration.
+  tamper("INSERT INTO audit_archives VALUES (10, 1, 10, 1, 'audit-1-10.jsonl', zeroblob(32), 0, "
+         "15);");
+  expect_failure(verify(), "unregistered_archive", 15);
+  // Its base checkpoint gone as well.
+  tamper("DELETE FROM audit_checkpoints WHERE seq = 10;");
+  expect_failure(verify(), "archive_base", 11);
 }
 
 // Measurement, not a limit: the HSM operations an append transaction adds (printed for the

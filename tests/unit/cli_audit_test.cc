@@ -1,13 +1,22 @@
-// `gridseal audit verify|export|reset-anchor` against a real token and store: verify passes on a
-// good chain and names the first bad record (text and --json) after tampering; truncation is
-// caught through the HSM anchor (and not without it, which the output says); an export is
-// verified the way a third party would, with the README's Python script and with the OpenSSL
-// command line, using only the exported gs-audit public key; nothing secret is printed.
+// `gridseal audit verify|export|archive|reset-anchor` against a real token and store: verify
+// passes on a good chain and names the first bad record (text and --json) after tampering;
+// truncation is caught through the HSM anchor (and not without it, which the output says); an
+// export and an archive are verified the way a third party would, with the README's Python
+// script and with the OpenSSL command line, using only the exported gs-audit public key; an
+// archive killed while pruning is finished by the next run; nothing secret is printed.
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "src/audit.h"
 #include "src/config.h"
@@ -215,6 +224,110 @@ TEST_F(CliAudit, ExportIsVerifiableWithOnlyThePublicKey) {
   EXPECT_EQ(run("audit verify --json").out.find(pin), std::string::npos);
 }
 
+// What `sha256sum` says of a file (an implementation other than gridseal's).
+std::string sha256sum(const std::string& path) {
+  CmdResult r = gs::test::run_command("sha256sum " + path);
+  return r.code == 0 ? r.out.substr(0, 64) : "";
+}
+
+std::int64_t count_of(const std::string& db_path, const std::string& sql) {
+  auto db = gs::db::Db::open(db_path, {.create = false});
+  if (!db.ok()) return -1;
+  auto st = db->prepare(sql);
+  if (!st.ok()) return -1;
+  auto step = st->step();
+  const std::int64_t v = step.ok() && *step == gs::db::Step::row ? st->int64(0) : -1;
+  st->reset();
+  return v;
+}
+
+TEST_F(CliAudit, ArchiveWritesAVerifiableFileAndPrunesTheTable) {
+  write_records(30);
+  const std::string adir = dir_ + "/archive";
+  fs::create_directory(adir);
+  const std::string later = std::to_string(std::time(nullptr) + 3600);
+  CmdResult a = run("audit archive --before " + later + " --dir " + adir);
+  ASSERT_EQ(a.code, 0) << a.out;
+  EXPECT_NE(a.out.find("archived records 1..30 (30 records, "), std::string::npos) << a.out;
+  const std::string file = adir + "/audit-1-30.jsonl";
+  ASSERT_TRUE(fs::exists(file)) << a.out;
+  EXPECT_NE(a.out.find("sha256 " + sha256sum(file)), std::string::npos) << a.out;
+  EXPECT_NE(a.out.find("registered by record 31; 30 records"), std::string::npos) << a.out;
+  EXPECT_EQ(count_of(db_, "SELECT count(*) FROM audit"), 1);
+
+  CmdResult v = run("audit verify");
+  ASSERT_EQ(v.code, 0) << v.out;
+  EXPECT_NE(v.out.find("records 31..31 (1 checked)"), std::string::npos) << v.out;
+  EXPECT_NE(v.out.find("note: records 1..30 are archived"), std::string::npos) << v.out;
+  EXPECT_NE(run("audit verify --json").out.find("\"archived_through\":30"), std::string::npos);
+  CmdResult none = run("audit archive --before 2020-01-01 --dir " + adir);
+  EXPECT_EQ(none.code, 0) << none.out;
+  EXPECT_NE(none.out.find("nothing to archive"), std::string::npos) << none.out;
+
+  // More records after the archive: a writer starts on the pruned table.
+  write_records(10);
+  EXPECT_EQ(run("audit verify").code, 0);
+
+  // The archive file alone, as a third party checks it.
+  const std::string pem = dir_ + "/gs-audit.pem";
+  ASSERT_EQ(run("hsm export-pubkey gs-audit --pem > " + pem).code, 0);
+  if (gs::test::run_command("python3 -c 'import cryptography'").code != 0) {
+    GTEST_SKIP() << "python3 with the cryptography package is not available";
+  }
+  std::ofstream(dir_ + "/verify.py") << readme_script();
+  CmdResult py = gs::test::run_command("python3 " + dir_ + "/verify.py " + file + " " + pem);
+  EXPECT_EQ(py.code, 0) << py.out;
+  EXPECT_NE(py.out.find("OK: records 1..30 chain correctly, signed up to 30"), std::string::npos)
+      << py.out;
+}
+
+TEST_F(CliAudit, ArchiveKilledWhilePruningIsFinishedByTheNextRun) {
+  write_records(300);
+  const std::string adir = dir_ + "/archive";
+  fs::create_directory(adir);
+  const std::string later = std::to_string(std::time(nullptr) + 3600);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const std::string bin = std::string(GS_BIN_DIR) + "/gridseal";
+    int devnull = ::open("/dev/null", O_WRONLY);
+    dup2(devnull, 1);
+    dup2(devnull, 2);
+    // One record per transaction, 20 ms apart: about 6 s of pruning for the kill to land in.
+    execl(bin.c_str(), bin.c_str(), "audit", "archive", "--before", later.c_str(), "--dir",
+          adir.c_str(), "--chunk", "1", "--config", conf_.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  std::int64_t left = -1;
+  for (int i = 0; i < 500; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    if (count_of(db_, "SELECT count(*) FROM audit_archives") != 1) continue;
+    left = count_of(db_, "SELECT count(*) FROM audit WHERE seq <= 300");
+    if (left >= 0 && left <= 280) break;
+  }
+  kill(pid, SIGKILL);
+  int wst = 0;
+  waitpid(pid, &wst, 0);
+  ASSERT_TRUE(WIFSIGNALED(wst)) << "the archive finished before the kill; the test proves nothing";
+  ASSERT_GT(left, 0);
+
+  // Registered, partly pruned: the table verifies, and says what is left.
+  CmdResult v = run("audit verify");
+  ASSERT_EQ(v.code, 0) << v.out;
+  EXPECT_NE(v.out.find("archived records are still in the table"), std::string::npos) << v.out;
+  CmdResult again = run("audit archive --before " + later + " --dir " + adir);
+  ASSERT_EQ(again.code, 0) << again.out;
+  EXPECT_NE(again.out.find("records an earlier archive run left in the table"), std::string::npos)
+      << again.out;
+  EXPECT_EQ(count_of(db_, "SELECT count(*) FROM audit WHERE seq <= 300"), 0);
+  // This run also archived the first one's registration (signed since): the archives chain.
+  EXPECT_NE(again.out.find("archived records 301..301"), std::string::npos) << again.out;
+  CmdResult after = run("audit verify");
+  ASSERT_EQ(after.code, 0) << after.out;
+  EXPECT_EQ(after.out.find("still in the table"), std::string::npos) << after.out;
+  EXPECT_EQ(sha256sum(adir + "/audit-1-300.jsonl").size(), 64U);
+}
+
 TEST_F(CliAudit, UsageErrors) {
   write_records(2);
   CmdResult t = run("audit export --since yesterday");
@@ -226,6 +339,13 @@ TEST_F(CliAudit, UsageErrors) {
   EXPECT_EQ(run("audit export").code, 2);  // --since is required
   EXPECT_EQ(run("audit verify --from 0").code, 2);
   EXPECT_EQ(run("audit reset-anchor").code, 2);  // --reason is required
+  EXPECT_EQ(run("audit archive --dir " + dir_).code, 2);  // --before is required
+  CmdResult nodir = run("audit archive --before 0 --dir " + dir_ + "/none");
+  EXPECT_EQ(nodir.code, 1);
+  EXPECT_NE(nodir.out.find("is not a directory"), std::string::npos) << nodir.out;
+  CmdResult when = run("audit archive --before soon --dir " + dir_);
+  EXPECT_EQ(when.code, 1);
+  EXPECT_NE(when.out.find("--before: 'soon' is not UTC seconds"), std::string::npos) << when.out;
   // Another key than gs-audit's: every checkpoint is refused.
   ASSERT_EQ(run("hsm export-pubkey gs-cmd-1 --pem > " + dir_ + "/cmd.pem").code, 0);
   CmdResult wrong = run("audit verify --pubkey " + dir_ + "/cmd.pem");

@@ -181,6 +181,12 @@ TEST_F(CliOperators, RolesAreEnforcedPerCommand) {
   EXPECT_EQ(as("audrey", "audit reset-anchor --reason x").code, 3);
   CmdResult reset = as("alice", "audit reset-anchor --reason drill");
   EXPECT_EQ(reset.code, 0) << reset.out;
+  // Archiving moves records out of the table: the security officer's too.
+  EXPECT_EQ(as("bob", "audit archive --before 0 --dir " + dir_).code, 3);
+  EXPECT_EQ(as("audrey", "audit archive --before 0 --dir " + dir_).code, 3);
+  CmdResult arch = as("alice", "audit archive --before 0 --dir " + dir_);
+  EXPECT_EQ(arch.code, 0) << arch.out;
+  EXPECT_TRUE(has(arch.out, "nothing to archive")) << arch.out;
 
   // auditor and everyone: read-only commands need no signature.
   EXPECT_EQ(run("audit verify").code, 0);

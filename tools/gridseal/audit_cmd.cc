@@ -1,10 +1,12 @@
-// `gridseal audit verify|export|reset-anchor`: check the hash chain, the gs-audit checkpoint
-// signatures and the HSM anchor (src/audit.h); export records with checkpoints as JSON Lines for
-// a third party; accept a table after a restore (recorded in the chain itself).
+// `gridseal audit verify|export|archive|reset-anchor`: check the hash chain, the gs-audit
+// checkpoint signatures and the HSM anchor (src/audit.h); export records with checkpoints as JSON
+// Lines for a third party; move old records to archive files; accept a table after a restore
+// (recorded in the chain itself).
 #include <openssl/core_names.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <pwd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -13,7 +15,9 @@
 #include <limits>
 #include <memory>
 #include <sstream>
+#include <thread>
 
+#include "gridseal/thread_sched.h"
 #include "hsm/ops.h"
 #include "src/audit.h"
 #include "src/config.h"
@@ -65,7 +69,7 @@ Result<Bytes> load_public_key(const std::string& path) {
 }
 
 // T as UTC seconds, "YYYY-MM-DD" or "YYYY-MM-DDTHH:MM:SSZ".
-Result<std::int64_t> parse_time(const std::string& t) {
+Result<std::int64_t> parse_time(const std::string& t, const char* option = "--since") {
   if (!t.empty() && t.find_first_not_of("0123456789") == std::string::npos && t.size() <= 12) {
     return static_cast<std::int64_t>(std::stoll(t));
   }
@@ -77,7 +81,8 @@ Result<std::int64_t> parse_time(const std::string& t) {
   }
   if (end == nullptr || *end != '\0') {
     return Error(Errc::invalid_argument,
-                 "--since: '" + t + "' is not UTC seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ");
+                 std::string(option) + ": '" + t +
+                     "' is not UTC seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ");
   }
   return static_cast<std::int64_t>(timegm(&tm));
 }
@@ -99,6 +104,7 @@ void print_json(const audit::VerifyReport& r) {
   w.key("records").value(r.records).key("first_seq").value(r.first_seq);
   w.key("last_seq").value(r.last_seq).key("checkpoints").value(r.checkpoints);
   w.key("last_checkpoint_seq").value(r.last_checkpoint_seq);
+  w.key("archived_through").value(r.archived_through);
   w.key("anchor");
   if (r.anchor) {
     w.value(audit::anchor_state_name(r.anchor->state));
@@ -130,6 +136,30 @@ void print_text(const audit::VerifyReport& r) {
   if (r.ok) std::printf("audit verify: OK\n");
 }
 
+// What verify needs from the HSM: gs-audit's public key (unless opt has one), the anchors read
+// under the write lock held by `lock` (a second connection, kept by the caller).
+Status verify_with_hsm(const config::Config& cfg, HsmContext& hsm, std::optional<db::Db>& lock,
+                       audit::VerifyOptions& opt) {
+  GS_ASSIGN(auto lease, hsm.pool->acquire());
+  if (opt.public_key.empty()) {
+    auto pub = hsm::find_object(lease.session(), hsm::ObjectClass::public_key, kLabelAudit);
+    if (!pub.ok()) {
+      return Error(pub.error().code, std::string(kLabelAudit) + ": " + pub.error().message());
+    }
+    GS_ASSIGN(auto point, hsm::export_ec_point(lease.session(), *pub));
+    opt.public_key.assign(point.begin(), point.end());
+  }
+  GS_ASSIGN(auto l, db::Db::open(cfg.store.path, {.create = false}));
+  lock.emplace(std::move(l));
+  opt.lock = &*lock;
+  HsmContext* ctx = &hsm;
+  opt.read_anchors = [ctx]() -> Result<audit::Anchors> {
+    GS_ASSIGN(auto ls, ctx->pool->acquire());
+    return audit::read_anchors(ls.session());
+  };
+  return {};
+}
+
 int run_verify(const std::string& config_path, std::int64_t from, bool json,
                const std::string& pubkey_file, bool no_hsm) {
   auto cfg = config::load(config_path);
@@ -149,24 +179,9 @@ int run_verify(const std::string& config_path, std::int64_t from, bool json,
     auto h = open_hsm(cfg->hsm);
     if (!h.ok()) return fail(h.error().message() + " (--no-hsm checks the chain alone)");
     hsm.emplace(std::move(h).value());
-    auto lease = hsm->pool->acquire();
-    if (!lease.ok()) return fail(lease.error().message());
-    if (opt.public_key.empty()) {
-      auto pub = hsm::find_object(lease->session(), hsm::ObjectClass::public_key, kLabelAudit);
-      if (!pub.ok()) return fail(std::string(kLabelAudit) + ": " + pub.error().message());
-      auto point = hsm::export_ec_point(lease->session(), *pub);
-      if (!point.ok()) return fail(point.error().message());
-      opt.public_key.assign(point->begin(), point->end());
+    if (auto st = verify_with_hsm(*cfg, *hsm, lock, opt); !st.ok()) {
+      return fail(st.error().message());
     }
-    auto l = db::Db::open(cfg->store.path, {.create = false});
-    if (!l.ok()) return fail(l.error().message());
-    lock.emplace(std::move(l).value());
-    opt.lock = &*lock;
-    HsmContext* ctx = &*hsm;
-    opt.read_anchors = [ctx]() -> Result<audit::Anchors> {
-      GS_ASSIGN(auto ls, ctx->pool->acquire());
-      return audit::read_anchors(ls.session());
-    };
   }
   auto rep = audit::verify(store->db(), opt);
   if (!rep.ok()) return fail(rep.error().message());
@@ -205,6 +220,88 @@ int run_export(const std::string& config_path, const std::string& since, const s
   std::fprintf(stderr, "gridseal: exported records %lld..%lld (%lld) with %lld checkpoints\n",
                static_cast<long long>(sum->first_seq), static_cast<long long>(sum->last_seq),
                static_cast<long long>(sum->records), static_cast<long long>(sum->checkpoints));
+  return kExitOk;
+}
+
+// Verifies the whole trail (as `audit verify` does, with the HSM), writes what was signed before
+// `before` to a file, registers it and deletes it from the table (src/audit.h "archives"). The
+// reading part runs on a thread under SCHED_IDLE (CPU the daemons leave over); the transactions
+// that take the write lock run on this one, short and spaced out.
+int run_archive(const std::string& config_path, const std::string& before, const std::string& dir,
+                std::int64_t chunk) {
+  auto t = parse_time(before, "--before");
+  if (!t.ok()) return fail(t.error().message());
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return fail("--dir: " + dir + " is not a directory");
+  }
+  auto cfg = config::load(config_path);
+  if (!cfg.ok()) return fail(cfg.error().message());
+  auto store = open_store(*cfg);
+  if (!store.ok()) return fail(store.error().message());
+  auto hsm = open_hsm(cfg->hsm);
+  if (!hsm.ok()) return fail(hsm.error().message());
+
+  audit::ArchiveOptions opt;
+  opt.before = *t;
+  opt.dir = dir;
+  opt.actor = operator_name();
+  opt.delete_chunk = chunk;
+  audit::ArchiveResult res;
+  if (auto s = audit::prune_archived(store->db(), opt, res); !s.ok()) {
+    return fail(s.error().message());
+  }
+  res.left_by_earlier_run = res.deleted;
+
+  std::optional<audit::VerifyReport> bad;
+  std::optional<audit::Archive> written;
+  Status reading;
+  std::thread bg([&] {
+    (void)use_idle_scheduling();
+    reading = [&]() -> Status {
+      GS_ASSIGN(db::Db conn, db::Db::open(cfg->store.path, {.create = false}));
+      audit::VerifyOptions vopt;
+      std::optional<db::Db> lock;
+      GS_TRY(verify_with_hsm(*cfg, *hsm, lock, vopt));
+      GS_ASSIGN(audit::VerifyReport rep, audit::verify(conn, vopt));
+      lock.reset();
+      if (!rep.ok) {
+        bad = std::move(rep);
+        return Error(Errc::conflict, "the audit trail does not verify: nothing archived");
+      }
+      opt.public_key = vopt.public_key;
+      GS_ASSIGN(written, audit::write_archive(conn, opt, res.path));
+      return {};
+    }();
+  });
+  bg.join();
+  if (res.left_by_earlier_run > 0) {
+    std::printf("deleted %lld records an earlier archive run left in the table\n",
+                static_cast<long long>(res.left_by_earlier_run));
+  }
+  if (bad) print_text(*bad);
+  if (!reading.ok()) return fail(reading.error().message());
+  if (!written) {
+    std::printf("nothing to archive: no checkpoint signed before %s after the last archive\n",
+                before.c_str());
+    return kExitOk;
+  }
+  auto lease = hsm->pool->acquire();
+  if (!lease.ok()) return fail(lease.error().message());
+  if (auto s = audit::register_archive(store->db(), lease->session(), *written, opt, res);
+      !s.ok()) {
+    return fail(s.error().message());
+  }
+  const audit::Archive& a = *res.archive;
+  std::printf("archived records %lld..%lld (%lld records, %lld checkpoints) to %s\n"
+              "sha256 %s\nregistered by record %lld; %lld records and %lld checkpoints deleted "
+              "from the table in %lld transactions (the longest %.1f ms)\n",
+              static_cast<long long>(a.first_seq), static_cast<long long>(a.through),
+              static_cast<long long>(a.records), static_cast<long long>(a.checkpoints),
+              res.path.c_str(), to_hex(a.sha256).c_str(), static_cast<long long>(a.record_seq),
+              static_cast<long long>(res.deleted), static_cast<long long>(res.deleted_checkpoints),
+              static_cast<long long>(res.delete_transactions),
+              static_cast<double>(res.longest_delete.count()) / 1000.0);
   return kExitOk;
 }
 
@@ -276,6 +373,25 @@ void register_audit(CLI::App& app, int& exit_code) {
   exp->add_option("--pubkey", *epub, "gs-audit public key: its fingerprint goes in the header");
   exp->add_option("--config", *config, "configuration file")->capture_default_str();
   exp->callback([=, &exit_code] { exit_code = run_export(*config, *since, *format, *out, *epub); });
+
+  auto* arch = audit->add_subcommand(
+      "archive",
+      "after a full verify, move the records signed before a time to a JSON Lines file in a "
+      "directory, register its SHA-256 in the chain, and delete them from the table");
+  auto abefore = std::make_shared<std::string>();
+  auto adir = std::make_shared<std::string>();
+  auto chunk = std::make_shared<std::int64_t>(1000);
+  arch->add_option("--before", *abefore,
+                   "archive up to the newest checkpoint signed before this time (UTC seconds, "
+                   "YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ)")
+      ->required();
+  arch->add_option("--dir", *adir, "directory for the archive file")->required();
+  arch->add_option("--chunk", *chunk, "records deleted per transaction")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{1000000}))
+      ->capture_default_str();
+  arch->add_option("--config", *config, "configuration file")->capture_default_str();
+  arch->callback(
+      [=, &exit_code] { exit_code = run_archive(*config, *abefore, *adir, *chunk); });
 
   auto* reset =
       audit->add_subcommand("reset-anchor",
