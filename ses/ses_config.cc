@@ -54,8 +54,10 @@ Result<SesConfig> load_ses_config(const std::string& path) {
   GS_TRY(get_int(*ses, "id_block_size", path, p, 1, 1 << 24, c.id_block_size));
   GS_TRY(get_bool(*ses, "require_approved_policy", path, p, c.require_approved_policy));
 
-  // The handler commits its requests' records (audit.commit_on_handler): README, session 21.
+  // The handler commits its requests' records (audit.commit_on_handler): README, session 21;
+  // and fsyncs them after releasing the write lock (audit.fsync_outside_lock): session 22.
   c.audit.commit_on_handler = true;
+  c.audit.fsync_outside_lock = true;
   GS_TRY(daemon::parse_audit_table(root, path, c.audit));
   return c;
 }

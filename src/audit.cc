@@ -980,6 +980,7 @@ Result<std::unique_ptr<Writer>> Writer::open(const std::string& db_path, HsmCont
   db::OpenOptions o;
   o.create = false;
   GS_ASSIGN(db::Db db, db::Db::open(db_path, o));
+  if (opt.fsync_outside_lock) GS_TRY(db.exec("PRAGMA synchronous=NORMAL"));
   std::unique_ptr<Writer> w(new Writer(std::move(db), hsm, opt, registry));
   auto trail = Trail::over(w->db_);
   if (!trail.ok()) {
@@ -1252,6 +1253,7 @@ void Writer::apply(std::vector<Item>& batch) {
     signed_cp = cp;
     mark[5] = Clock::now();
     GS_TRY(tx.commit());
+    if (opt_.fsync_outside_lock) GS_TRY(db_.sync_wal());
     mark[6] = Clock::now();
     anchored = b.anchored;
     if (Status c = trail_->confirm(s, b); !c.ok()) {

@@ -47,7 +47,8 @@
 // deleting the last records and their checkpoints leaves a shorter chain that still verifies.
 //
 // Guarantee the SES gives (README "Audit trail"): a secured command is handed to its connection
-// only after the transaction holding its record committed (WAL, synchronous=FULL). A kill -9
+// only after the transaction holding its record committed and the WAL holding it was fsync'd
+// (inside COMMIT with synchronous=FULL, or after it: WriterOptions::fsync_outside_lock). A kill -9
 // between that COMMIT and the socket write leaves a record of a command that never left the
 // process: "issued" (its invocation id is consumed, never reused; no meter can execute it).
 //
@@ -394,6 +395,11 @@ struct WriterOptions {
   // thread then looks every 5 ms (or max_delay, when longer) and only commits what has waited
   // that long (a submitter that did not commit), seals when idle, and stops.
   bool caller_commits = false;
+  // Each batch's COMMIT writes the WAL without fsync (synchronous=NORMAL) and releases the write
+  // lock; the batch then fsyncs the WAL itself (db::Db::sync_wal) before it confirms the anchor
+  // and reports its items durable. The other workers' batches commit during that fsync instead
+  // of waiting for it, and one fsync can cover several of them.
+  bool fsync_outside_lock = false;
 };
 
 struct Item {

@@ -58,7 +58,8 @@ Status parse_audit_table(const toml::table& root, const std::string& file, Audit
   const std::string a = "audit.";
   GS_TRY(check_keys(*au, file, a,
                     {"enabled", "checkpoint_interval_s", "anchor_interval_ms", "batch_max",
-                     "batch_delay_us", "max_pending", "commit_on_handler"}));
+                     "batch_delay_us", "max_pending", "commit_on_handler",
+                     "fsync_outside_lock"}));
   GS_TRY(get_bool(*au, "enabled", file, a, out.enabled));
   GS_TRY(get_int(*au, "checkpoint_interval_s", file, a, 0, 86400, out.checkpoint_interval_s));
   GS_TRY(get_int(*au, "anchor_interval_ms", file, a, 0, 3600000, out.anchor_interval_ms));
@@ -66,6 +67,7 @@ Status parse_audit_table(const toml::table& root, const std::string& file, Audit
   GS_TRY(get_int(*au, "batch_delay_us", file, a, 0, 1000000, out.batch_delay_us));
   GS_TRY(get_int(*au, "max_pending", file, a, 1, 1 << 24, out.max_pending));
   GS_TRY(get_bool(*au, "commit_on_handler", file, a, out.commit_on_handler));
+  GS_TRY(get_bool(*au, "fsync_outside_lock", file, a, out.fsync_outside_lock));
   return {};
 }
 
@@ -81,6 +83,7 @@ audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string prog
   wo.around_done = server::run_batched;  // a commit's responses reach the event loop together
   wo.sched_batch = sched_batch;
   wo.caller_commits = c.commit_on_handler;
+  wo.fsync_outside_lock = c.fsync_outside_lock;
   return wo;
 }
 

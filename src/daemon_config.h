@@ -42,6 +42,10 @@ struct AuditConfig {
   // audit.commit_on_handler (gridseal-sesd only): the handler thread commits the records of
   // the requests it served once its queue runs empty (audit::WriterOptions::caller_commits).
   bool commit_on_handler = false;
+  // audit.fsync_outside_lock: a batch's COMMIT writes the WAL without fsync, releasing SQLite's
+  // write lock at once, and the batch fsyncs the WAL before it reports its records durable
+  // (audit::WriterOptions::fsync_outside_lock). Default true in gridseal-sesd.
+  bool fsync_outside_lock = false;
 };
 
 // Parses [audit] of `root` (absent: the defaults already in `out`); errors name the key.

@@ -123,6 +123,19 @@ Result<Stmt> Db::prepare(std::string_view sql) {
 
 std::int64_t Db::last_insert_rowid() const { return sqlite3_last_insert_rowid(db_); }
 int Db::changes() const { return sqlite3_changes(db_); }
+
+Status Db::sync_wal() {
+  sqlite3_file* f = nullptr;
+  if (sqlite3_file_control(db_, "main", SQLITE_FCNTL_JOURNAL_POINTER, &f) != SQLITE_OK ||
+      f == nullptr || f->pMethods == nullptr) {
+    return {Errc::storage_failure, "no write-ahead log to fsync"};
+  }
+  if (const int rc = f->pMethods->xSync(f, SQLITE_SYNC_NORMAL); rc != SQLITE_OK) {
+    return {Errc::storage_failure, std::string("fsync of the write-ahead log failed: ") +
+                                       sqlite3_errstr(rc)};
+  }
+  return {};
+}
 std::string Db::last_error() const { return sqlite3_errmsg(db_); }
 
 Stmt& Stmt::operator=(Stmt&& o) noexcept {

@@ -49,6 +49,10 @@ class Db {
   Result<Stmt> prepare(std::string_view sql);
   std::int64_t last_insert_rowid() const;
   int changes() const;
+  // fsyncs this connection's write-ahead log. With synchronous=NORMAL a COMMIT writes its frames
+  // to the WAL (so a killed process loses nothing) without fsync; this makes them durable
+  // against a power failure too, after the write lock was released.
+  Status sync_wal();
   sqlite3* raw() const noexcept { return db_; }
   // The error of the last call on this connection, for messages.
   std::string last_error() const;

@@ -70,11 +70,16 @@ std::vector<pid_t> children(pid_t pid) {
 }
 
 // audit.commit_on_handler: true (the default) commits on the handler thread, false on the
-// audit thread; either way a response leaves only after its record committed.
-void recorded_before_they_leave(bool commit_on_handler) {
+// audit thread; audit.fsync_outside_lock: true (the default) fsyncs the WAL after COMMIT
+// released the write lock, false inside COMMIT. Either way a response leaves only after its
+// record committed. `audit_lines`: what the [audit] table sets.
+void recorded_before_they_leave(std::vector<std::string> audit_lines) {
   SesdOptions o;
   o.meters = 3;
-  if (!commit_on_handler) o.ses_lines = {"[audit]", "commit_on_handler = false"};
+  if (!audit_lines.empty()) {
+    o.ses_lines = {"[audit]"};
+    o.ses_lines.insert(o.ses_lines.end(), audit_lines.begin(), audit_lines.end());
+  }
   SesdDaemon d(o);
   ASSERT_TRUE(d.setup().ok());
   ASSERT_TRUE(d.start().ok()) << d.err_log();
@@ -137,10 +142,14 @@ void recorded_before_they_leave(bool commit_on_handler) {
   }
 }
 
-TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeave) { recorded_before_they_leave(true); }
+TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeave) { recorded_before_they_leave({}); }
 
 TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeaveWithTheAuditThreadCommitting) {
-  recorded_before_they_leave(false);
+  recorded_before_they_leave({"commit_on_handler = false"});
+}
+
+TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeaveWithTheFsyncInsideCommit) {
+  recorded_before_they_leave({"fsync_outside_lock = false"});
 }
 
 TEST(SesdAudit, DisabledWritesNothing) {

@@ -109,6 +109,38 @@ TEST_F(SqliteBusyTest, WaiterGetsTheLockOnceTheHolderCommits) {
   EXPECT_EQ(st->int64(1), 3);
 }
 
+// synchronous=NORMAL and the WAL's fsync after COMMIT (the SES's audit.fsync_outside_lock): the
+// committed rows are there for another connection before and after the fsync, and the fsync is
+// of the write-ahead log (a database in rollback-journal mode has none: an error, not a no-op).
+TEST_F(SqliteBusyTest, WalIsSyncedAfterACommitWithoutFsync) {
+  Db w = open(5000);
+  ASSERT_TRUE(w.exec("PRAGMA synchronous=NORMAL").ok());
+  {
+    auto tx = Transaction::begin(w);
+    ASSERT_TRUE(tx.ok());
+    ASSERT_TRUE(w.exec("INSERT INTO t (v) VALUES (7)").ok());
+    ASSERT_TRUE(tx->commit().ok());
+  }
+  Db r = open(5000);
+  auto count = [&] {
+    auto st = r.prepare("SELECT COUNT(*) FROM t WHERE v = 7");
+    EXPECT_TRUE(st.ok());
+    EXPECT_EQ(st->step().value(), Step::row);
+    return st->int64(0);
+  };
+  EXPECT_EQ(count(), 1);
+  Status synced = w.sync_wal();
+  EXPECT_TRUE(synced.ok()) << synced.error().message();
+  EXPECT_EQ(count(), 1);
+
+  auto rollback = Db::open(dir_ + "/journal.db");
+  ASSERT_TRUE(rollback.ok());
+  ASSERT_TRUE(rollback->exec("PRAGMA journal_mode=DELETE; CREATE TABLE x (v INTEGER)").ok());
+  Status none = rollback->sync_wal();
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.error().message().find("no write-ahead log"), std::string::npos);
+}
+
 TEST_F(SqliteBusyTest, WaiterGivesUpWithBusyAfterItsTimeout) {
   std::promise<void> held;
   auto ready = held.get_future();
