@@ -1324,7 +1324,8 @@ void Writer::seal(bool checkpoint) {
     GS_ASSIGN(auto lease, hsm_.pool->acquire());
     GS_ASSIGN(auto tx, db::Transaction::begin(db_));
     GS_TRY(trail_->seal(lease.session(), checkpoint));
-    return tx.commit();
+    GS_TRY(tx.commit());
+    return opt_.fsync_outside_lock ? db_.sync_wal() : Status{};
   }();
   token_searches_.store(trail_->token_searches());
   if (st.ok()) {

@@ -6,7 +6,6 @@
 // archive killed while pruning is finished by the next run; nothing secret is printed.
 #include <gtest/gtest.h>
 
-#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -286,18 +285,10 @@ TEST_F(CliAudit, ArchiveKilledWhilePruningIsFinishedByTheNextRun) {
   const std::string adir = dir_ + "/archive";
   fs::create_directory(adir);
   const std::string later = std::to_string(std::time(nullptr) + 3600);
-  pid_t pid = fork();
+  // One record per delete transaction, at least 10 ms apart: seconds of pruning to kill in.
+  const pid_t pid = gs::test::spawn_gridseal(
+      {"audit", "archive", "--before", later, "--dir", adir, "--chunk", "1", "--config", conf_});
   ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    const std::string bin = std::string(GS_BIN_DIR) + "/gridseal";
-    int devnull = ::open("/dev/null", O_WRONLY);
-    dup2(devnull, 1);
-    dup2(devnull, 2);
-    // One record per transaction, 20 ms apart: about 6 s of pruning for the kill to land in.
-    execl(bin.c_str(), bin.c_str(), "audit", "archive", "--before", later.c_str(), "--dir",
-          adir.c_str(), "--chunk", "1", "--config", conf_.c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
   std::int64_t left = -1;
   for (int i = 0; i < 500; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

@@ -4,7 +4,6 @@
 // gs-kek, kill -9 of the real CLI mid-rotation then resume, and a running gridseal-dkusd opening
 // meter messages during and after a rotation (old KEK destroyed).
 #include <gtest/gtest.h>
-#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -348,18 +347,10 @@ TEST_F(KekRotation, NewKekRefusesToWrapUnderAnyOtherKeyOrToDecrypt) {
 TEST_F(KekRotation, KillNineMidRotationThenResumeLosesNoSlot) {
   constexpr int kMeters = 2000;
   auto keys = import(kMeters);
-  pid_t pid = fork();
+  // Paced (about 5 s) so that the kill lands mid-way.
+  const pid_t pid = gs::test::spawn_gridseal(
+      {"hsm", "rotate-kek", "--batch", "10", "--rate", "400", "--config", conf_});
   ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    const std::string bin = std::string(GS_BIN_DIR) + "/gridseal";
-    int devnull = ::open("/dev/null", O_WRONLY);
-    dup2(devnull, 1);
-    dup2(devnull, 2);
-    // Paced (about 5 s) so that the kill lands mid-way.
-    execl(bin.c_str(), bin.c_str(), "hsm", "rotate-kek", "--batch", "10", "--rate", "400",
-          "--config", conf_.c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
   std::int64_t moved = 0;
   for (int i = 0; i < 600; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -470,17 +461,9 @@ TEST(KekRotationDkusd, OpensMeterMessagesDuringAndAfterRotationAndAfterTheOldKek
   };
   open_all("before");
   // A paced rotation (~2 s) while messages keep coming: some slots under each generation.
-  pid_t pid = fork();
+  const pid_t pid = gs::test::spawn_gridseal(
+      {"hsm", "rotate-kek", "--batch", "1", "--rate", "20", "--config", d.conf()});
   ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    const std::string bin = std::string(GS_BIN_DIR) + "/gridseal";
-    int devnull = ::open("/dev/null", O_WRONLY);
-    dup2(devnull, 1);
-    dup2(devnull, 2);
-    execl(bin.c_str(), bin.c_str(), "hsm", "rotate-kek", "--batch", "1", "--rate", "20",
-          "--config", d.conf().c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
   int rounds_during = 0;
   for (;;) {
     int wst = 0;

@@ -38,6 +38,20 @@ Result<store::KeyStore> open_store(const config::Config& cfg) {
   return ks;
 }
 
+// What a command that writes the trail opens: the configuration, the store, the HSM.
+struct Opened {
+  config::Config cfg;
+  store::KeyStore store;
+  HsmContext hsm;
+};
+
+Result<Opened> open_for_writing(const std::string& config_path) {
+  GS_ASSIGN(config::Config cfg, config::load(config_path));
+  GS_ASSIGN(store::KeyStore store, open_store(cfg));
+  GS_ASSIGN(HsmContext hsm, open_hsm(cfg.hsm));
+  return Opened{std::move(cfg), std::move(store), std::move(hsm)};
+}
+
 // gs-audit's public point from a file: SubjectPublicKeyInfo PEM, or the 65-byte point in hex.
 Result<Bytes> load_public_key(const std::string& path) {
   std::ifstream f(path);
@@ -235,12 +249,11 @@ int run_archive(const std::string& config_path, const std::string& before, const
   if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
     return fail("--dir: " + dir + " is not a directory");
   }
-  auto cfg = config::load(config_path);
-  if (!cfg.ok()) return fail(cfg.error().message());
-  auto store = open_store(*cfg);
-  if (!store.ok()) return fail(store.error().message());
-  auto hsm = open_hsm(cfg->hsm);
-  if (!hsm.ok()) return fail(hsm.error().message());
+  auto opened = open_for_writing(config_path);
+  if (!opened.ok()) return fail(opened.error().message());
+  const config::Config* cfg = &opened->cfg;
+  store::KeyStore* store = &opened->store;
+  HsmContext* hsm = &opened->hsm;
 
   audit::ArchiveOptions opt;
   opt.before = *t;
@@ -306,13 +319,10 @@ int run_archive(const std::string& config_path, const std::string& before, const
 }
 
 int run_reset_anchor(const std::string& config_path, const std::string& reason) {
-  auto cfg = config::load(config_path);
-  if (!cfg.ok()) return fail(cfg.error().message());
-  auto store = open_store(*cfg);
-  if (!store.ok()) return fail(store.error().message());
-  auto hsm = open_hsm(cfg->hsm);
-  if (!hsm.ok()) return fail(hsm.error().message());
-  auto lease = hsm->pool->acquire();
+  auto opened = open_for_writing(config_path);
+  if (!opened.ok()) return fail(opened.error().message());
+  store::KeyStore* store = &opened->store;
+  auto lease = opened->hsm.pool->acquire();
   if (!lease.ok()) return fail(lease.error().message());
   auto trail = audit::Trail::over(store->db());
   if (!trail.ok()) return fail(trail.error().message());
