@@ -579,8 +579,9 @@ std::string checkpoint_json(const Checkpoint& c);
 // to: verify() checks the table from through + 1 against that checkpoint's head and signature, and
 // requires the newest archive's registration record in the chain with exactly its detail; so
 // deleting old records without an archive, or with a forged row, is `deleted` or
-// `unregistered_archive`. A run that dies leaves a file without a row (the next run writes it
-// again) or archived records not yet deleted (verify notes them; the next run deletes them first).
+// `unregistered_archive`. A run that dies leaves a file without a row (the next run writes a
+// new one, named with its own time) or archived records not yet deleted (verify notes them;
+// the next run deletes them first).
 // The file is the evidence from then on: copy it to write-once storage; its SHA-256 stays in the
 // chain, and README's Python verifier checks it alone.
 struct Archive {

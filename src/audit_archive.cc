@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <memory>
 #include <thread>
 
@@ -71,8 +73,10 @@ class AtomicFile {
     const int fd = fd_;
     fd_ = -1;
     if (::close(fd) != 0) return Error(Errc::storage_failure, errno_text("close " + tmp_));
-    if (::rename(tmp_.c_str(), final_.c_str()) != 0) {
-      return Error(Errc::storage_failure, errno_text("rename to " + final_));
+    // Never over an existing file: that may be another run's registered archive.
+    if (::renameat2(AT_FDCWD, tmp_.c_str(), AT_FDCWD, final_.c_str(), RENAME_NOREPLACE) != 0) {
+      return Error(errno == EEXIST ? Errc::conflict : Errc::storage_failure,
+                   errno_text("rename to " + final_));
     }
     done_ = true;
     const int dfd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -112,6 +116,17 @@ class AtomicFile {
   std::string buf_;
   Sha256Stream sha_;
 };
+
+// "audit-FIRST-LAST-YYYYMMDDTHHMMSSZ.jsonl": the run's time keeps two runs over the same range
+// (one that died before registering its file, one racing it) from ever sharing a name.
+std::string archive_file_name(std::int64_t first, std::int64_t last, std::int64_t time) {
+  const std::time_t t = static_cast<std::time_t>(time);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &tm);
+  return "audit-" + std::to_string(first) + "-" + std::to_string(last) + "-" + stamp + ".jsonl";
+}
 
 // The SHA-256 of a file as read back from the disk.
 Result<Digest> hash_file(const std::string& path) {
@@ -257,8 +272,8 @@ Result<std::optional<Archive>> write_archive(db::Db& db, const ArchiveOptions& o
     if (step != db::Step::row || pick.is_null(0)) return std::optional<Archive>{};
     a.through = pick.int64(0);
   }
-  a.file = "audit-" + std::to_string(a.first_seq) + "-" + std::to_string(a.through) + ".jsonl";
   a.time = static_cast<std::int64_t>(utc_now());
+  a.file = archive_file_name(a.first_seq, a.through, a.time);
   AtomicFile f(opt.dir, a.file);
   GS_TRY(f.open());
   std::string header = "{\"type\":\"header\",\"format\":\"gridseal-audit-1\",\"archive\":true,"

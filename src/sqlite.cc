@@ -124,6 +124,8 @@ Result<Stmt> Db::prepare(std::string_view sql) {
 std::int64_t Db::last_insert_rowid() const { return sqlite3_last_insert_rowid(db_); }
 int Db::changes() const { return sqlite3_changes(db_); }
 
+bool Db::in_transaction() const { return sqlite3_get_autocommit(db_) == 0; }
+
 Status Db::sync_wal() {
   sqlite3_file* f = nullptr;
   if (sqlite3_file_control(db_, "main", SQLITE_FCNTL_JOURNAL_POINTER, &f) != SQLITE_OK ||

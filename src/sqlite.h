@@ -49,6 +49,8 @@ class Db {
   Result<Stmt> prepare(std::string_view sql);
   std::int64_t last_insert_rowid() const;
   int changes() const;
+  // True inside a transaction (BEGIN ... COMMIT/ROLLBACK) on this connection.
+  bool in_transaction() const;
   // fsyncs this connection's write-ahead log. With synchronous=NORMAL a COMMIT writes its frames
   // to the WAL (so a killed process loses nothing) without fsync; this makes them durable
   // against a power failure too, after the write lock was released.

@@ -1136,9 +1136,10 @@ TEST_F(Audit, ArchiveMovesSignedRecordsToAFileAndTheRestStillVerifies) {
   EXPECT_EQ(a.through, 20);
   EXPECT_EQ(a.records, 20);
   EXPECT_EQ(a.checkpoints, 2);
-  EXPECT_EQ(a.file, "audit-1-20.jsonl");
+  EXPECT_EQ(a.file.rfind("audit-1-20-", 0), 0U) << a.file;  // then the run's UTC time
+  EXPECT_EQ(a.file.size(), std::string("audit-1-20-20261128T120000Z.jsonl").size()) << a.file;
   EXPECT_EQ(a.record_seq, 41);
-  EXPECT_EQ(res->path, adir + "/audit-1-20.jsonl");
+  EXPECT_EQ(res->path, adir + "/" + a.file);
   EXPECT_EQ(res->deleted, 20);
   EXPECT_EQ(res->deleted_checkpoints, 1);  // at 10; the one at 20 is the base
 
@@ -1169,7 +1170,7 @@ TEST_F(Audit, ArchiveMovesSignedRecordsToAFileAndTheRestStillVerifies) {
   const audit::Record reg = stored(41);
   EXPECT_EQ(reg.e.event, "audit_archive");
   EXPECT_EQ(reg.e.actor, "operator:test");
-  EXPECT_EQ(reg.e.subject, "audit-1-20.jsonl");
+  EXPECT_EQ(reg.e.subject, a.file);
   EXPECT_EQ(reg.e.detail, audit::archive_detail(a));
   EXPECT_NE(reg.e.detail.find("\"sha256\":\"" + to_hex(a.sha256) + "\""), std::string::npos);
   auto rep = verify();

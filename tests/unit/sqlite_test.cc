@@ -141,6 +141,21 @@ TEST_F(SqliteBusyTest, WalIsSyncedAfterACommitWithoutFsync) {
   EXPECT_NE(none.error().message().find("no write-ahead log"), std::string::npos);
 }
 
+TEST_F(SqliteBusyTest, InTransactionFollowsBeginAndEnd) {
+  Db db = open(5000);
+  EXPECT_FALSE(db.in_transaction());
+  ASSERT_TRUE(db.exec("BEGIN").ok());
+  EXPECT_TRUE(db.in_transaction());
+  ASSERT_TRUE(db.exec("ROLLBACK").ok());
+  EXPECT_FALSE(db.in_transaction());
+  {
+    auto tx = Transaction::begin(db);
+    ASSERT_TRUE(tx.ok());
+    EXPECT_TRUE(db.in_transaction());
+  }
+  EXPECT_FALSE(db.in_transaction());
+}
+
 TEST_F(SqliteBusyTest, WaiterGivesUpWithBusyAfterItsTimeout) {
   std::promise<void> held;
   auto ready = held.get_future();
