@@ -474,16 +474,17 @@ Result<std::optional<Checkpoint>> Chain::checkpoint_at(std::int64_t seq) {
 // ---- archives ---------------------------------------------------------------------------------
 
 Result<std::optional<Archive>> newest_archive(db::Db& db) {
+  {
+    // A store older than schema v14 has no archives.
+    GS_ASSIGN(auto has, db.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                   "name = 'audit_archives'"));
+    GS_ASSIGN(db::Step t, has.step());
+    if (t != db::Step::row) return std::optional<Archive>{};
+  }
   auto st = db.prepare(
       "SELECT through, first_seq, records, checkpoints, file, sha256, time, record_seq "
       "FROM audit_archives ORDER BY through DESC LIMIT 1");
-  if (!st.ok()) {
-    // A store older than schema v14 has no archives.
-    if (st.error().message().find("no such table") != std::string::npos) {
-      return std::optional<Archive>{};
-    }
-    return st.error();
-  }
+  if (!st.ok()) return st.error();
   GS_ASSIGN(db::Step step, st->step());
   std::optional<Archive> out;
   if (step == db::Step::row) {
@@ -620,14 +621,15 @@ Result<AnchorCheck> check_anchor(Chain& chain, const Head& table_head, const Anc
         // Archived: the checkpoint at the archive's end holds that record's hash; records
         // before it are in the archive file (verify() checks the registration too).
         GS_ASSIGN(auto arch, newest_archive(chain.db()));
-        if (arch && v.head.seq < arch->through && check_registration(chain, *arch).ok()) {
-          present = true;
-          have = v.head.hash;
-        } else if (arch && v.head.seq == arch->through &&
-                   check_registration(chain, *arch).ok()) {
-          GS_ASSIGN(auto cp, chain.checkpoint_at(arch->through));
-          present = cp.has_value();
-          if (present) have = cp->head;
+        if (arch && v.head.seq <= arch->through && check_registration(chain, *arch).ok()) {
+          if (v.head.seq < arch->through) {
+            present = true;
+            have = v.head.hash;
+          } else {
+            GS_ASSIGN(auto cp, chain.checkpoint_at(arch->through));
+            present = cp.has_value();
+            if (present) have = cp->head;
+          }
         }
       }
     }
@@ -1360,14 +1362,6 @@ void Writer::log_failure(const std::string& what) {
 namespace {
 
 // Ends a read transaction however the function leaves.
-struct ReadTx {
-  db::Db& db;
-  bool open = false;
-  ~ReadTx() {
-    if (open) (void)db.exec("ROLLBACK");
-  }
-};
-
 std::string range_text(std::int64_t a, std::int64_t b) {
   return a == b ? "record " + std::to_string(a)
                 : "records " + std::to_string(a) + ".." + std::to_string(b);
@@ -1425,16 +1419,15 @@ Result<VerifyReport> verify(db::Db& db, const VerifyOptions& opt) {
   GS_ASSIGN(Chain chain, Chain::over(db));
   GS_ASSIGN(auto recs, db.prepare(std::string(kRecordColumns) + "WHERE seq >= ?1 ORDER BY seq"));
   GS_ASSIGN(auto cps, db.prepare(std::string(kCheckpointColumns) + "WHERE seq >= ?1 ORDER BY seq"));
-  ReadTx tx{db};
+  db::ReadTransaction tx(db);
   std::optional<Anchors> anchors = opt.anchors;
   {
-    ReadTx locked{opt.lock != nullptr ? *opt.lock : db};
+    std::optional<db::ReadTransaction> locked;
     if (opt.lock != nullptr) {
-      GS_TRY(opt.lock->exec("BEGIN IMMEDIATE"));
-      locked.open = true;
+      locked.emplace(*opt.lock);
+      GS_TRY(locked->begin("BEGIN IMMEDIATE"));
     }
-    GS_TRY(db.exec("BEGIN"));
-    tx.open = true;
+    GS_TRY(tx.begin());
     GS_ASSIGN(const Head snapshot, chain.head());  // the read snapshot starts here
     (void)snapshot;
     if (opt.read_anchors) {
@@ -1670,9 +1663,8 @@ Result<ExportSummary> export_jsonl(db::Db& db, const ExportOptions& opt, std::FI
   GS_ASSIGN(Chain chain, Chain::over(db));
   GS_ASSIGN(auto recs, db.prepare(std::string(kRecordColumns) + "WHERE seq >= ?1 ORDER BY seq"));
   GS_ASSIGN(auto cps, db.prepare(std::string(kCheckpointColumns) + "WHERE seq >= ?1 ORDER BY seq"));
-  ReadTx tx{db};
-  GS_TRY(db.exec("BEGIN"));
-  tx.open = true;
+  db::ReadTransaction tx(db);
+  GS_TRY(tx.begin());
   GS_ASSIGN(const Head head, chain.head());
   GS_ASSIGN(auto first, chain.first_seq_since(opt.since));
   sum.first_seq = first.value_or(head.seq + 1);

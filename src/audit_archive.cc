@@ -1,7 +1,6 @@
 // Archiving old audit records (src/audit.h, "archives"): the file, its registration in the chain,
 // and the prune of what it holds.
 #include <fcntl.h>
-#include <openssl/evp.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,6 +14,8 @@
 
 #include "gridseal/clock.h"
 #include "src/audit.h"
+#include "src/host_ecdsa.h"
+#include "src/operators.h"
 
 namespace gs::audit {
 
@@ -22,30 +23,8 @@ namespace {
 
 std::string errno_text(const std::string& what) { return what + ": " + std::strerror(errno); }
 
-class Sha256Stream {
- public:
-  Sha256Stream() : ctx_(EVP_MD_CTX_new(), EVP_MD_CTX_free) {
-    ok_ = ctx_ && EVP_DigestInit_ex(ctx_.get(), EVP_sha256(), nullptr) == 1;
-  }
-  void update(const void* p, std::size_t n) {
-    ok_ = ok_ && EVP_DigestUpdate(ctx_.get(), p, n) == 1;
-  }
-  Result<Digest> final() {
-    Digest d{};
-    unsigned len = 0;
-    if (!ok_ || EVP_DigestFinal_ex(ctx_.get(), d.data(), &len) != 1 || len != d.size()) {
-      return Error(Errc::crypto_failure, "SHA-256 failed");
-    }
-    return d;
-  }
-
- private:
-  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx_;
-  bool ok_ = false;
-};
-
-// A file that appears whole or not at all: written under a temporary name, fsync, renamed over
-// the final name, the directory fsync'd. Hashes what it writes.
+// A file that appears whole or not at all: written under a temporary name, fsync'd, renamed to
+// the final name (never over an existing file), the directory fsync'd.
 class AtomicFile {
  public:
   AtomicFile(std::string dir, std::string name)
@@ -64,7 +43,6 @@ class AtomicFile {
   }
   Status write(const std::string& s) {
     buf_ += s;
-    sha_.update(s.data(), s.size());
     return buf_.size() >= (1U << 20) ? flush() : Status{};
   }
   Status commit() {
@@ -86,7 +64,6 @@ class AtomicFile {
     if (rc != 0) return Error(Errc::storage_failure, errno_text("fsync " + dir_));
     return {};
   }
-  Result<Digest> digest() { return sha_.final(); }
   const std::string& path() const noexcept { return final_; }
 
  private:
@@ -114,7 +91,6 @@ class AtomicFile {
   int fd_ = -1;
   bool done_ = false;
   std::string buf_;
-  Sha256Stream sha_;
 };
 
 // "audit-FIRST-LAST-YYYYMMDDTHHMMSSZ.jsonl": the run's time keeps two runs over the same range
@@ -127,41 +103,6 @@ std::string archive_file_name(std::int64_t first, std::int64_t last, std::int64_
   std::strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &tm);
   return "audit-" + std::to_string(first) + "-" + std::to_string(last) + "-" + stamp + ".jsonl";
 }
-
-// The SHA-256 of a file as read back from the disk.
-Result<Digest> hash_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Error(Errc::storage_failure, errno_text("cannot read " + path));
-  Sha256Stream sha;
-  std::vector<char> buf(1U << 20);
-  for (;;) {
-    const ssize_t n = ::read(fd, buf.data(), buf.size());
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      ::close(fd);
-      return Error(Errc::storage_failure, errno_text("read " + path));
-    }
-    if (n == 0) break;
-    sha.update(buf.data(), static_cast<std::size_t>(n));
-  }
-  ::close(fd);
-  return sha.final();
-}
-
-// Reads in its own short transaction (records up to `through` never change, so the file needs
-// no single snapshot, and a long reader would keep the WAL from starting over).
-struct ReadScope {
-  db::Db& db;
-  bool open = false;
-  Status begin() {
-    GS_TRY(db.exec("BEGIN"));
-    open = true;
-    return {};
-  }
-  ~ReadScope() {
-    if (open) (void)db.exec("ROLLBACK");
-  }
-};
 
 // Writes records first..through with their checkpoints, checking each hash and link again (the
 // file is the evidence once the records are gone). Fills the counts of `a`.
@@ -177,7 +118,9 @@ Status write_records(Chain& chain, const ArchiveOptions& opt, Archive& a, Atomic
   std::int64_t expected = a.first_seq;
   for (std::int64_t lo = a.first_seq; lo <= a.through; lo += chunk) {
     const std::int64_t hi = std::min(a.through, lo + chunk - 1);
-    ReadScope rs{chain.db()};
+    // Each chunk in its own read transaction: records up to `through` never change, so the file
+    // needs no single snapshot, and a long reader would keep the WAL from starting over.
+    db::ReadTransaction rs(chain.db());
     GS_TRY(rs.begin());
     GS_ASSIGN(auto recs, chain.records(lo, hi));
     GS_ASSIGN(auto cps, chain.checkpoints(lo, hi));
@@ -281,21 +224,20 @@ Result<std::optional<Archive>> write_archive(db::Db& db, const ArchiveOptions& o
                        std::to_string(a.time) + ",\"first_seq\":" + std::to_string(a.first_seq) +
                        ",\"last_seq\":" + std::to_string(a.through);
   if (!opt.public_key.empty()) {
-    Sha256Stream key_hash;
-    key_hash.update(opt.public_key.data(), opt.public_key.size());
-    GS_ASSIGN(const Digest fp, key_hash.final());
+    GS_ASSIGN(const Digest fp, gs::sha256(opt.public_key));
     header += ",\"public_key_sha256\":\"" + to_hex(fp) + "\"";
   }
   header += "}\n";
   GS_TRY(f.write(header));
   GS_TRY(write_records(chain, opt, a, f));
   GS_TRY(f.commit());
-  GS_ASSIGN(a.sha256, f.digest());
-  GS_ASSIGN(const Digest back, hash_file(f.path()));
-  if (back != a.sha256) {
-    return Error(Errc::storage_failure,
-                 f.path() + " reads back different from what was written: nothing archived");
+  // What the registration attests: the file as it reads back.
+  GS_ASSIGN(const std::string hex, operators::file_sha256_hex(f.path()));
+  const auto bytes = from_hex(hex);
+  if (!bytes || bytes->size() != a.sha256.size()) {
+    return Error(Errc::crypto_failure, "SHA-256 of " + f.path() + " failed");
   }
+  std::copy(bytes->begin(), bytes->end(), a.sha256.begin());
   path = f.path();
   return std::optional<Archive>{std::move(a)};
 }

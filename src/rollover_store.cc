@@ -390,17 +390,8 @@ Result<std::vector<Campaign>> RolloverStore::campaigns(std::size_t limit) {
 Result<CampaignProgress> RolloverStore::progress(std::int64_t id) {
   // The campaign row and its step counts from one snapshot: read apart, a step confirmed in
   // between showed a finished campaign still running.
-  struct ReadSnapshot {
-    db::Db& db;
-    bool mine = false;
-    ~ReadSnapshot() {
-      if (mine) (void)db.exec("ROLLBACK");
-    }
-  } snap{ks_.db()};
-  if (!snap.db.in_transaction()) {
-    GS_TRY(snap.db.exec("BEGIN"));
-    snap.mine = true;
-  }
+  db::ReadTransaction snapshot(ks_.db());
+  GS_TRY(snapshot.begin());
   GS_ASSIGN(auto c, campaign(id));
   if (!c) return {Errc::not_found, "no rollover campaign " + std::to_string(id)};
   CampaignProgress p;

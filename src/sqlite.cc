@@ -212,6 +212,17 @@ ByteView Stmt::blob_view(int col) const {
   return {static_cast<const std::uint8_t*>(p), static_cast<std::size_t>(n)};
 }
 
+ReadTransaction::~ReadTransaction() {
+  if (open_) (void)db_->exec("ROLLBACK");
+}
+
+Status ReadTransaction::begin(std::string_view sql) {
+  if (open_ || db_->in_transaction()) return {};
+  GS_TRY(db_->exec(sql));
+  open_ = true;
+  return {};
+}
+
 Result<Transaction> Transaction::begin(Db& db) {
   GS_TRY(db.exec("BEGIN IMMEDIATE"));
   return Transaction(&db);

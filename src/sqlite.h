@@ -138,6 +138,23 @@ class Checkpointer {
 // PRAGMA wal_autocheckpoint=0 on `db`: its commits never checkpoint (see Checkpointer).
 Status disable_autocheckpoint(Db& db);
 
+// A transaction that is only read in (or held to keep writers out): begin() starts it, and it
+// ends with ROLLBACK when the guard goes out of scope. Nothing is begun while the connection is
+// already inside a transaction: the caller's snapshot is then the one read.
+class ReadTransaction {
+ public:
+  explicit ReadTransaction(Db& db) noexcept : db_(&db) {}
+  ReadTransaction(const ReadTransaction&) = delete;
+  ReadTransaction& operator=(const ReadTransaction&) = delete;
+  ~ReadTransaction();
+  // "BEGIN" (a snapshot from the first read on) or "BEGIN IMMEDIATE" (the write lock too).
+  Status begin(std::string_view sql = "BEGIN");
+
+ private:
+  Db* db_;
+  bool open_ = false;
+};
+
 // BEGIN IMMEDIATE on construction (takes the write lock up front, so two writers never
 // deadlock on lock upgrade); ROLLBACK on destruction unless commit() succeeded.
 class Transaction {
