@@ -55,9 +55,11 @@ Result<SesConfig> load_ses_config(const std::string& path) {
   GS_TRY(get_bool(*ses, "require_approved_policy", path, p, c.require_approved_policy));
 
   // The handler commits its requests' records (audit.commit_on_handler): README, session 21;
-  // and fsyncs them after releasing the write lock (audit.fsync_outside_lock): session 22.
+  // they are fsync'd after the write lock is released (audit.fsync_outside_lock): session 22,
+  // by the audit's sync thread while the handler goes on (audit.fsync_thread): session 23.
   c.audit.commit_on_handler = true;
   c.audit.fsync_outside_lock = true;
+  c.audit.fsync_thread = true;
   GS_TRY(daemon::parse_audit_table(root, path, c.audit));
   return c;
 }

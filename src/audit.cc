@@ -7,6 +7,7 @@
 #include <openssl/evp.h>
 
 #include <algorithm>
+#include <exception>
 #include <cinttypes>
 #include <cstring>
 #include <future>
@@ -961,7 +962,16 @@ Writer::Writer(db::Db db, HsmContext& hsm, const WriterOptions& opt, metrics::Re
       "Time a committed audit batch waited for the store's write lock", metrics::latency_buckets());
   m_sql_commit_seconds_ = &registry->histogram(
       "gridseal_audit_sql_commit_seconds",
-      "Time of a committed audit batch's COMMIT (WAL write and fsync)", metrics::latency_buckets());
+      "Time of a committed audit batch's COMMIT (WAL write, and its fsync unless the sync "
+      "thread does it)",
+      metrics::latency_buckets());
+  m_fsync_seconds_ = &registry->histogram(
+      "gridseal_audit_fsync_seconds",
+      "Time of one fsync of the write-ahead log on the audit sync thread (audit.fsync_thread)",
+      metrics::latency_buckets());
+  m_deferred_ = &registry->counter(
+      "gridseal_audit_synced_batches_total",
+      "Committed audit batches made durable and released by the sync thread");
   m_batch_ = &registry->histogram("gridseal_audit_batch", "Audit records per transaction",
                                   {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096});
 }
@@ -1005,6 +1015,15 @@ Result<std::unique_ptr<Writer>> Writer::open(const std::string& db_path, HsmCont
   // wal_autocheckpoint threshold, with an fsync of the database file, while the write lock and
   // every response waiting for that commit wait too.
   GS_ASSIGN(w->checkpointer_, db::Checkpointer::take_over(w->db_, db_path));
+  if (opt.fsync_outside_lock && opt.fsync_thread) {
+    GS_ASSIGN(auto wal, db::WalSyncer::open(w->db_));
+    w->wal_.emplace(std::move(wal));
+    // The default policy: its wake-up after an fsync is a response's latency.
+    w->sync_thread_ = std::thread([raw = w.get()] {
+      name_this_thread("gs-audit-sync");
+      raw->run_sync();
+    });
+  }
   w->thread_ = std::thread([raw = w.get()] {
     name_this_thread("gs-audit");
     if (raw->opt_.sched_batch && !use_batch_scheduling()) {
@@ -1064,6 +1083,14 @@ void Writer::stop() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  // The writer thread's last seal fsynced everything committed; the sync thread releases what
+  // it still holds and ends.
+  {
+    std::lock_guard<std::mutex> lock(sync_mu_);
+    sync_stopping_ = true;
+  }
+  sync_cv_.notify_all();
+  if (sync_thread_.joinable()) sync_thread_.join();
   checkpointer_.reset();
   std::lock_guard<std::mutex> lock(mu_);
   stopped_ = true;
@@ -1194,6 +1221,7 @@ void Writer::apply(std::vector<Item>& batch) {
   std::size_t kept = 0;
   bool signed_cp = false;
   bool anchored = false;
+  bool handed_over = false;  // to the sync thread (WriterOptions::fsync_thread)
   // Where a slow batch spent its time (logged below): session, write lock, chain head and
   // anchor read, records, checkpoint and anchor write, COMMIT (fsync).
   using Clock = std::chrono::steady_clock;
@@ -1255,7 +1283,8 @@ void Writer::apply(std::vector<Item>& batch) {
     signed_cp = cp;
     mark[5] = Clock::now();
     GS_TRY(tx.commit());
-    if (opt_.fsync_outside_lock) GS_TRY(db_.sync_wal());
+    handed_over = opt_.fsync_outside_lock && wal_.has_value() && !b.anchored;
+    if (opt_.fsync_outside_lock && !handed_over) GS_TRY(db_.sync_wal());
     mark[6] = Clock::now();
     anchored = b.anchored;
     if (Status c = trail_->confirm(s, b); !c.ok()) {
@@ -1314,11 +1343,56 @@ void Writer::apply(std::vector<Item>& batch) {
     checkpoints_.fetch_add(1);
     m_checkpoints_->inc();
   }
+  if (handed_over) {
+    {
+      std::lock_guard<std::mutex> lock(sync_mu_);
+      to_sync_.push_back(Committed{std::move(batch), std::move(outcome)});
+    }
+    sync_cv_.notify_one();
+    return;
+  }
   run_around(opt_.around_done, [&] {
     for (std::size_t i = 0; i < batch.size(); ++i) {
       if (batch[i].done) batch[i].done(outcome[i]);
     }
   });
+}
+
+void Writer::run_sync() {
+  std::unique_lock<std::mutex> lock(sync_mu_);
+  for (;;) {
+    sync_cv_.wait(lock, [this] { return sync_stopping_ || !to_sync_.empty(); });
+    if (to_sync_.empty()) return;  // stopping, nothing left
+    std::vector<Committed> work;
+    work.swap(to_sync_);
+    lock.unlock();
+    // Every batch in `work` committed before it was handed over, so before this fsync began.
+    const auto t0 = std::chrono::steady_clock::now();
+    const Status st = wal_->sync();
+    m_fsync_seconds_->observe(std::chrono::steady_clock::now() - t0);
+    if (!st.ok()) {
+      // Committed but perhaps not durable: refused like a batch whose COMMIT failed.
+      failures_.fetch_add(1);
+      m_failures_->inc();
+      healthy_ = false;
+      log_failure("committed records were not made durable: " + st.error().message());
+    }
+    m_deferred_->inc(work.size());
+    run_around(opt_.around_done, [&] {
+      for (Committed& c : work) {
+        for (std::size_t i = 0; i < c.items.size(); ++i) {
+          if (!c.items[i].done) continue;
+          try {
+            c.items[i].done(st.ok() ? c.outcome[i] : st);
+          } catch (const std::exception& e) {
+            // One completion failing (out of memory) must not end the thread and the process.
+            log_failure(std::string("a completion failed: ") + e.what());
+          }
+        }
+      }
+    });
+    lock.lock();
+  }
 }
 
 void Writer::seal(bool checkpoint) {
@@ -1343,6 +1417,7 @@ void Writer::seal(bool checkpoint) {
 }
 
 void Writer::log_failure(const std::string& what) {
+  std::lock_guard<std::mutex> lock(log_mu_);
   const auto now = std::chrono::steady_clock::now();
   if (last_log_.time_since_epoch().count() != 0 && now - last_log_ < std::chrono::seconds(1)) {
     ++suppressed_;

@@ -400,6 +400,12 @@ struct WriterOptions {
   // and reports its items durable. The other workers' batches commit during that fsync instead
   // of waiting for it, and one fsync can cover several of them.
   bool fsync_outside_lock = false;
+  // With fsync_outside_lock: the fsync and the `done` callbacks of a committed batch move to
+  // the writer's sync thread (gs-audit-sync), so that the thread that committed (the SES's
+  // handler) goes back to its requests instead of waiting for the disk. Each fsync there covers
+  // every batch committed before it began, so one can release several. A batch that advanced
+  // the HSM anchor still fsyncs where it committed: the anchor is confirmed only once durable.
+  bool fsync_thread = false;
 };
 
 struct Item {
@@ -438,8 +444,9 @@ class Writer {
   // then not called. Invalid events are refused here (validate()).
   Status submit(Item item);
   // Commits everything queued so far on the calling thread, max_batch records per transaction,
-  // in submission order; the items' `done` callbacks run on this thread before it returns.
-  // Serialized with the writer thread. A `done` callback must not call it.
+  // in submission order; the items' `done` callbacks run on this thread before it returns, or
+  // with fsync_thread on the sync thread once the batch is durable. Serialized with the writer
+  // thread. A `done` callback must not call it.
   void commit_queued();
   // Appends and waits (at most `timeout`: Errc::busy after it) until it is durable (start/stop
   // records, rare operator events).
@@ -462,6 +469,9 @@ class Writer {
   void take_and_apply(std::size_t limit);
   void apply(std::vector<Item>& batch);
   void seal(bool checkpoint);
+  // WriterOptions::fsync_thread: fsyncs the WAL for the committed batches handed over, then
+  // runs their callbacks; drains and ends at stop().
+  void run_sync();
   bool checkpoint_due(std::int64_t now);
   // One stderr line per second at most (a tampered table fails every batch).
   void log_failure(const std::string& what);
@@ -486,12 +496,24 @@ class Writer {
   // WAL checkpoints on their own connection and thread, so that no commit pays for one (the
   // writer's connection has wal_autocheckpoint off).
   std::unique_ptr<db::Checkpointer> checkpointer_;
+  // WriterOptions::fsync_thread: committed batches waiting for an fsync, and the thread.
+  struct Committed {
+    std::vector<Item> items;
+    std::vector<Status> outcome;
+  };
+  std::optional<db::WalSyncer> wal_;
+  std::mutex sync_mu_;
+  std::condition_variable sync_cv_;
+  std::vector<Committed> to_sync_;
+  bool sync_stopping_ = false;
+  std::thread sync_thread_;
   std::atomic<bool> healthy_{true};
   std::atomic<std::uint64_t> records_{0}, commits_{0}, failures_{0}, checkpoints_{0}, seals_{0};
   std::atomic<std::uint64_t> token_searches_{0};  // trail_->token_searches(), for stats()
   std::int64_t next_checkpoint_check_ = 0;
   std::chrono::steady_clock::time_point last_anchor_{};
   std::atomic<bool> dirty_{false};  // records committed since the last seal
+  std::mutex log_mu_;  // log_failure: the writer and the sync thread
   std::chrono::steady_clock::time_point last_log_{};
   std::uint64_t suppressed_ = 0;
   std::unique_ptr<metrics::Registry> own_registry_;
@@ -503,6 +525,8 @@ class Writer {
   metrics::Histogram* m_batch_ = nullptr;
   metrics::Histogram* m_lock_wait_seconds_ = nullptr;
   metrics::Histogram* m_sql_commit_seconds_ = nullptr;
+  metrics::Histogram* m_fsync_seconds_ = nullptr;
+  metrics::Counter* m_deferred_ = nullptr;
 };
 
 // A daemon worker's `start` record (worker, pid, the anchor state the writer found at open),

@@ -59,7 +59,7 @@ Status parse_audit_table(const toml::table& root, const std::string& file, Audit
   GS_TRY(check_keys(*au, file, a,
                     {"enabled", "checkpoint_interval_s", "anchor_interval_ms", "batch_max",
                      "batch_delay_us", "max_pending", "commit_on_handler",
-                     "fsync_outside_lock"}));
+                     "fsync_outside_lock", "fsync_thread"}));
   GS_TRY(get_bool(*au, "enabled", file, a, out.enabled));
   GS_TRY(get_int(*au, "checkpoint_interval_s", file, a, 0, 86400, out.checkpoint_interval_s));
   GS_TRY(get_int(*au, "anchor_interval_ms", file, a, 0, 3600000, out.anchor_interval_ms));
@@ -68,6 +68,18 @@ Status parse_audit_table(const toml::table& root, const std::string& file, Audit
   GS_TRY(get_int(*au, "max_pending", file, a, 1, 1 << 24, out.max_pending));
   GS_TRY(get_bool(*au, "commit_on_handler", file, a, out.commit_on_handler));
   GS_TRY(get_bool(*au, "fsync_outside_lock", file, a, out.fsync_outside_lock));
+  // The sync thread fsyncs what COMMIT left unsynced: without fsync_outside_lock it has no
+  // work, so it is off unless asked for, and asking for it is an error.
+  const bool asked = au->contains("fsync_thread");
+  GS_TRY(get_bool(*au, "fsync_thread", file, a, out.fsync_thread));
+  if (!out.fsync_outside_lock && out.fsync_thread) {
+    if (asked) {
+      return key_error(file, "audit.fsync_thread",
+                       "needs audit.fsync_outside_lock = true (with the fsync inside COMMIT "
+                       "there is nothing for the thread to do)");
+    }
+    out.fsync_thread = false;
+  }
   return {};
 }
 
@@ -84,6 +96,7 @@ audit::WriterOptions audit_writer_options(const AuditConfig& c, std::string prog
   wo.sched_batch = sched_batch;
   wo.caller_commits = c.commit_on_handler;
   wo.fsync_outside_lock = c.fsync_outside_lock;
+  wo.fsync_thread = c.fsync_thread;
   return wo;
 }
 

@@ -46,6 +46,9 @@ struct AuditConfig {
   // write lock at once, and the batch fsyncs the WAL before it reports its records durable
   // (audit::WriterOptions::fsync_outside_lock). Default true in gridseal-sesd.
   bool fsync_outside_lock = false;
+  // audit.fsync_thread: with fsync_outside_lock, the fsync and the release of each committed
+  // batch happen on the writer's sync thread (audit::WriterOptions::fsync_thread).
+  bool fsync_thread = false;
 };
 
 // Parses [audit] of `root` (absent: the defaults already in `out`); errors name the key.

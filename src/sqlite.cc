@@ -1,11 +1,15 @@
 // SQLite wrapper implementation.
 #include "src/sqlite.h"
 
+#include <fcntl.h>
 #include <sqlite3.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
+#include <cstring>
 #include <mutex>
 #include <thread>
 
@@ -139,6 +143,46 @@ Status Db::sync_wal() {
   return {};
 }
 std::string Db::last_error() const { return sqlite3_errmsg(db_); }
+
+Result<WalSyncer> WalSyncer::open(Db& db) {
+  const char* main = sqlite3_db_filename(db.raw(), "main");
+  std::string mode;
+  if (auto st = db.prepare("PRAGMA journal_mode"); st.ok() && st->step().ok()) {
+    mode = st->text(0);
+  }
+  if (main == nullptr || *main == '\0' || mode != "wal") {
+    return Error(Errc::storage_failure, "no write-ahead log to fsync (journal mode " +
+                                            (mode.empty() ? std::string("unknown") : mode) + ")");
+  }
+  const char* wal = sqlite3_filename_wal(main);
+  const int fd = ::open(wal, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return Error(Errc::storage_failure,
+                 std::string(wal) + ": cannot open the write-ahead log: " + std::strerror(errno));
+  }
+  return WalSyncer(fd);
+}
+
+WalSyncer& WalSyncer::operator=(WalSyncer&& o) noexcept {
+  if (this != &o) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = std::exchange(o.fd_, -1);
+  }
+  return *this;
+}
+
+WalSyncer::~WalSyncer() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Status WalSyncer::sync() {
+  if (::fdatasync(fd_) != 0) {
+    return {Errc::storage_failure,
+            std::string("fsync of the write-ahead log failed: ") + std::strerror(errno)};
+  }
+  return {};
+}
+
 
 Stmt& Stmt::operator=(Stmt&& o) noexcept {
   if (this != &o) {

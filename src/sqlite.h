@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <string_view>
 
 #include "gridseal/bytes.h"
@@ -133,6 +134,29 @@ class Checkpointer {
   struct State;
   explicit Checkpointer(std::unique_ptr<State> s);
   std::unique_ptr<State> state_;
+};
+
+// An fsync of a connection's write-ahead log from another thread: its own read-only
+// descriptor of the file SQLite names as that connection's WAL (sqlite3_filename_wal), so that
+// the thread never touches the connection. fsync makes durable every write to the file that
+// returned before it began, whichever descriptor made it. The file keeps its inode while the
+// connection stays open (SQLite removes it only when the last connection closes; checkpoints
+// rewind or truncate it in place), so the connection must outlive the syncer.
+class WalSyncer {
+ public:
+  // Errc::storage_failure when `db` is not in WAL mode or the file cannot be opened.
+  static Result<WalSyncer> open(Db& db);
+  WalSyncer(WalSyncer&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  WalSyncer& operator=(WalSyncer&& o) noexcept;
+  WalSyncer(const WalSyncer&) = delete;
+  WalSyncer& operator=(const WalSyncer&) = delete;
+  ~WalSyncer();
+  Status sync();  // fdatasync
+  int fd() const noexcept { return fd_; }
+
+ private:
+  explicit WalSyncer(int fd) : fd_(fd) {}
+  int fd_ = -1;
 };
 
 // PRAGMA wal_autocheckpoint=0 on `db`: its commits never checkpoint (see Checkpointer).

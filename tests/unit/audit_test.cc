@@ -11,12 +11,14 @@
 #include <openssl/ecdsa.h>
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -993,8 +995,10 @@ TEST_F(Audit, WritersThatFsyncOutsideTheLockKeepOneChain) {
   o.fsync_outside_lock = true;
   audit::WriterOptions inside = o;
   inside.fsync_outside_lock = false;
+  audit::WriterOptions threaded = o;  // the fsync and the callbacks on the sync thread
+  threaded.fsync_thread = true;
   std::vector<std::unique_ptr<audit::Writer>> ws;
-  for (const auto* opt : {&o, &o, &inside}) {
+  for (const auto* opt : {&o, &threaded, &inside}) {
     auto w = audit::Writer::open(db_path_, *hsm_, *opt, nullptr);
     ASSERT_TRUE(w.ok()) << w.error().message();
     ws.push_back(std::move(w).value());
@@ -1022,6 +1026,93 @@ TEST_F(Audit, WritersThatFsyncOutsideTheLockKeepOneChain) {
     w->stop();
   }
   expect_sealed(600);
+}
+
+// audit.fsync_thread: a batch committed by its submitter (the SES's handler) is made durable
+// and released by the sync thread, and the submitter is back before that; a batch that advanced
+// the HSM anchor (the first one here) still fsyncs and completes where it committed.
+TEST_F(Audit, TheSyncThreadReleasesCommittedBatchesOnceDurable) {
+  metrics::Registry reg;
+  audit::WriterOptions o;
+  o.caller_commits = true;
+  o.fsync_outside_lock = true;
+  o.fsync_thread = true;
+  o.anchor_interval = std::chrono::hours(1);
+  auto w = audit::Writer::open(db_path_, *hsm_, o, &reg);
+  ASSERT_TRUE(w.ok()) << w.error().message();
+  std::mutex mu;
+  std::condition_variable cv;
+  struct Done {
+    bool ok = false;
+    std::thread::id thread;
+    std::string name;
+  };
+  std::vector<Done> done;
+  auto item = [&](int i) {
+    audit::Item it;
+    it.event = event(i);
+    it.done = [&](const Status& st) {
+      char name[16] = {};
+      pthread_getname_np(pthread_self(), name, sizeof name);
+      std::lock_guard<std::mutex> lock(mu);
+      done.push_back({st.ok(), std::this_thread::get_id(), name});
+      cv.notify_all();
+    };
+    return it;
+  };
+  auto wait_for = [&](std::size_t n) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(20), [&] { return done.size() >= n; });
+  };
+  auto synced = [&] {
+    return reg.counter("gridseal_audit_synced_batches_total", "").value();
+  };
+  auto fsyncs = [&] {
+    return reg.histogram("gridseal_audit_fsync_seconds", "", metrics::latency_buckets()).count();
+  };
+
+  // The first batch reads and advances the anchor: done on this thread, before commit_queued
+  // returns, and not through the sync thread.
+  ASSERT_TRUE((*w)->submit(item(1)).ok());
+  (*w)->commit_queued();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_EQ(done.size(), 1U);
+    EXPECT_TRUE(done[0].ok);
+    EXPECT_EQ(done[0].thread, std::this_thread::get_id());
+  }
+  EXPECT_EQ(synced(), 0U);
+  EXPECT_EQ(fsyncs(), 0U);
+
+  // The next batches: committed here, released by gs-audit-sync after its fsync.
+  for (int round = 0; round < 2; ++round) {
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE((*w)->submit(item(10 * round + 2 + i)).ok());
+    (*w)->commit_queued();
+    ASSERT_TRUE(wait_for(4 + 3 * static_cast<std::size_t>(round)));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (std::size_t i = 1; i < done.size(); ++i) {
+      EXPECT_TRUE(done[i].ok);
+      EXPECT_NE(done[i].thread, std::this_thread::get_id());
+      EXPECT_EQ(done[i].name, "gs-audit-sync");
+    }
+  }
+  EXPECT_EQ(synced(), 2U);
+  EXPECT_GE(fsyncs(), 1U);
+  EXPECT_LE(fsyncs(), 2U);
+  // Reported durable, so in the table, through another connection.
+  auto seen = db().prepare("SELECT count(*) FROM audit WHERE subject LIKE 'M%'");
+  ASSERT_TRUE(seen.ok());
+  ASSERT_EQ(seen->step().value(), db::Step::row);
+  EXPECT_EQ(seen->int64(0), 7);
+  seen->reset();
+  // append() waits for the sync thread too.
+  ASSERT_TRUE((*w)->append(event(99)).ok());
+  EXPECT_EQ(synced(), 3U);
+  EXPECT_EQ((*w)->stats().failures, 0U);
+  (*w)->stop();
+  expect_sealed(8);
 }
 
 // The two parts of a batch's time that make the SES's tail: the wait for another connection's

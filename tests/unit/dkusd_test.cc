@@ -709,6 +709,10 @@ TEST_F(Dkusd, ConfigErrorsNameTheKey) {
           "dkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n[audit]\n"
           "commit_on_handler = true\n",
           "audit.commit_on_handler: is a gridseal-sesd setting");
+  refused("[hsm]\npin_file = \"pin\"\n[server]\nplain_tcp = true\n[dkus]\n"
+          "dkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n[audit]\n"
+          "fsync_thread = true\n",
+          "audit.fsync_thread: needs audit.fsync_outside_lock = true");
   const std::string out =
       refused("[hsm]\npin_file = \"pin\"\ncommand_key_session_copy = 1\n[server]\n"
               "plain_tcp = true\n[dkus]\ndkus_title = \".1.11\"\nhead_end_title = \".1.9\"\n",

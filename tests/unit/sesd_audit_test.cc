@@ -71,8 +71,9 @@ std::vector<pid_t> children(pid_t pid) {
 
 // audit.commit_on_handler: true (the default) commits on the handler thread, false on the
 // audit thread; audit.fsync_outside_lock: true (the default) fsyncs the WAL after COMMIT
-// released the write lock, false inside COMMIT. Either way a response leaves only after its
-// record committed. `audit_lines`: what the [audit] table sets.
+// released the write lock, false inside COMMIT; audit.fsync_thread: true (the default) on the
+// audit's sync thread, false where the batch committed. Either way a response leaves only after
+// its record committed. `audit_lines`: what the [audit] table sets.
 void recorded_before_they_leave(std::vector<std::string> audit_lines) {
   SesdOptions o;
   o.meters = 3;
@@ -150,6 +151,10 @@ TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeaveWithTheAuditThreadC
 
 TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeaveWithTheFsyncInsideCommit) {
   recorded_before_they_leave({"fsync_outside_lock = false"});
+}
+
+TEST(SesdAudit, CommandsAndRefusalsAreRecordedBeforeTheyLeaveWithTheHandlerFsyncing) {
+  recorded_before_they_leave({"fsync_thread = false"});
 }
 
 TEST(SesdAudit, DisabledWritesNothing) {

@@ -2,6 +2,7 @@
 // 10 µs doubling to 500 µs (not SQLite's 1..100 ms sleeps), gets the lock once it is free, gives
 // up with Errc::busy after busy_timeout_ms, and keeps working after the Db is moved.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -139,6 +140,39 @@ TEST_F(SqliteBusyTest, WalIsSyncedAfterACommitWithoutFsync) {
   Status none = rollback->sync_wal();
   ASSERT_FALSE(none.ok());
   EXPECT_NE(none.error().message().find("no write-ahead log"), std::string::npos);
+}
+
+// The audit's sync thread (audit.fsync_thread) fsyncs the WAL through its own descriptor of the
+// file SQLite writes the connection's WAL to, which survives checkpoints that rewind the log.
+TEST_F(SqliteBusyTest, WalSyncerOpensTheConnectionsOwnLog) {
+  Db w = open(5000);
+  ASSERT_TRUE(w.exec("PRAGMA synchronous=NORMAL").ok());
+  ASSERT_TRUE(w.exec("INSERT INTO t (v) VALUES (8)").ok());
+  auto syncer = WalSyncer::open(w);
+  ASSERT_TRUE(syncer.ok()) << syncer.error().message();
+  struct stat by_fd {}, by_name {};
+  ASSERT_EQ(fstat(syncer->fd(), &by_fd), 0);
+  ASSERT_EQ(stat((path_ + "-wal").c_str(), &by_name), 0);
+  EXPECT_EQ(by_fd.st_ino, by_name.st_ino);
+  EXPECT_GT(by_fd.st_size, 0);
+  Status synced = syncer->sync();
+  EXPECT_TRUE(synced.ok()) << synced.error().message();
+  // A TRUNCATE checkpoint empties the log in place: the same file, still synced.
+  ASSERT_TRUE(w.exec("PRAGMA wal_checkpoint(TRUNCATE)").ok());
+  ASSERT_TRUE(w.exec("INSERT INTO t (v) VALUES (9)").ok());
+  ASSERT_EQ(stat((path_ + "-wal").c_str(), &by_name), 0);
+  EXPECT_EQ(by_fd.st_ino, by_name.st_ino);
+  EXPECT_TRUE(syncer->sync().ok());
+  WalSyncer moved = std::move(syncer).value();
+  EXPECT_TRUE(moved.sync().ok());
+
+  auto rollback = Db::open(dir_ + "/journal2.db");
+  ASSERT_TRUE(rollback.ok());
+  ASSERT_TRUE(rollback->exec("PRAGMA journal_mode=DELETE; CREATE TABLE x (v INTEGER)").ok());
+  auto none = WalSyncer::open(*rollback);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.error().message().find("no write-ahead log"), std::string::npos)
+      << none.error().message();
 }
 
 TEST_F(SqliteBusyTest, InTransactionFollowsBeginAndEnd) {
