@@ -7,9 +7,9 @@
 #include <openssl/evp.h>
 
 #include <algorithm>
-#include <exception>
 #include <cinttypes>
 #include <cstring>
+#include <exception>
 #include <future>
 
 #include "gridseal/clock.h"
@@ -1370,11 +1370,11 @@ void Writer::run_sync() {
     const auto t0 = std::chrono::steady_clock::now();
     const Status st = wal_->sync();
     m_fsync_seconds_->observe(std::chrono::steady_clock::now() - t0);
+    sync_failing_ = !st.ok();
     if (!st.ok()) {
       // Committed but perhaps not durable: refused like a batch whose COMMIT failed.
       failures_.fetch_add(1);
       m_failures_->inc();
-      healthy_ = false;
       log_failure("committed records were not made durable: " + st.error().message());
     }
     m_deferred_->inc(work.size());

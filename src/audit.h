@@ -457,7 +457,7 @@ class Writer {
 
   // What the start check found (lost_batch is reported but not refused).
   const AnchorCheck& start_check() const noexcept { return start_; }
-  bool healthy() const noexcept { return healthy_.load(); }
+  bool healthy() const noexcept { return healthy_.load() && !sync_failing_.load(); }
   WriterStats stats() const;
 
  private:
@@ -508,6 +508,7 @@ class Writer {
   bool sync_stopping_ = false;
   std::thread sync_thread_;
   std::atomic<bool> healthy_{true};
+  std::atomic<bool> sync_failing_{false};  // the sync thread's last fsync failed
   std::atomic<std::uint64_t> records_{0}, commits_{0}, failures_{0}, checkpoints_{0}, seals_{0};
   std::atomic<std::uint64_t> token_searches_{0};  // trail_->token_searches(), for stats()
   std::int64_t next_checkpoint_check_ = 0;
