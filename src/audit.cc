@@ -969,7 +969,7 @@ Writer::Writer(db::Db db, HsmContext& hsm, const WriterOptions& opt, metrics::Re
       "gridseal_audit_fsync_seconds",
       "Time of one fsync of the write-ahead log on the audit sync thread (audit.fsync_thread)",
       metrics::latency_buckets());
-  m_deferred_ = &registry->counter(
+  m_synced_batches_ = &registry->counter(
       "gridseal_audit_synced_batches_total",
       "Committed audit batches made durable and released by the sync thread");
   m_batch_ = &registry->histogram("gridseal_audit_batch", "Audit records per transaction",
@@ -1377,7 +1377,7 @@ void Writer::run_sync() {
       m_failures_->inc();
       log_failure("committed records were not made durable: " + st.error().message());
     }
-    m_deferred_->inc(work.size());
+    m_synced_batches_->inc(work.size());
     run_around(opt_.around_done, [&] {
       for (Committed& c : work) {
         for (std::size_t i = 0; i < c.items.size(); ++i) {

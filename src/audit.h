@@ -527,7 +527,7 @@ class Writer {
   metrics::Histogram* m_lock_wait_seconds_ = nullptr;
   metrics::Histogram* m_sql_commit_seconds_ = nullptr;
   metrics::Histogram* m_fsync_seconds_ = nullptr;
-  metrics::Counter* m_deferred_ = nullptr;
+  metrics::Counter* m_synced_batches_ = nullptr;
 };
 
 // A daemon worker's `start` record (worker, pid, the anchor state the writer found at open),
