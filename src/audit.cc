@@ -1367,6 +1367,7 @@ void Writer::run_sync() {
     work.swap(to_sync_);
     lock.unlock();
     // Every batch in `work` committed before it was handed over, so before this fsync began.
+    if (opt_.before_fsync) opt_.before_fsync();
     const auto t0 = std::chrono::steady_clock::now();
     const Status st = wal_->sync();
     m_fsync_seconds_->observe(std::chrono::steady_clock::now() - t0);

@@ -406,6 +406,8 @@ struct WriterOptions {
   // every batch committed before it began, so one can release several. A batch that advanced
   // the HSM anchor still fsyncs where it committed: the anchor is confirmed only once durable.
   bool fsync_thread = false;
+  // Tests: called on the sync thread before each of its fsyncs.
+  std::function<void()> before_fsync;
 };
 
 struct Item {

@@ -21,6 +21,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <thread>
 
@@ -1113,6 +1114,47 @@ TEST_F(Audit, TheSyncThreadReleasesCommittedBatchesOnceDurable) {
   EXPECT_EQ((*w)->stats().failures, 0U);
   (*w)->stop();
   expect_sealed(8);
+}
+
+// With the sync thread, a committed batch is visible at once but its callbacks (the SES's
+// responses) wait for the fsync: held before it, nothing is released.
+TEST_F(Audit, NothingIsReleasedBeforeTheSyncThreadsFsync) {
+  audit::WriterOptions o;
+  o.caller_commits = true;
+  o.fsync_outside_lock = true;
+  o.fsync_thread = true;
+  o.anchor_interval = std::chrono::hours(1);
+  std::promise<void> gate;
+  std::shared_future<void> open = gate.get_future().share();
+  std::atomic<int> fsyncs{0};
+  o.before_fsync = [&, open] {
+    ++fsyncs;
+    open.wait();
+  };
+  auto w = audit::Writer::open(db_path_, *hsm_, o, nullptr);
+  ASSERT_TRUE(w.ok()) << w.error().message();
+  ASSERT_TRUE((*w)->append(event(1)).ok());  // anchors: fsync'd where it committed
+  EXPECT_EQ(fsyncs.load(), 0);
+
+  std::promise<Status> done;
+  auto released = done.get_future();
+  audit::Item it;
+  it.event = event(2);
+  it.done = [&](const Status& st) { done.set_value(st); };
+  ASSERT_TRUE((*w)->submit(std::move(it)).ok());
+  (*w)->commit_queued();
+  auto seen = db().prepare("SELECT count(*) FROM audit WHERE subject = 'M2'");
+  ASSERT_TRUE(seen.ok());
+  ASSERT_EQ(seen->step().value(), db::Step::row);
+  EXPECT_EQ(seen->int64(0), 1);  // committed
+  seen->reset();
+  EXPECT_EQ(released.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout);
+  gate.set_value();
+  ASSERT_EQ(released.wait_for(std::chrono::seconds(20)), std::future_status::ready);
+  EXPECT_TRUE(released.get().ok());
+  EXPECT_GE(fsyncs.load(), 1);
+  (*w)->stop();
+  expect_sealed(2);
 }
 
 // The two parts of a batch's time that make the SES's tail: the wait for another connection's
