@@ -1283,7 +1283,7 @@ void Writer::apply(std::vector<Item>& batch) {
     signed_cp = cp;
     mark[5] = Clock::now();
     GS_TRY(tx.commit());
-    handed_over = opt_.fsync_outside_lock && wal_.has_value() && !b.anchored;
+    handed_over = wal_.has_value() && !b.anchored;  // wal_: fsync_outside_lock and fsync_thread
     if (opt_.fsync_outside_lock && !handed_over) GS_TRY(db_.sync_wal());
     mark[6] = Clock::now();
     anchored = b.anchored;
@@ -1437,7 +1437,6 @@ void Writer::log_failure(const std::string& what) {
 
 namespace {
 
-// Ends a read transaction however the function leaves.
 std::string range_text(std::int64_t a, std::int64_t b) {
   return a == b ? "record " + std::to_string(a)
                 : "records " + std::to_string(a) + ".." + std::to_string(b);

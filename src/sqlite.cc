@@ -147,8 +147,8 @@ std::string Db::last_error() const { return sqlite3_errmsg(db_); }
 Result<WalSyncer> WalSyncer::open(Db& db) {
   const char* main = sqlite3_db_filename(db.raw(), "main");
   std::string mode;
-  if (auto st = db.prepare("PRAGMA journal_mode"); st.ok() && st->step().ok()) {
-    mode = st->text(0);
+  if (auto st = db.prepare("PRAGMA journal_mode"); st.ok()) {
+    if (auto row = st->step(); row.ok() && *row == Step::row) mode = st->text(0);
   }
   if (main == nullptr || *main == '\0' || mode != "wal") {
     return Error(Errc::storage_failure, "no write-ahead log to fsync (journal mode " +
@@ -182,7 +182,6 @@ Status WalSyncer::sync() {
   }
   return {};
 }
-
 
 Stmt& Stmt::operator=(Stmt&& o) noexcept {
   if (this != &o) {
